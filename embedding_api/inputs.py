@@ -1,0 +1,259 @@
+"""Request JSON -> validated, typed inputs.
+
+Every rule about what a client may send lives here, and every refusal names the
+offending field (`input[3]`, `input[1].content[0]`, `dimensions`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import APIError, invalid
+
+ENCODING_FORMATS = ("float", "base64")
+INPUT_TYPES = ("query", "document")
+
+
+@dataclass
+class EmbedInput:
+    """One element of `input`: everything that becomes ONE vector."""
+
+    param: str
+    texts: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # references: URL, data URI or base64
+    token_ids: list[int] | None = None
+    instruction: str | None = None  # resolved: per-element > request > input_type > default
+
+
+@dataclass
+class EmbedRequest:
+    inputs: list[EmbedInput]
+    dimensions: int | None
+    encoding_format: str
+    model: str | None
+
+
+@dataclass(frozen=True)
+class InputRules:
+    """What the served model and the settings allow."""
+
+    max_inputs: int
+    native_dimension: int
+    default_dimension: int
+    takes_images: bool
+    vocab_size: int
+    reserved_token_ids: frozenset[int]
+    reserved_strings: tuple[str, ...]
+    default_instruction: str | None  # applied when nothing else is given
+    query_instruction: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nonempty_str(value: Any, param: str, what: str = "text") -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{param} must be a string ({what}), got {type(value).__name__}.", param, "invalid_type")
+    if not value.strip():
+        raise invalid(f"{param} must not be empty.", param, "empty_input")
+    return value
+
+
+def _instruction(value: Any, param: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{param} must be a string.", param, "invalid_type")
+    return value if value.strip() else None
+
+
+def _parse_dimensions(body: dict, rules: InputRules) -> int | None:
+    key = "dimensions" if body.get("dimensions") is not None else "dimension"
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not _is_int(value):
+        raise invalid(f"{key} must be an integer between 1 and {rules.native_dimension}.", key, "invalid_type")
+    if not 1 <= value <= rules.native_dimension:
+        raise invalid(
+            f"{key} must be between 1 and {rules.native_dimension} for this model, got {value}.", key, "invalid_value"
+        )
+    return value
+
+
+def _parse_token_ids(value: list, param: str, rules: InputRules) -> list[int]:
+    if not value:
+        raise invalid(f"{param} must not be empty.", param, "empty_input")
+    for j, tok in enumerate(value):
+        if not _is_int(tok):
+            raise invalid(f"{param}[{j}] must be an integer token id.", f"{param}[{j}]", "invalid_type")
+        if not 0 <= tok < rules.vocab_size:
+            raise invalid(
+                f"{param}[{j}] = {tok} is not a token id of this model (0..{rules.vocab_size - 1}).",
+                f"{param}[{j}]",
+                "invalid_token_id",
+            )
+        if tok in rules.reserved_token_ids:
+            raise invalid(f"{param}[{j}] = {tok} is a reserved vision token.", f"{param}[{j}]", "invalid_token_id")
+    return list(value)
+
+
+def _image_ref(part: dict, param: str) -> str:
+    kind = part.get("type")
+    if kind == "image_url" or "image_url" in part:
+        ref = part.get("image_url")
+        if isinstance(ref, dict):
+            return _nonempty_str(ref.get("url"), f"{param}.image_url.url", "image URL")
+        return _nonempty_str(ref, f"{param}.image_url", "image URL")
+    key = "data" if "data" in part else "image"
+    return _nonempty_str(part.get(key), f"{param}.{key}", "image URL or base64")
+
+
+def _add_part(item: EmbedInput, part: Any, param: str) -> None:
+    """A content part: a string, {"type": "text"|"image"|"image_url", ...}."""
+    if isinstance(part, str):
+        item.texts.append(_nonempty_str(part, param))
+        return
+    if not isinstance(part, dict):
+        raise invalid(f"{param} must be a string or an object.", param, "invalid_type")
+    kind = part.get("type")
+    if kind == "text" or (kind is None and "text" in part):
+        key = "data" if "data" in part else "text"
+        item.texts.append(_nonempty_str(part.get(key), f"{param}.{key}"))
+    elif kind in ("image", "image_url") or (kind is None and ("image" in part or "image_url" in part)):
+        item.images.append(_image_ref(part, param))
+    else:
+        raise invalid(
+            f"{param}.type must be 'text', 'image' or 'image_url', got {kind!r}.", f"{param}.type", "invalid_type"
+        )
+
+
+def _parse_object(obj: dict, param: str) -> EmbedInput:
+    item = EmbedInput(param=param, instruction=_instruction(obj.get("instruction"), f"{param}.instruction"))
+    if "content" in obj:
+        content = obj["content"]
+        if isinstance(content, str):
+            content = [content]
+        if not isinstance(content, list) or not content:
+            raise invalid(f"{param}.content must be a non-empty list of parts.", f"{param}.content", "empty_input")
+        for k, part in enumerate(content):
+            _add_part(item, part, f"{param}.content[{k}]")
+    elif "type" in obj:
+        _add_part(item, obj, param)
+    elif any(k in obj for k in ("text", "image", "images", "image_url")):
+        if "text" in obj:
+            texts = obj["text"] if isinstance(obj["text"], list) else [obj["text"]]
+            for k, text in enumerate(texts):
+                sub = f"{param}.text" if not isinstance(obj["text"], list) else f"{param}.text[{k}]"
+                item.texts.append(_nonempty_str(text, sub))
+        for key in ("image", "images"):
+            if key in obj:
+                refs = obj[key] if isinstance(obj[key], list) else [obj[key]]
+                if not refs:
+                    raise invalid(f"{param}.{key} must not be empty.", f"{param}.{key}", "empty_input")
+                for k, ref in enumerate(refs):
+                    sub = f"{param}.{key}" if not isinstance(obj[key], list) else f"{param}.{key}[{k}]"
+                    item.images.append(_nonempty_str(ref, sub, "image URL or base64"))
+        if "image_url" in obj:
+            item.images.append(_image_ref({"image_url": obj["image_url"]}, param))
+    else:
+        raise invalid(
+            f"{param} must have 'type', 'content', or 'text'/'image' keys.", param, "invalid_type"
+        )
+    return item
+
+
+def _parse_element(value: Any, param: str, rules: InputRules) -> EmbedInput:
+    if isinstance(value, str):
+        return EmbedInput(param=param, texts=[_nonempty_str(value, param)])
+    if isinstance(value, list):
+        return EmbedInput(param=param, token_ids=_parse_token_ids(value, param, rules))
+    if isinstance(value, dict):
+        return _parse_object(value, param)
+    raise invalid(
+        f"{param} must be a string, a list of token ids or an object, got {type(value).__name__}.",
+        param,
+        "invalid_type",
+    )
+
+
+def _parse_input(value: Any, rules: InputRules) -> list[EmbedInput]:
+    if value is None:
+        raise invalid("input is required.", "input", "missing_required_parameter")
+    if isinstance(value, str):
+        return [EmbedInput(param="input", texts=[_nonempty_str(value, "input")])]
+    if isinstance(value, dict):
+        return [_parse_object(value, "input")]
+    if not isinstance(value, list):
+        raise invalid(
+            f"input must be a string, a list, or an object, got {type(value).__name__}.", "input", "invalid_type"
+        )
+    if not value:
+        raise invalid("input must not be an empty list.", "input", "empty_input")
+    if all(_is_int(v) for v in value):
+        return [EmbedInput(param="input", token_ids=_parse_token_ids(value, "input", rules))]
+    if len(value) > rules.max_inputs:
+        raise invalid(
+            f"input has {len(value)} items; at most {rules.max_inputs} are allowed per request.",
+            "input",
+            "too_many_inputs",
+        )
+    return [_parse_element(v, f"input[{i}]", rules) for i, v in enumerate(value)]
+
+
+def _check_item(item: EmbedInput, rules: InputRules) -> None:
+    if item.images and not rules.takes_images:
+        raise invalid(
+            f"{item.param}: the served model takes text only; image inputs are not supported.",
+            item.param,
+            "images_not_supported",
+        )
+    for text in item.texts:
+        for reserved in rules.reserved_strings:
+            if reserved in text:
+                raise invalid(
+                    f"{item.param} contains the reserved token {reserved}.", item.param, "reserved_token"
+                )
+
+
+def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> EmbedRequest:
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", None, "invalid_json")
+    model = body.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise invalid("model must be a string.", "model", "invalid_type")
+        if model not in model_ids:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{model_ids[0]}'.",
+                param="model",
+                code="model_not_found",
+            )
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ENCODING_FORMATS:
+        raise invalid("encoding_format must be 'float' or 'base64'.", "encoding_format", "invalid_value")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user must be a string.", "user", "invalid_type")
+    dimensions = _parse_dimensions(body, rules)
+    request_instruction = _instruction(body.get("instruction"), "instruction")
+    input_type = body.get("input_type")
+    if input_type is not None and input_type not in INPUT_TYPES:
+        raise invalid("input_type must be 'query' or 'document'.", "input_type", "invalid_value")
+    typed_instruction = rules.query_instruction if input_type == "query" else None
+
+    inputs = _parse_input(body.get("input"), rules)
+    for item in inputs:
+        _check_item(item, rules)
+        item.instruction = item.instruction or request_instruction or typed_instruction or rules.default_instruction
+    return EmbedRequest(
+        inputs=inputs,
+        dimensions=dimensions if dimensions is not None else rules.default_dimension,
+        encoding_format=encoding_format,
+        model=model,
+    )

@@ -1,0 +1,122 @@
+"""Request/response shapes: the OpenAPI description and the fast response encoder."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Any, Literal, Union
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str | None = None
+    data: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image"]
+    data: str | None = Field(None, description="http(s) URL, data:image/...;base64 URI, or bare base64")
+    image: str | None = None
+
+
+class ImageURL(BaseModel):
+    url: str
+
+
+class ImageURLPart(BaseModel):
+    type: Literal["image_url"]
+    image_url: Union[ImageURL, str]
+
+
+Part = Union[TextPart, ImagePart, ImageURLPart]
+
+
+class FusedInput(BaseModel):
+    """Text and image(s) fused into one vector."""
+
+    text: Union[str, list[str], None] = None
+    image: Union[str, list[str], None] = None
+    content: list[Union[Part, str]] | None = None
+    instruction: str | None = None
+
+
+InputElement = Union[str, list[int], Part, FusedInput]
+
+
+class EmbeddingRequest(BaseModel):
+    input: Union[str, list[int], list[InputElement], Part, FusedInput] = Field(
+        ..., description="What to embed; one vector per list element."
+    )
+    model: str | None = None
+    dimensions: Union[int, str, None] = Field(None, description="Output size (Matryoshka), 1..model size")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    user: str | None = None
+    instruction: str | None = None
+    input_type: Literal["query", "document"] | None = None
+
+
+class EmbeddingObject(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+    model: str
+    usage: Usage
+    id: str
+    created: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def request_body_openapi() -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}},
+        }
+    }
+
+
+def embedding_response(vectors: np.ndarray, encoding_format: str, model: str, tokens: int) -> Response:
+    """JSON straight from the float32 rows: orjson serialises numpy, base64 is the raw little-endian buffer."""
+    if encoding_format == "base64":
+        rows = vectors.astype("<f4", copy=False)
+        data = [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode("ascii")}
+            for i, row in enumerate(rows)
+        ]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors)]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "id": f"embd-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+    }
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")

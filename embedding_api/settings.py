@@ -1,0 +1,94 @@
+"""Service settings, read from the environment and from `.env`."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _split_csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class Settings(BaseSettings):
+    """Every setting is documented with its default in `.env.example`."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Server
+    host: str = "0.0.0.0"
+    port: int = Field(6008, ge=1, le=65535)
+    api_key: str = ""  # one key or a comma-separated list; empty disables auth
+    log_level: str = "INFO"
+
+    # Model
+    model_name: str = "Qwen3-VL-Embedding-2B"
+    model_aliases: str = ""  # comma-separated extra ids accepted in `model`
+    model_path: str = "./models/Qwen3-VL-Embedding-2B"
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    embedding_dimension: int | None = Field(None, ge=1)
+    torch_threads: int = Field(0, ge=0)  # 0 = one per physical core
+
+    # Prompting
+    default_instruction: str = "Represent the user's input."
+    query_instruction: str = ""  # empty = the family's own query instruction
+    max_input_tokens: int = Field(8192, ge=16)
+    max_inputs_per_request: int = Field(2048, ge=1)
+
+    # Images
+    max_image_size: int = Field(512, ge=1)
+    max_image_width: int = Field(512, ge=1)
+    max_image_height: int = Field(512, ge=1)
+    min_pixels: int = Field(4 * 32 * 32, ge=1)
+    max_pixels: int = Field(1800 * 32 * 32, ge=1)
+    allow_image_urls: bool = True
+    allow_private_image_urls: bool = False
+    allowed_image_domains: str = ""
+    image_fetch_timeout: float = Field(10.0, gt=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    max_concurrent_fetches: int = Field(16, ge=1)
+
+    # Batching and load
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_queued_inputs: int = Field(4096, ge=1)
+    request_timeout: float = Field(120.0, gt=0)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    shutdown_grace: float = Field(30.0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("DEVICE must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "float32", "bfloat16", "float16"):
+            return value
+        raise ValueError("DTYPE must be auto, float32, bfloat16 or float16")
+
+    @field_validator("embedding_dimension", mode="before")
+    @classmethod
+    def _empty_dimension(cls, value):
+        return None if value == "" else value
+
+    @cached_property
+    def api_keys(self) -> tuple[str, ...]:
+        return _split_csv(self.api_key)
+
+    @cached_property
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.model_name, *_split_csv(self.model_aliases))
+
+    @cached_property
+    def image_domains(self) -> tuple[str, ...]:
+        return tuple(d.lower() for d in _split_csv(self.allowed_image_domains))
