@@ -1,0 +1,128 @@
+"""Test helpers: images, a real local image server, a real uvicorn server process."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-123"
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sample_image(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
+    """A deterministic RGB image with structure (not a flat colour)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+class ImageServer:
+    """A real HTTP server on 127.0.0.1 serving fixed byte payloads by path."""
+
+    def __init__(self):
+        self.routes: dict[str, tuple[int, str, bytes]] = {}
+        routes = self.routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                status, ctype, body = routes.get(self.path, (404, "text/plain", b"not found"))
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes, ctype: str = "image/png", status: int = 200) -> str:
+        self.routes[path] = (status, ctype, body)
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m uvicorn embedding_api.main:app` on a loopback port, with the given settings."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
+        full_env.update(env)
+        full_env["PYTHONPATH"] = str(ROOT)
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            cwd=str(log_path.parent), env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> "ServerProcess":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+_SETTING_NAMES = {
+    "HOST", "PORT", "API_KEY", "LOG_LEVEL", "MODEL_NAME", "MODEL_ALIASES", "MODEL_PATH", "DEVICE", "DTYPE",
+    "EMBEDDING_DIMENSION", "TORCH_THREADS", "DEFAULT_INSTRUCTION", "QUERY_INSTRUCTION", "MAX_INPUT_TOKENS",
+    "MAX_INPUTS_PER_REQUEST", "MAX_IMAGE_SIZE", "MAX_IMAGE_WIDTH", "MAX_IMAGE_HEIGHT", "MIN_PIXELS", "MAX_PIXELS",
+    "ALLOW_IMAGE_URLS", "ALLOW_PRIVATE_IMAGE_URLS", "ALLOWED_IMAGE_DOMAINS", "IMAGE_FETCH_TIMEOUT",
+    "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_CONCURRENT_FETCHES", "MAX_BATCH_SIZE", "MAX_BATCH_TOKENS",
+    "MAX_QUEUED_INPUTS", "REQUEST_TIMEOUT", "MAX_REQUEST_BYTES", "SHUTDOWN_GRACE",
+}
+
+
