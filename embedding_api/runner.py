@@ -270,8 +270,20 @@ class Runner:
                 instruction: str | None) -> PreparedInput:
         raise NotImplementedError
 
+    def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
-        raise NotImplementedError
+        """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
+        ids, mask, last = self._collate_ids(batch)
+        out = self.model(
+            input_ids=ids.to(self.device, non_blocking=True),
+            attention_mask=mask.to(self.device, non_blocking=True),
+            use_cache=False,
+            **self._vision_inputs(batch, ids),
+        )
+        return self._pool(out.last_hidden_state, last)
 
 
 class VLRunner(Runner):
@@ -364,29 +376,21 @@ class VLRunner(Runner):
         pixel_values = np.concatenate(patch_list) if patch_list else None
         return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids)
 
-    @torch.inference_mode()
-    def forward(self, batch: list[PreparedInput]) -> np.ndarray:
-        ids, mask, last = self._collate_ids(batch)
-        kwargs: dict[str, Any] = {}
+    def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
         pixels = [p.pixel_values for p in batch if p.pixel_values is not None]
-        if pixels:
-            pixel_values = torch.from_numpy(np.concatenate(pixels))
-            grid = torch.tensor([g for p in batch for g in p.image_grid_thw], dtype=torch.long)
-            if self.device.type == "cuda":
-                pixel_values = pixel_values.pin_memory()
-            kwargs["pixel_values"] = pixel_values.to(self.device, self.dtype, non_blocking=True)
-            kwargs["image_grid_thw"] = grid.to(self.device)
-            mm = torch.zeros_like(ids, dtype=torch.int)
-            mm[ids == self.image_pad_id] = 1
-            mm[ids == self.video_pad_id] = 2
-            kwargs["mm_token_type_ids"] = mm.to(self.device)
-        out = self.model(
-            input_ids=ids.to(self.device, non_blocking=True),
-            attention_mask=mask.to(self.device, non_blocking=True),
-            use_cache=False,
-            **kwargs,
-        )
-        return self._pool(out.last_hidden_state, last)
+        if not pixels:
+            return {}
+        pixel_values = torch.from_numpy(np.concatenate(pixels))
+        if self.device.type == "cuda":
+            pixel_values = pixel_values.pin_memory()
+        mm = torch.zeros_like(ids, dtype=torch.int)
+        mm[ids == self.image_pad_id] = 1
+        mm[ids == self.video_pad_id] = 2
+        return {
+            "pixel_values": pixel_values.to(self.device, self.dtype, non_blocking=True),
+            "image_grid_thw": torch.tensor([g for p in batch for g in p.image_grid_thw], dtype=torch.long).to(self.device),
+            "mm_token_type_ids": mm.to(self.device),
+        }
 
 
 class TextRunner(Runner):
@@ -419,13 +423,3 @@ class TextRunner(Runner):
         # Truncate first, then add the post-processor's tokens: what the tokenizer's own truncation does.
         room = self.max_tokens - len(self._special_prefix) - len(self._special_suffix)
         return PreparedInput(input_ids=self._special_prefix + body[:room] + self._special_suffix)
-
-    @torch.inference_mode()
-    def forward(self, batch: list[PreparedInput]) -> np.ndarray:
-        ids, mask, last = self._collate_ids(batch)
-        out = self.model(
-            input_ids=ids.to(self.device, non_blocking=True),
-            attention_mask=mask.to(self.device, non_blocking=True),
-            use_cache=False,
-        )
-        return self._pool(out.last_hidden_state, last)
