@@ -406,6 +406,11 @@ class TextRunner(Runner):
         start = full.index(plain[0]) if plain and plain[0] in full else 0
         self._special_prefix = full[:start]
         self._special_suffix = full[start + len(plain):]
+        eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if not self._special_suffix or self._special_suffix[-1] != eot:
+            # Qwen3-Embedding pools the <|endoftext|> its tokenizer appends; keep that if a loader lost it.
+            log.warning("the tokenizer does not append <|endoftext|>; the server appends it itself")
+            self._special_suffix = self._special_suffix + [eot]
 
     def _load_model(self):
         from transformers import AutoModel
