@@ -1,4 +1,10 @@
-"""`python -m embedding_api`: serve with HOST/PORT from the settings."""
+"""`python -m embedding_api`: serve with HOST/PORT from the settings.
+
+Start-up errors (bad settings, a missing or broken model directory, DEVICE=cuda
+without CUDA, EMBEDDING_DIMENSION above the model's size) end the process at
+once with one message and exit status 1. SIGTERM/SIGINT drain the server (see
+`embedding_api.main`) and the process exits with status 0.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,30 @@ import sys
 
 import uvicorn
 
-from .main import create_app
+from .main import DrainingServer, create_app, load_settings
 from .runner import ModelLoadError, check_startup
-from .settings import Settings
+
+# After SHUTDOWN_GRACE the app answers what is still in flight with 503 itself; uvicorn's own
+# limit is the backstop for anything else (e.g. a client still sending its body).
+_BACKSTOP_S = 2.0
 
 
 def main() -> None:
-    settings = Settings()
+    settings = load_settings()
     try:
         check_startup(settings)
     except ModelLoadError as exc:
-        print(f"embedding_api: {exc}", file=sys.stderr)
+        print(f"embedding_api: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
+        timeout_graceful_shutdown=settings.shutdown_grace + _BACKSTOP_S,  # type: ignore[arg-type]
     )
+    DrainingServer(config, app).run()
 
 
 if __name__ == "__main__":

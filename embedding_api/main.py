@@ -1,24 +1,48 @@
-"""App factory and lifespan: `uvicorn embedding_api.main:app`."""
+"""App factory and lifespan: `uvicorn embedding_api.main:app` or `python -m embedding_api`.
+
+Life of a process:
+
+- start-up: the settings and the model directory are checked before anything is
+  served; a failure is ONE critical log line and exit status 1 (never a process
+  that sits half-alive). The weights then load in the background while
+  /health answers 503 {"status": "loading"}.
+- SIGTERM / SIGINT: the app turns "draining" at once (/health 503
+  {"status": "draining"}, new embedding requests 503 `shutting_down`), the
+  server stops accepting connections, the requests in flight get
+  SHUTDOWN_GRACE seconds to finish and then are answered 503 `shutting_down`,
+  and the process exits. `python -m embedding_api` exits with status 0; plain
+  `uvicorn embedding_api.main:app` behaves the same except that uvicorn
+  re-raises the signal once it has shut down, so the status is "terminated by
+  SIGTERM" (143 in a shell), which is what uvicorn always does.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Callable
 
-from fastapi import FastAPI
+import uvicorn
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
 
 from .errors import install_handlers
 from .routes import router
 from .runner import ModelLoadError, Runner, check_startup, load_runner
+from .schemas import EmbeddingRequest
 from .service import Service
 from .settings import Settings
 
 log = logging.getLogger("embedding_api")
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def configure_logging(level: str) -> None:
@@ -35,26 +59,247 @@ def _exit_process(message: str) -> None:
     os._exit(1)
 
 
+def settings_error_message(exc: ValidationError) -> str:
+    """A pydantic error about the environment as one line per bad setting, named as it is set."""
+    lines = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error.get("loc", ())).upper() or "settings"
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        lines.append(f"{name}={error.get('input')!r}: {message}" if "input" in error else f"{name}: {message}")
+    return "Invalid settings: " + "; ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value ends the process with one clear message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        print(f"embedding_api: {settings_error_message(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+# --------------------------------------------------------------------------- draining
+
+
+def begin_draining(app: FastAPI) -> None:
+    """Stop taking requests now; those in flight get SHUTDOWN_GRACE seconds, then are answered 503.
+
+    Called from a signal handler: it only flips the status and hands the rest to the event loop.
+    Idempotent.
+    """
+    state = app.state
+    if state.status in ("draining", "stopping"):
+        return
+    state.status = "draining"
+    loop: asyncio.AbstractEventLoop | None = getattr(state, "loop", None)
+    if loop is not None and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(_arm_grace, app)
+
+
+def _arm_grace(app: FastAPI) -> None:
+    state = app.state
+    grace = state.settings.shutdown_grace
+    log.info("shutting down: no new requests; %d in flight get %g s to finish", len(state.inflight), grace)
+    asyncio.get_running_loop().call_later(grace, _cancel_inflight, app)
+
+
+def _cancel_inflight(app: FastAPI) -> None:
+    tasks = [t for t in app.state.inflight if not t.done()]
+    if tasks:
+        log.warning("shutdown grace over: cancelling %d request(s) still in flight", len(tasks))
+    for task in tasks:
+        task.cancel()  # the route answers 503 shutting_down
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that drains the app as soon as SIGTERM/SIGINT arrives and exits 0 afterwards.
+
+    uvicorn's own Server re-raises the captured signal once it has shut down, so
+    the process ends "killed by SIGTERM"; a graceful shutdown is a success here.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame) -> None:
+        begin_draining(self.app)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _drain_on_signals(app: FastAPI):
+    """Under plain `uvicorn`, chain a draining step in front of uvicorn's own signal handlers.
+
+    The lifespan runs inside uvicorn's `capture_signals`, so the handlers seen here are
+    uvicorn's; they are put back when the lifespan ends. Nothing to do off the main thread
+    (signals are delivered to the main thread only) or under DrainingServer (it drains itself).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in _STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if not callable(handler) or isinstance(getattr(handler, "__self__", None), DrainingServer):
+            continue
+
+        def chained(signum, frame, _next=handler):
+            begin_draining(app)
+            _next(signum, frame)
+
+        previous[sig] = handler
+        signal.signal(sig, chained)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- unhandled errors
+
+
+class UnhandledErrors:
+    """Answers an unexpected exception with the app's 500 envelope and keeps the connection.
+
+    Starlette's outermost ServerErrorMiddleware would send the same envelope (the handler for
+    `Exception` in errors.py) but then re-raise, so that uvicorn logs the error a second time and
+    drops the keep-alive connection under a client that may be about to reuse it. Inside it, this
+    middleware hands the exception to that same handler (which logs the details) and stops there.
+    """
+
+    def __init__(self, app, fastapi_app: FastAPI):
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            handler = self.fastapi_app.exception_handlers.get(Exception)
+            if started or handler is None:
+                raise
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+def _complete_openapi(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the server does.
+
+    /v1/embeddings reads its body itself (413 before parsing, the OpenAI error envelope for every
+    refusal), so its requestBody comes from `openapi_extra` as a `$ref` to EmbeddingRequest, which
+    FastAPI does not generate by itself: without this the document has a dangling reference.
+    FastAPI also documents a 422 that this server never sends (validation errors are 400s).
+    """
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = build()
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        generated = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in generated.pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+        schemas.setdefault("EmbeddingRequest", generated)
+        # Validation errors are answered 400 in the error envelope (errors.py), never 422.
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {
+                        "description": "Bad Request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    }
+        if "HTTPValidationError" not in str(spec.get("paths")):
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _load_in_thread(loader: Callable[[Settings], Runner], settings: Settings) -> asyncio.Future:
+    """Run the loader on a daemon thread: a SIGTERM during a long load does not wait for it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def work() -> None:
+        try:
+            result, ok = loader(settings), True
+        except Exception as exc:  # noqa: BLE001 - handed to the event loop
+            result, ok = exc, False
+        except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit: still a failed load, never a hang
+            result, ok = RuntimeError(f"the loader raised {exc!r}"), False
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=work, name="model-loader", daemon=True).start()
+    return future
+
+
 def create_app(
     settings: Settings | None = None,
     loader: Callable[[Settings], Runner] = load_runner,
     on_fatal: Callable[[str], None] = _exit_process,
 ) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
-        if not settings.api_keys:
-            log.warning("API_KEY is empty: the API is open to anyone who can reach it")
         try:
             check_startup(settings)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             raise
+        if not settings.api_keys:
+            log.warning("API_KEY is empty: the API is open to anyone who can reach it")
+        app.state.loop = asyncio.get_running_loop()
         load_task = asyncio.create_task(_load(app))
         try:
-            yield
+            with _drain_on_signals(app):
+                yield
         finally:
             load_task.cancel()
             app.state.status = "stopping"
@@ -64,8 +309,8 @@ def create_app(
     async def _load(app: FastAPI) -> None:
         started = time.perf_counter()
         try:
-            runner = await asyncio.to_thread(loader, settings)
-            app.state.service = Service(settings, runner)
+            runner = await _load_in_thread(loader, settings)
+            service = Service(settings, runner)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             return
@@ -73,8 +318,12 @@ def create_app(
             log.exception("model load failed")
             on_fatal(f"Could not load the model from {settings.model_path!r}: {exc.__class__.__name__}: {exc}")
             return
+        if app.state.status != "loading":  # shutting down already: serve nothing
+            await service.close()
+            return
+        app.state.service = service
         app.state.status = "ok"
-        info = app.state.service.info
+        info = service.info
         log.info(
             "model %s (%s, %d dims, %s, %s) ready in %.1f s",
             settings.model_name, info.family, info.dimension, info.device, info.dtype, time.perf_counter() - started,
@@ -90,8 +339,12 @@ def create_app(
     app.state.service = None
     app.state.status = "loading"
     app.state.created = int(time.time())
+    app.state.inflight = set()  # embedding tasks, cancelled when the shutdown grace runs out
+    app.state.loop = None
     install_handlers(app)
+    app.add_middleware(UnhandledErrors, fastapi_app=app)
     app.include_router(router)
+    _complete_openapi(app)
     return app
 
 
