@@ -134,6 +134,15 @@ def _add_part(item: EmbedInput, part: Any, param: str) -> None:
 
 def _parse_object(obj: dict, param: str) -> EmbedInput:
     item = EmbedInput(param=param, instruction=_instruction(obj.get("instruction"), f"{param}.instruction"))
+    shapes = [k for k in ("content", "type") if k in obj]
+    loose = [k for k in ("text", "image", "images", "image_url", "data") if k in obj]
+    if len(shapes) > 1 or ("content" in obj and loose):
+        extra = (shapes[1:] + loose)[0] if len(shapes) > 1 else loose[0]
+        raise invalid(
+            f"{param} mixes '{shapes[0]}' with '{extra}'; put every part inside one shape.",
+            f"{param}.{extra}",
+            "invalid_value",
+        )
     if "content" in obj:
         content = obj["content"]
         if isinstance(content, str):

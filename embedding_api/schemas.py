@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import orjson
@@ -13,48 +13,59 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str | None = None
-    data: str | None = None
+    text: NonEmpty | None = None
+    data: NonEmpty | None = None
+    instruction: str | None = None
 
 
 class ImagePart(BaseModel):
     type: Literal["image"]
-    data: str | None = Field(None, description="http(s) URL, data:image/...;base64 URI, or bare base64")
-    image: str | None = None
+    data: NonEmpty | None = Field(None, description="http(s) URL, data:image/...;base64 URI, or bare base64")
+    image: NonEmpty | None = None
+    instruction: str | None = None
 
 
 class ImageURL(BaseModel):
-    url: str
+    url: NonEmpty
 
 
 class ImageURLPart(BaseModel):
     type: Literal["image_url"]
-    image_url: Union[ImageURL, str]
+    image_url: Union[ImageURL, NonEmpty]
+    instruction: str | None = None
 
 
 Part = Union[TextPart, ImagePart, ImageURLPart]
 
 
 class FusedInput(BaseModel):
-    """Text and image(s) fused into one vector."""
+    """Text and image(s) fused into one vector: either `content`, or `text` with `image`/`images`/`image_url`."""
 
-    text: Union[str, list[str], None] = None
-    image: Union[str, list[str], None] = None
-    content: list[Union[Part, str]] | None = None
+    text: Union[NonEmpty, Annotated[list[NonEmpty], Field(min_length=1)], None] = None
+    image: Union[NonEmpty, Annotated[list[NonEmpty], Field(min_length=1)], None] = None
+    images: Union[NonEmpty, Annotated[list[NonEmpty], Field(min_length=1)], None] = None
+    image_url: Union[ImageURL, NonEmpty, None] = None
+    content: Union[Annotated[list[Union[Part, NonEmpty]], Field(min_length=1)], NonEmpty, None] = None
     instruction: str | None = None
 
 
-InputElement = Union[str, list[int], Part, FusedInput]
+InputElement = Union[NonEmpty, TokenIds, Part, FusedInput]
+Dimensions = Union[Annotated[int, Field(ge=1)], Annotated[str, Field(pattern=r"^\s*\d+\s*$")], None]
 
 
 class EmbeddingRequest(BaseModel):
-    input: Union[str, list[int], list[InputElement], Part, FusedInput] = Field(
+    input: Union[NonEmpty, TokenIds, Annotated[list[InputElement], Field(min_length=1)], Part, FusedInput] = Field(
         ..., description="What to embed; one vector per list element."
     )
     model: str | None = None
-    dimensions: Union[int, str, None] = Field(None, description="Output size (Matryoshka), 1..model size")
+    dimensions: Dimensions = Field(None, description="Output size (Matryoshka), 1..model size")
+    dimension: Dimensions = Field(None, description="Alias of `dimensions`")
     encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
     instruction: str | None = None

@@ -113,16 +113,21 @@ class Service:
                 headers={"Retry-After": "1"},
             ) from None
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), self.settings.request_timeout)
-        except asyncio.TimeoutError:
-            raise APIError(
-                503,
-                f"The request did not finish within {self.settings.request_timeout:g} s.",
-                code="timeout",
-                headers={"Retry-After": "1"},
-            ) from None
-        except InputFailed as exc:
-            raise invalid(str(exc), None, "input_too_large") from None
+            _, pending = await asyncio.wait(futures, timeout=self.settings.request_timeout)
+            if pending:
+                raise APIError(
+                    503,
+                    f"The request did not finish within {self.settings.request_timeout:g} s.",
+                    code="timeout",
+                    headers={"Retry-After": "1"},
+                )
+            # Read every outcome, so no failed future is left unretrieved.
+            failed = next((e for e in [f.exception() for f in futures] if e is not None), None)
+            if isinstance(failed, InputFailed):
+                raise invalid(str(failed), None, "input_too_large") from None
+            if failed is not None:
+                raise failed
+            rows = [f.result() for f in futures]
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from embedding_api.batcher import Batcher, InputFailed
 from embedding_api.runner import PreparedInput
