@@ -89,6 +89,8 @@ def _parse_token_ids(value: list, param: str, rules: InputRules) -> list[int]:
     if not value:
         raise invalid(f"{param} must not be empty.", param, "empty_input")
     for j, tok in enumerate(value):
+        if isinstance(tok, float) and tok.is_integer() and not 0 <= tok < rules.vocab_size:
+            tok = int(tok)  # an integer too large for the JSON parser's 64 bits arrives as a float
         if not _is_int(tok):
             raise invalid(f"{param}[{j}] must be an integer token id.", f"{param}[{j}]", "invalid_type")
         if not 0 <= tok < rules.vocab_size:

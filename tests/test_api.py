@@ -231,6 +231,8 @@ def test_usage_counts_image_tokens(client, image_url):
         ({"input": "x <|image_pad|>"}, "input", "reserved_token"),
         ({"input": "x", "input_type": "passage"}, "input_type", "invalid_value"),
         ({"model": "Qwen3-VL-Embedding-2B"}, "input", "missing_required_parameter"),
+        ({"input": {"content": ["a"], "image": "x"}}, "input.image", "invalid_value"),
+        ({"input": [{"type": "text", "text": "a", "content": ["b"]}]}, "input[0].type", "invalid_value"),
     ],
 )
 def test_bad_requests_are_400(client, body, param, code):
@@ -267,6 +269,13 @@ def test_extreme_aspect_ratio_is_400(client):
     wide = base64.b64encode(png_bytes(sample_image(2000, 4))).decode()
     err = assert_error(client.post("/v1/embeddings", json={"input": {"type": "image", "data": wide}}), 400, "input")
     assert "aspect ratio" in err["message"]
+
+
+def test_huge_integer_token_id_names_the_field(client):
+    for huge in (b"123456789012345678901234567890", b"1" + b"0" * 400):
+        body = b'{"input": [[1, 2], [3, ' + huge + b']]}'
+        assert_error(client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"}),
+                     400, "input[1][1]", "invalid_token_id")
 
 
 def test_malformed_bodies(client):
