@@ -102,3 +102,38 @@ def install_handlers(app: FastAPI) -> None:
     async def _unhandled(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "The server had an internal error while processing the request.", code="internal_error")
+
+
+class UnhandledErrors:
+    """Answers an unexpected exception with the app's 500 envelope and keeps the connection.
+
+    Starlette's outermost ServerErrorMiddleware would send the same envelope (the handler for
+    `Exception` in errors.py) but then re-raise, so that uvicorn logs the error a second time and
+    drops the keep-alive connection under a client that may be about to reuse it. Inside it, this
+    middleware hands the exception to that same handler (which logs the details) and stops there.
+    """
+
+    def __init__(self, app, fastapi_app: FastAPI):
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            handler = self.fastapi_app.exception_handlers.get(Exception)
+            if started or handler is None:
+                raise
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)

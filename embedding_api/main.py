@@ -30,13 +30,13 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .errors import install_handlers
+from .errors import UnhandledErrors, install_handlers
 from .routes import router
 from .runner import ModelLoadError, Runner, check_startup, load_runner
-from .schemas import EmbeddingRequest
+from .schemas import complete_openapi
 from .service import Service
 from .settings import Settings
 
@@ -170,84 +170,6 @@ def _drain_on_signals(app: FastAPI):
             signal.signal(sig, handler)
 
 
-# --------------------------------------------------------------------------- unhandled errors
-
-
-class UnhandledErrors:
-    """Answers an unexpected exception with the app's 500 envelope and keeps the connection.
-
-    Starlette's outermost ServerErrorMiddleware would send the same envelope (the handler for
-    `Exception` in errors.py) but then re-raise, so that uvicorn logs the error a second time and
-    drops the keep-alive connection under a client that may be about to reuse it. Inside it, this
-    middleware hands the exception to that same handler (which logs the details) and stops there.
-    """
-
-    def __init__(self, app, fastapi_app: FastAPI):
-        self.app = app
-        self.fastapi_app = fastapi_app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:
-            handler = self.fastapi_app.exception_handlers.get(Exception)
-            if started or handler is None:
-                raise
-            response = await handler(Request(scope, receive), exc)
-            await response(scope, receive, send)
-
-
-# --------------------------------------------------------------------------- OpenAPI
-
-
-def _complete_openapi(app: FastAPI) -> None:
-    """Make the OpenAPI document say what the server does.
-
-    /v1/embeddings reads its body itself (413 before parsing, the OpenAI error envelope for every
-    refusal), so its requestBody comes from `openapi_extra` as a `$ref` to EmbeddingRequest, which
-    FastAPI does not generate by itself: without this the document has a dangling reference.
-    FastAPI also documents a 422 that this server never sends (validation errors are 400s).
-    """
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        spec = build()
-        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        generated = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, sub in generated.pop("$defs", {}).items():
-            schemas.setdefault(name, sub)
-        schemas.setdefault("EmbeddingRequest", generated)
-        # Validation errors are answered 400 in the error envelope (errors.py), never 422.
-        for operations in spec.get("paths", {}).values():
-            for operation in operations.values():
-                responses = operation.get("responses", {})
-                if responses.pop("422", None) is not None and "400" not in responses:
-                    responses["400"] = {
-                        "description": "Bad Request",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-                    }
-        if "HTTPValidationError" not in str(spec.get("paths")):
-            schemas.pop("HTTPValidationError", None)
-            schemas.pop("ValidationError", None)
-        app.openapi_schema = spec
-        return spec
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 # --------------------------------------------------------------------------- the app
 
 
@@ -344,7 +266,7 @@ def create_app(
     install_handlers(app)
     app.add_middleware(UnhandledErrors, fastapi_app=app)
     app.include_router(router)
-    _complete_openapi(app)
+    complete_openapi(app)
     return app
 
 

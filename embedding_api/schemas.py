@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import orjson
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
@@ -131,3 +132,40 @@ def embedding_response(vectors: np.ndarray, encoding_format: str, model: str, to
         "created": int(time.time()),
     }
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+def complete_openapi(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the server does.
+
+    /v1/embeddings reads its body itself (413 before parsing, the OpenAI error envelope for every
+    refusal), so its requestBody comes from `openapi_extra` as a `$ref` to EmbeddingRequest, which
+    FastAPI does not generate by itself: without this the document has a dangling reference.
+    FastAPI also documents a 422 that this server never sends (validation errors are 400s).
+    """
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = build()
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        generated = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in generated.pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+        schemas.setdefault("EmbeddingRequest", generated)
+        # Validation errors are answered 400 in the error envelope (errors.py), never 422.
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {
+                        "description": "Bad Request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    }
+        if "HTTPValidationError" not in str(spec.get("paths")):
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
