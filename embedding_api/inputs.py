@@ -53,12 +53,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _unicode(value: str, param: str) -> str:
+    """JSON can escape lone surrogates ("\\ud800") that are not text; refuse them here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{param} is not valid Unicode text (lone surrogate).", param, "invalid_value") from None
+    return value
+
+
 def _nonempty_str(value: Any, param: str, what: str = "text") -> str:
     if not isinstance(value, str):
         raise invalid(f"{param} must be a string ({what}), got {type(value).__name__}.", param, "invalid_type")
     if not value.strip():
         raise invalid(f"{param} must not be empty.", param, "empty_input")
-    return value
+    return _unicode(value, param)
 
 
 def _instruction(value: Any, param: str) -> str | None:
@@ -66,7 +75,7 @@ def _instruction(value: Any, param: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise invalid(f"{param} must be a string.", param, "invalid_type")
-    return value if value.strip() else None
+    return _unicode(value, param) if value.strip() else None
 
 
 def _parse_dimensions(body: dict, rules: InputRules) -> int | None:

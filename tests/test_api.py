@@ -278,6 +278,13 @@ def test_huge_integer_token_id_names_the_field(client):
                      400, "input[1][1]", "invalid_token_id")
 
 
+def test_lone_surrogates_are_400(client):
+    for body, param in ((b'{"input": ["ok", "bad \\ud800 text"]}', "input[1]"),
+                        (b'{"input": "x", "instruction": "\\udfff"}', "instruction")):
+        assert_error(client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"}),
+                     400, param, "invalid_value")
+
+
 def test_malformed_bodies(client):
     assert_error(client.post("/v1/embeddings", content=b"{not json", headers={"Content-Type": "application/json"}),
                  400, code="invalid_json")
