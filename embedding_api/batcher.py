@@ -1,9 +1,10 @@
 """Dynamic batching across requests.
 
 Every input of every request joins one queue. A single model-worker thread owns
-the model: it takes the oldest waiting input, fills the batch with the waiting
-inputs closest to it in length (within a bounded window, so nothing waits for
-long) under `max_batch_size` items and `max_batch_tokens` padded tokens, runs
+the model: it takes the oldest waiting input and fills the batch from the inputs
+queued after it (within a bounded window, so nothing waits for long): those of
+about its length in arrival order, then the others closest in length first,
+under `max_batch_size` items and `max_batch_tokens` padded tokens. It runs
 the forward pass and hands each vector back to its request through an asyncio
 future. While a forward runs, new inputs queue up, so the next batch is fuller:
 no timer, no fixed delay when the queue is empty.
@@ -24,6 +25,11 @@ import numpy as np
 from .runner import PreparedInput
 
 log = logging.getLogger("embedding_api")
+
+# Inputs whose lengths differ by at most this much (a fraction of the anchor's length, or a
+# number of tokens, whichever is larger) count as the same length when a batch is filled.
+LENGTH_TOLERANCE = 0.25
+LENGTH_TOLERANCE_TOKENS = 8
 
 
 class QueueFull(Exception):
@@ -115,26 +121,43 @@ class Batcher:
             self._thread.join(timeout)
 
     def _take(self) -> list[_Entry]:
-        """Called with the lock held and the queue non-empty."""
+        """Called with the lock held and the queue non-empty.
+
+        The oldest input anchors the batch. The next `4 x max_batch_size` inputs form the
+        window: those within LENGTH_TOLERANCE of the anchor's length join in arrival order,
+        so the inputs of one request stay together and finish together; farther ones join
+        closest in length first, so a batch of mixed lengths wastes little on padding.
+        Costs O(window), not O(queue): the rest of the queue is never touched.
+        """
         pending = self._pending
         while pending and pending[0].future.done():  # cancelled by a disconnected client
             pending.popleft()
         if not pending:
             return []
         anchor = pending.popleft()
-        window = [e for e in list(pending)[: self.max_batch_size * 4] if not e.future.done()]
-        window.sort(key=lambda e: abs(e.prepared.n_tokens - anchor.prepared.n_tokens))
-        batch, longest = [anchor], anchor.prepared.n_tokens
-        for entry in window:
+        size = anchor.prepared.n_tokens
+        window = []
+        for _ in range(min(len(pending), self.max_batch_size * 4)):
+            entry = pending.popleft()
+            if not entry.future.done():
+                window.append(entry)
+        tolerance = max(LENGTH_TOLERANCE_TOKENS, int(size * LENGTH_TOLERANCE))
+        order = sorted(
+            range(len(window)),
+            key=lambda i: (max(0, abs(window[i].prepared.n_tokens - size) - tolerance), i),
+        )
+        batch, longest, chosen = [anchor], size, set()
+        for i in order:
             if len(batch) >= self.max_batch_size:
                 break
-            width = max(longest, entry.prepared.n_tokens)
+            width = max(longest, window[i].prepared.n_tokens)
             if width * (len(batch) + 1) > self.max_batch_tokens:
                 continue
-            batch.append(entry)
+            batch.append(window[i])
+            chosen.add(i)
             longest = width
-        chosen = set(map(id, batch))
-        self._pending = deque(e for e in pending if id(e) not in chosen and not e.future.done())
+        # The window's leftovers go back to the front of the queue, in arrival order.
+        pending.extendleft(reversed([e for i, e in enumerate(window) if i not in chosen]))
         return batch
 
     def _work(self) -> None:

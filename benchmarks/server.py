@@ -1,0 +1,246 @@
+"""A real server under test: `python -m uvicorn embedding_api.main:app` on a free loopback port,
+its resident memory sampled while it runs, and an optional py-spy profile of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from embedding_api.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(settings: dict[str, str]) -> dict[str, str]:
+    """The caller's environment without any server setting, plus exactly the given ones."""
+    names = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    env.update(settings)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Server:
+    """Context manager: start, wait until /health says ok, sample RSS every 0.1 s, stop."""
+
+    def __init__(self, settings: dict[str, str], run_dir: Path, label: str):
+        self.settings = settings
+        self.label = label
+        self.run_dir = run_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = run_dir / f"server-{label}.log"
+        self._peak = 0.0
+        self._sampling = False
+        self._sampler: threading.Thread | None = None
+
+    def __enter__(self) -> "Server":
+        self.start()
+        self.wait_ready()
+        return self
+
+    def start(self) -> "Server":
+        """Launch the process; `wait_ready` (or the context manager) waits for the model to load."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        # cwd is the run directory, so a developer's ./.env is not read by the server under test.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            cwd=str(self.run_dir), env=clean_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._sampling = False
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 300) -> "Server":
+        self._wait_ready(timeout)
+        self._sampling = True
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/health"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.label} exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200 and json.loads(r.read()).get("status") == "ok":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server {self.label} not ready in {timeout:.0f} s:\n{self.output()}")
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until no request is in flight and no input queued (after a scenario's clients hung up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = self.health()
+            if not h.get("requests_in_flight", 0) and not h.get("queued_inputs", 0):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"server {self.label} still busy after {timeout:.0f} s: {h}")
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    # ------------------------------------------------------------------ memory
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self._peak = max(self._peak, rss_mb(self.pid))
+            time.sleep(0.1)
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.pid)
+
+    def take_peak_rss(self) -> float:
+        """Peak RSS since the last call (MB), then start a new window."""
+        peak = max(self._peak, self.rss_mb())
+        self._peak = 0.0
+        return peak
+
+
+# ---------------------------------------------------------------------- profiling
+
+
+def py_spy() -> str | None:
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    return found
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """Sample every thread of the server with py-spy (raw collapsed stacks); None without py-spy."""
+    exe = py_spy()
+    if exe is None:
+        return None
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250",
+         "--format", "raw", "--threads", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+_THREADS = (("model-worker", "model worker"), ("prepare", "prepare pool"), ("anyio", "anyio thread pool"),
+            ("asyncio_", "to_thread pool"), ("mainthread", "event loop"))
+
+# Where a sample of the event loop is spent: the innermost frame that matches, searched from the leaf.
+_STAGES = (
+    ("embedding_api/schemas.py", "response encoding"),
+    ("embedding_api/inputs.py", "request validation"),
+    ("embedding_api/routes.py", "route handler"),
+    ("embedding_api/batcher.py", "batcher"),
+    ("embedding_api/service.py", "embed path (service)"),
+    ("embedding_api/", "embedding_api other"),
+    ("fastapi/", "FastAPI/Starlette"),
+    ("starlette/", "FastAPI/Starlette"),
+    ("uvicorn/", "uvicorn HTTP"),
+)
+
+
+def _thread_kind(root: str) -> str:
+    """py-spy's root frame names the thread; group the server's threads by job."""
+    name = root.lower()
+    for key, kind in _THREADS:
+        if key in name:
+            return kind
+    return "other"
+
+
+def _stage(kind: str, frames: list[str]) -> str:
+    if kind != "event loop":
+        return kind
+    for frame in reversed(frames):
+        for marker, stage in _STAGES:
+            if marker in frame:
+                return stage
+    return "event loop (asyncio/uvloop)"
+
+
+def summarise_profile(path: Path, top: int = 12) -> dict:
+    """Share of samples per thread, per stage of the event loop, and self time by function,
+    from py-spy's collapsed stacks (busy threads only: py-spy leaves idle ones out)."""
+    per_thread: Counter = Counter()
+    per_stage: Counter = Counter()
+    self_time: Counter = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        kind = _thread_kind(frames[0])
+        total += n
+        per_thread[kind] += n
+        per_stage[_stage(kind, frames[1:])] += n
+        self_time[_short(frames[-1])] += n
+    if not total:
+        return {"samples": 0}
+    pct = lambda n: round(100.0 * n / total, 1)  # noqa: E731
+    return {
+        "samples": total,
+        "threads_pct": {k: pct(v) for k, v in per_thread.most_common()},
+        "stages_pct": {k: pct(v) for k, v in per_stage.most_common()},
+        "top_self_pct": [[name, pct(n)] for name, n in self_time.most_common(top)],
+    }
+
+
+def _short(frame: str) -> str:
+    """'func (path/to/module.py:123)' -> 'func (module.py:123)'."""
+    name, _, where = frame.partition(" (")
+    if not where:
+        return frame
+    return f"{name} ({Path(where.rstrip(')')).name})"
