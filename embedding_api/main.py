@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -244,6 +245,10 @@ def create_app(
             await service.close()
             return
         app.state.service = service
+        # The ~400k long-lived objects torch and transformers created are never garbage; moving them
+        # out of the collector's sight stops 150-300 ms full collections under load.
+        gc.collect()
+        gc.freeze()
         app.state.status = "ok"
         info = service.info
         log.info(
