@@ -42,15 +42,16 @@ def _service(request: Request) -> Service:
 
 
 async def _read_json(request: Request, limit: int):
+    too_large = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        raise too_large
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+                raise too_large
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(CLIENT_CLOSED, "The client closed the connection while sending the body.",

@@ -14,7 +14,7 @@ from .errors import APIError, invalid
 from .inputs import EmbedInput, EmbedRequest, InputRules
 from .media import ImageLoader, MediaError, MediaPolicy
 from .normalize import finalize
-from .runner import InputTooLong, PreparedInput, Runner
+from .runner import VISION_TOKENS, InputTooLong, PreparedInput, Runner
 from .settings import Settings
 
 log = logging.getLogger("embedding_api")
@@ -50,7 +50,7 @@ class Service:
             takes_images=self.info.takes_images,
             vocab_size=self.info.vocab_size,
             reserved_token_ids=runner.reserved_token_ids(),
-            reserved_strings=("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+            reserved_strings=VISION_TOKENS,
             default_instruction=settings.default_instruction if is_vl else None,
             query_instruction=settings.query_instruction or self.info.default_query_instruction,
         )
