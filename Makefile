@@ -27,7 +27,7 @@ run: install
 	MODEL_PATH=$(MODEL_PATH) $(BIN)/python -m embedding_api
 
 demo: install
-	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.checkpoint $(DEMO_PATH) --family qwen3_vl --size tiny
+	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size tiny
 	@echo "Serving a RANDOM-WEIGHT demo checkpoint: the API is real, the vectors are meaningless."
 	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B $(BIN)/python -m embedding_api
 

@@ -18,8 +18,8 @@ import sys
 import time
 
 from embedding_api.media import decode_image_bytes
-from embedding_api.runner import PreparedInput, Runner, load_runner
-from embedding_api.service import media_policy
+from embedding_api.runners import PreparedInput, Runner, load_runner
+from embedding_api.engine.service import media_policy
 from embedding_api.settings import Settings
 
 from .workload import png_images, short_texts

@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import embedding_api.checkpoint as checkpoint_module
-from embedding_api.checkpoint import SIZES, write_checkpoint
+import embedding_api.tools.checkpoint as checkpoint_module
+from embedding_api.tools.checkpoint import SIZES, write_checkpoint
 
 from .server import Server, clean_env, start_profile, summarise_profile
 from .workload import KINDS, request_bodies

@@ -178,11 +178,11 @@ _THREADS = (("model-worker", "model worker"), ("prepare", "prepare pool"), ("any
 
 # Where a sample of the event loop is spent: the innermost frame that matches, searched from the leaf.
 _STAGES = (
-    ("embedding_api/schemas.py", "response encoding"),
+    ("embedding_api/api/schemas.py", "response encoding"),
     ("embedding_api/inputs.py", "request validation"),
-    ("embedding_api/routes.py", "route handler"),
-    ("embedding_api/batcher.py", "batcher"),
-    ("embedding_api/service.py", "embed path (service)"),
+    ("embedding_api/api/", "route handler"),
+    ("embedding_api/engine/batcher.py", "batcher"),
+    ("embedding_api/engine/service.py", "embed path (service)"),
     ("embedding_api/", "embedding_api other"),
     ("fastapi/", "FastAPI/Starlette"),
     ("starlette/", "FastAPI/Starlette"),

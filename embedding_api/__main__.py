@@ -13,7 +13,7 @@ import sys
 import uvicorn
 
 from .main import DrainingServer, create_app, load_settings
-from .runner import ModelLoadError, check_startup
+from .runners import ModelLoadError, check_startup
 
 # After SHUTDOWN_GRACE the app answers what is still in flight with 503 itself; uvicorn's own
 # limit is the backstop for anything else (e.g. a client still sending its body).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import APIError, invalid
+from .api.errors import APIError, invalid
 
 ENCODING_FORMATS = ("float", "base64")
 INPUT_TYPES = ("query", "document")

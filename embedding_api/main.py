@@ -34,11 +34,11 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .errors import UnhandledErrors, install_handlers
-from .routes import router
-from .runner import ModelLoadError, Runner, check_startup, load_runner
-from .schemas import complete_openapi
-from .service import Service
+from .api.errors import UnhandledErrors, install_handlers
+from .api import router
+from .runners import ModelLoadError, Runner, check_startup, load_runner
+from .api.schemas import complete_openapi
+from .engine.service import Service
 from .settings import Settings
 
 log = logging.getLogger("embedding_api")

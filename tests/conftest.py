@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedding_api.checkpoint import write_checkpoint
+from embedding_api.tools.checkpoint import write_checkpoint
 
 from .util import API_KEY, ImageServer, ServerProcess
 

@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from embedding_api.batcher import Batcher, QueueFull
-from embedding_api.runner import PreparedInput, load_runner
+from embedding_api.engine.batcher import Batcher, QueueFull
+from embedding_api.runners import PreparedInput, load_runner
 from embedding_api.settings import Settings
 
 from .util import sample_image

@@ -1,4 +1,4 @@
-"""Tests for embedding_api.checkpoint (random-weight checkpoints in the real on-disk format).
+"""Tests for embedding_api.tools.checkpoint (random-weight checkpoints in the real on-disk format).
 
 Only the "tiny" sizes are written here; the whole file runs in well under 30 s on 2 CPU cores.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedding_api import checkpoint as ck
+from embedding_api.tools import checkpoint as ck
 
 SYSTEM_AND_IMAGE = [
     {"role": "system", "content": [{"type": "text", "text": "Represent the user's input."}]},

@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedding_api import media
+from embedding_api.media import encoded
+from embedding_api.media import fetch as media
 from embedding_api.media import ImageLoader, MediaError, MediaPolicy, decode_image_bytes
 
 SMALL_CAP = 4096  # max_image_bytes used by the oversize tests
@@ -745,7 +746,7 @@ def test_base64_too_large_is_refused_before_decoding(monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("decoded an oversized payload")
 
-    monkeypatch.setattr(media.base64, "b64decode", no_decode)
+    monkeypatch.setattr(encoded.base64, "b64decode", no_decode)
     policy = MediaPolicy(max_image_bytes=1000)
     expected = "image is larger than the maximum allowed size of 1000 bytes"
     assert load_error("A" * 1400, policy) == expected

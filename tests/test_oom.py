@@ -10,8 +10,8 @@ import asyncio
 
 import numpy as np
 
-from embedding_api.batcher import Batcher, InputFailed
-from embedding_api.runner import PreparedInput
+from embedding_api.engine.batcher import Batcher, InputFailed
+from embedding_api.runners import PreparedInput
 
 
 def _item(n: int) -> PreparedInput:

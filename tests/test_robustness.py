@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 
 from embedding_api.main import begin_draining, create_app
-from embedding_api.runner import load_runner
+from embedding_api.runners import load_runner
 from embedding_api.settings import Settings
 
 from .util import ROOT, _SETTING_NAMES, ServerProcess, free_port

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .runner import PreparedInput
+from ..runners import PreparedInput
 
 log = logging.getLogger("embedding_api")
 

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull
-from .errors import APIError, invalid
-from .inputs import EmbedInput, EmbedRequest, InputRules
-from .media import ImageLoader, MediaError, MediaPolicy
-from .normalize import finalize
-from .runner import VISION_TOKENS, InputTooLong, PreparedInput, Runner
-from .settings import Settings
+from ..api.errors import APIError, invalid
+from ..inputs import EmbedInput, EmbedRequest, InputRules
+from ..media import ImageLoader, MediaError, MediaPolicy
+from ..normalize import finalize
+from ..runners import VISION_TOKENS, InputTooLong, PreparedInput, Runner
+from ..settings import Settings
 
 log = logging.getLogger("embedding_api")
 

@@ -14,7 +14,7 @@ Only the shapes, the data flow and the cost are realistic.
 
 Usage::
 
-    python -m embedding_api.checkpoint OUT_DIR [--family qwen3_vl|qwen3]
+    python -m embedding_api.tools.checkpoint OUT_DIR [--family qwen3_vl|qwen3]
         [--size tiny|cpu|2b|0.6b] [--seed N] [--overwrite]
 
 Differences from the real checkpoints (by design):
@@ -116,7 +116,7 @@ CHAT_TEMPLATE = (
 _RANDOM_NOTE = """\
 RANDOM WEIGHTS - NOT A TRAINED MODEL
 
-This directory was written by `python -m embedding_api.checkpoint`.
+This directory was written by `python -m embedding_api.tools.checkpoint`.
 It has the on-disk layout of {real} (config.json schema, safetensors key
 names, tokenizer pipeline{template}), but every weight is random
 (torch.manual_seed({seed})) and the tokenizer vocabulary is a tiny byte-level BPE
@@ -743,7 +743,7 @@ def _write_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m embedding_api.checkpoint",
+        prog="python -m embedding_api.tools.checkpoint",
         description="Write a RANDOM-WEIGHT checkpoint in the on-disk format of Qwen3-VL-Embedding / Qwen3-Embedding.",
     )
     parser.add_argument("out_dir", help="directory to create")

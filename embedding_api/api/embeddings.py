@@ -1,0 +1,33 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ..inputs import parse_request
+from .auth import check_api_key
+from .common import read_json, ready_service, run_watched
+from .schemas import EmbeddingResponse, ErrorResponse, embedding_response, request_body_openapi
+
+router = APIRouter()
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses=_ERRORS,
+    openapi_extra=request_body_openapi(),
+)
+async def create_embeddings(request: Request) -> Response:
+    # Checked inline rather than as a dependency: FastAPI runs a sync dependency in a thread pool,
+    # a hop that cost ~30% of throughput on the hot path.
+    check_api_key(request)
+    service = ready_service(request)
+    settings = service.settings
+    body = await read_json(request, settings.max_request_bytes)
+    parsed = parse_request(body, service.rules, settings.model_ids)
+    vectors, tokens = await run_watched(request, service.embed(parsed), settings.request_timeout)
+    return embedding_response(vectors, parsed.encoding_format, settings.model_name, tokens)
+

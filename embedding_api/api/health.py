@@ -1,0 +1,49 @@
+"""GET /health: never behind auth; 200 when the model serves, 503 while loading or draining."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .common import json_response
+
+router = APIRouter()
+
+
+@router.get(
+    "/health",
+    responses={503: {"description": "The model is loading, or the server is shutting down ('status' says which)"}},
+)
+async def health(request: Request) -> Response:
+    state = request.app.state
+    settings = state.settings
+    body = {"status": state.status, "model": settings.model_name, "model_path": settings.model_path}
+    if state.service is None or state.status != "ok":
+        return json_response(body, 503)
+    info = state.service.info
+    body.update(
+        device=info.device.split(":")[0],
+        device_name=info.device,
+        cuda_available=_cuda_available(),
+        dtype=info.dtype,
+        family=info.family,
+        takes_images=info.takes_images,
+        embedding_dimension=state.service.rules.default_dimension,
+        native_dimension=info.dimension,
+        max_image_width=settings.max_image_width,
+        max_image_height=settings.max_image_height,
+        queued_inputs=state.service.batcher.queued,
+        inputs_embedded=state.service.batcher.inputs_run,
+        batches_run=state.service.batcher.batches_run,
+        requests_in_flight=len(state.inflight),
+        uptime_s=round(time.time() - state.created, 1),
+    )
+    return json_response(body)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

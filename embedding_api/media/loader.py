@@ -1,0 +1,86 @@
+"""Image references sent by clients, turned into safe RGB images.
+
+A reference is one of:
+
+* an ``http://`` / ``https://`` URL, fetched by :class:`~.fetch.Fetcher` with SSRF protections;
+* a ``data:image/<fmt>;base64,<payload>`` data URI;
+* bare base64 (standard or URL-safe alphabet, padding optional, whitespace tolerated).
+
+:meth:`ImageLoader.load` returns a fully loaded RGB ``PIL.Image.Image``
+(downscaled to the policy limits) or raises :class:`MediaError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+
+from PIL import Image
+
+from .encoded import _SCHEME_RE, _data_uri_payload_start, _max_encoded_chars, _quick_base64_length_check
+from .fetch import Fetcher, Resolver
+from .images import _decode_base64_image, decode_image_bytes
+from .policy import MediaError, MediaPolicy, _too_large
+
+
+class ImageLoader:
+    """Turns image references into safe RGB images. Safe for concurrent use."""
+
+    def __init__(
+        self,
+        policy: MediaPolicy,
+        resolver: Resolver | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
+        self.policy = policy
+        self.fetcher = Fetcher(policy, resolver, ssl_context=ssl_context)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._decode_sem: asyncio.Semaphore | None = None
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._decode_sem = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
+
+    async def aclose(self) -> None:
+        await self.fetcher.aclose()
+
+    async def load(self, ref: str) -> Image.Image:
+        if not isinstance(ref, str):
+            raise MediaError("image reference must be a string")
+        ref = ref.strip()
+        if not ref:
+            raise MediaError("image reference is empty")
+        self._bind_loop()
+        policy = self.policy
+
+        match = _SCHEME_RE.match(ref)
+        if match:
+            scheme = match.group(1).lower()
+            if scheme in ("http", "https"):
+                if not policy.allow_urls:
+                    raise MediaError(
+                        "image URLs are disabled on this server; "
+                        "send the image as base64 or a data URI"
+                    )
+                data = await self.fetcher.fetch(ref)
+                return await self._decode(decode_image_bytes, data)
+            if scheme == "data":
+                start = _data_uri_payload_start(ref)
+                if len(ref) - start > 2 * _max_encoded_chars(policy) + 1024:
+                    raise _too_large(policy)
+                return await self._decode(_decode_base64_image, ref, start)
+            raise MediaError(
+                "unsupported image reference: use an http(s) URL, "
+                "a data:image/...;base64 URI or base64 data"
+            )
+        _quick_base64_length_check(ref, policy)
+        return await self._decode(_decode_base64_image, ref)
+
+    async def _decode(self, fn, arg, *extra) -> Image.Image:
+        assert self._decode_sem is not None
+        async with self._decode_sem:
+            return await asyncio.to_thread(fn, arg, self.policy, *extra)

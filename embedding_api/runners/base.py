@@ -1,0 +1,137 @@
+"""What every runner shares: tokenizer, collation of token ids, the forward pass, last-token pooling.
+
+`prepare` is pure CPU work on one input and is safe to call from several
+threads; `forward` is called by one thread only (the batcher's model worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..settings import Settings
+from .loading import WEIGHTS_HINT, ModelLoadError, hidden_size
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+class InputTooLong(ValueError):
+    """An input whose image tokens alone do not fit in MAX_INPUT_TOKENS."""
+
+
+@dataclass
+class PreparedInput:
+    """One input, ready for the model: token ids plus, for images, patches."""
+
+    input_ids: list[int]
+    pixel_values: np.ndarray | None = None  # (patches, patch_dim), float32
+    image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: str
+    dimension: int
+    takes_images: bool
+    vocab_size: int
+    device: str
+    dtype: str
+    default_query_instruction: str
+
+
+class Runner:
+    """Shared by both families: tokenizer, truncation, batching of token ids, pooling."""
+
+    family: str
+    takes_images: bool
+    default_query_instruction: str
+
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoTokenizer
+
+        self.settings = settings
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.max_tokens = settings.max_input_tokens
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        except Exception as exc:  # a broken tokenizer is a start-up error, not a crash later
+            raise ModelLoadError(
+                f"The tokenizer in {settings.model_path!r} could not be loaded ({exc.__class__.__name__}). {WEIGHTS_HINT}"
+            ) from None
+        # The Rust tokenizer underneath: thread-safe for encoding, with no truncation state to share.
+        self.backend = self.tokenizer.backend_tokenizer
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.model = self._load_model()
+        self.dimension = hidden_size(config)
+        self.vocab_size = int(config.get("text_config", config)["vocab_size"])
+
+    def _load_model(self):
+        raise NotImplementedError
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            family=self.family,
+            dimension=self.dimension,
+            takes_images=self.takes_images,
+            vocab_size=self.vocab_size,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            default_query_instruction=self.default_query_instruction,
+        )
+
+    def reserved_token_ids(self) -> frozenset[int]:
+        ids = self.tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+        return frozenset(i for i in ids if i is not None and i != self.tokenizer.unk_token_id)
+
+    def _collate_ids(self, batch: list[PreparedInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-pad token ids; returns ids, attention mask and the index of each last real token."""
+        lengths = [p.n_tokens for p in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, : p.n_tokens] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[row, : p.n_tokens] = 1
+        return ids, mask, torch.tensor(lengths) - 1
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=special).ids
+
+    def _pool(self, hidden: torch.Tensor, last: torch.Tensor) -> np.ndarray:
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+        return rows.float().cpu().numpy()
+
+    def prepare(self, texts: list[str], images: list[Image.Image], token_ids: list[int] | None,
+                instruction: str | None) -> PreparedInput:
+        raise NotImplementedError
+
+    def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    @torch.inference_mode()
+    def forward(self, batch: list[PreparedInput]) -> np.ndarray:
+        """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
+        ids, mask, last = self._collate_ids(batch)
+        out = self.model(
+            input_ids=ids.to(self.device, non_blocking=True),
+            attention_mask=mask.to(self.device, non_blocking=True),
+            use_cache=False,
+            **self._vision_inputs(batch, ids),
+        )
+        return self._pool(out.last_hidden_state, last)
+
+

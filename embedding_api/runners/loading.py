@@ -1,0 +1,110 @@
+"""Checking and loading a checkpoint directory: config, device, dtype, weights.
+
+Everything here runs before a model serves: a problem is a `ModelLoadError`
+with one message that names the path or setting, and the server does not start.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..settings import Settings
+
+WEIGHTS_HINT = (
+    "Download the weights first, e.g. `huggingface-cli download Qwen/Qwen3-VL-Embedding-2B "
+    "--local-dir ./models/Qwen3-VL-Embedding-2B`, or write an offline random-weight demo checkpoint "
+    "with `python -m embedding_api.tools.checkpoint ./models/demo`."
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory or the device settings cannot be used; the server must not start."""
+
+
+
+def read_config(model_path: str) -> dict:
+    """Check the model directory enough to fail fast with a clear message."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise ModelLoadError(f"Model directory {str(path)!r} does not exist. {WEIGHTS_HINT}")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"Model directory {str(path)!r} has no config.json. {WEIGHTS_HINT}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{str(config_file)!r} is not readable JSON ({exc.__class__.__name__}). {WEIGHTS_HINT}") from None
+    if config.get("model_type") not in ("qwen3_vl", "qwen3"):
+        raise ModelLoadError(
+            f"{str(config_file)!r} has model_type {config.get('model_type')!r}; this server serves "
+            "Qwen3-VL-Embedding ('qwen3_vl') and Qwen3-Embedding ('qwen3') checkpoints."
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"Model directory {str(path)!r} has no *.safetensors weights. {WEIGHTS_HINT}")
+    if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
+        raise ModelLoadError(f"Model directory {str(path)!r} has no tokenizer files. {WEIGHTS_HINT}")
+    return config
+
+
+def hidden_size(config: dict) -> int:
+    text = config.get("text_config", config)
+    return int(text["hidden_size"])
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"DEVICE={setting} but CUDA is not available on this host; use DEVICE=cpu or auto.")
+        index = int(setting.split(":")[1]) if ":" in setting else 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(f"DEVICE={setting} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def check_startup(settings: Settings) -> tuple[dict, torch.device, torch.dtype]:
+    """Everything that can be checked without loading the weights; raises ModelLoadError."""
+    config = read_config(settings.model_path)
+    native = hidden_size(config)
+    if settings.embedding_dimension is not None and settings.embedding_dimension > native:
+        raise ModelLoadError(
+            f"EMBEDDING_DIMENSION={settings.embedding_dimension} is larger than the model's own size {native} "
+            f"({settings.model_path}); use a value from 1 to {native}."
+        )
+    device = resolve_device(settings.device)
+    return config, device, resolve_dtype(settings.dtype, device)
+
+
+def _attn_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_weights(model_cls, path: str, dtype: torch.dtype, device: torch.device):
+    model, info = model_cls.from_pretrained(
+        path, dtype=dtype, attn_implementation=_attn_implementation(device), output_loading_info=True
+    )
+    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
+    if missing:
+        raise ModelLoadError(
+            f"The weights in {path!r} do not match config.json: {len(missing)} tensors missing "
+            f"(e.g. {missing[0]}). {WEIGHTS_HINT}"
+        )
+    return model.to(device).eval()
+

@@ -1,0 +1,53 @@
+"""Qwen3-Embedding (text only): no chat template; queries are `Instruct: {task}\nQuery:{text}`,
+documents plain text; the tokenizer's own post-processor appends `<|endoftext|>`; last-token pooling."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..settings import Settings
+from .base import PreparedInput, Runner
+from .loading import load_weights
+
+log = logging.getLogger("embedding_api")
+
+TEXT_DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class TextRunner(Runner):
+    family = "qwen3"
+    takes_images = False
+    default_query_instruction = TEXT_DEFAULT_QUERY_INSTRUCTION
+
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
+        super().__init__(settings, config, device, dtype)
+        # What the tokenizer's post-processor adds around a sequence (Qwen3-Embedding: <|endoftext|> at the end).
+        plain = self.encode("a")
+        full = self.encode("a", special=True)
+        start = full.index(plain[0]) if plain and plain[0] in full else 0
+        self._special_prefix = full[:start]
+        self._special_suffix = full[start + len(plain):]
+        eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if not self._special_suffix or self._special_suffix[-1] != eot:
+            # Qwen3-Embedding pools the <|endoftext|> its tokenizer appends; keep that if a loader lost it.
+            log.warning("the tokenizer does not append <|endoftext|>; the server appends it itself")
+            self._special_suffix = self._special_suffix + [eot]
+
+    def _load_model(self):
+        from transformers import AutoModel
+
+        return load_weights(AutoModel, self.settings.model_path, self.dtype, self.device)
+
+    def prepare(self, texts, images, token_ids, instruction) -> PreparedInput:
+        if token_ids is not None:
+            body = token_ids
+            if instruction:
+                body = self.encode(f"Instruct: {instruction}\nQuery:") + body
+        else:
+            text = "".join(texts)
+            body = self.encode(f"Instruct: {instruction}\nQuery:{text}" if instruction else text)
+        # Truncate first, then add the post-processor's tokens: what the tokenizer's own truncation does.
+        room = self.max_tokens - len(self._special_prefix) - len(self._special_suffix)
+        return PreparedInput(input_ids=self._special_prefix + body[:room] + self._special_suffix)
