@@ -62,3 +62,61 @@ def vl_server(start_server, tiny_vl) -> ServerProcess:
 def client(vl_server):
     with httpx.Client(base_url=vl_server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray head for every test that needs Ray (Ray on 2 cores is slow to start).
+
+    Started as its own process group with free ports and a private temp dir, so that it never
+    collides with another Ray on the machine and is stopped whole at the end of the session.
+    Yields the GCS address; pass it as RAY_ADDRESS to subprocesses, or to `ray.init(address=...)`.
+    """
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ray_exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    port = free_port()
+    worker_ports = 20000 + (os.getpid() % 200) * 200  # a range of its own for this session's workers
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    head = subprocess.Popen(
+        [ray_exe, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+         f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if head.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the local Ray head did not start; see {log.name}")
+        time.sleep(0.5)
+    try:
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
