@@ -2,11 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel by default; on a GPU host use e.g. TORCH_SPEC="torch" (or empty to keep an installed torch).
+# torch is installed first, on its own. On PyPI, `torch==2.13.0` on Linux x86-64 is the CUDA build
+# (several GB of nvidia-* packages). On a host without an NVIDIA GPU, `make install` therefore adds
+# PyTorch's CPU wheel index (TORCH_CPU_INDEX) as an extra index when it answers, and pip takes
+# 2.13.0+cpu from it (PEP 440 ranks +cpu above the plain version). When that index cannot be
+# reached, pip uses only its configured indexes: on a stock PyPI that is the CUDA build; a host
+# with a local wheel directory gets what is there. A GPU host gets the CUDA build from PyPI.
+# The decision is printed (python -m embedding_api.tools.torch_wheel). TORCH_CPU_INDEX= turns the
+# extra index off; TORCH_SPEC="torch" takes the newest torch; TORCH_SPEC= keeps an installed torch.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 MODEL_PATH ?= $(shell sed -n 's/^MODEL_PATH=//p' .env 2>/dev/null | tail -n 1)
 MODEL_PATH := $(or $(MODEL_PATH),./models/Qwen3-VL-Embedding-2B)
-DEMO_PATH ?= ./models/demo-random-tiny
+DEMO_PATH ?= ./models/demo-random
 
 .PHONY: install run demo test bench bench-quick clean
 
@@ -15,20 +23,22 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then \
+	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" \
+	    $$(TORCH_CPU_INDEX="$(TORCH_CPU_INDEX)" $(BIN)/python -m embedding_api.tools.torch_wheel); fi
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
 run: install
 	@if [ ! -f "$(MODEL_PATH)/config.json" ]; then \
 	  echo "No model at $(MODEL_PATH). Download the weights first:"; \
-	  echo "  $(BIN)/pip install -U huggingface_hub && $(BIN)/huggingface-cli download Qwen/Qwen3-VL-Embedding-2B --local-dir $(MODEL_PATH)"; \
+	  echo "  $(BIN)/pip install -U huggingface_hub && $(BIN)/hf download Qwen/Qwen3-VL-Embedding-2B --local-dir $(MODEL_PATH)"; \
 	  echo "or try the offline demo: make demo"; exit 1; fi
 	MODEL_PATH=$(MODEL_PATH) $(BIN)/python -m embedding_api
 
 demo: install
-	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size tiny
-	@echo "Serving a RANDOM-WEIGHT demo checkpoint: the API is real, the vectors are meaningless."
+	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size demo
+	@echo "Serving a RANDOM-WEIGHT demo checkpoint (2048-dim output, like the 2B): the API is real, the vectors are meaningless."
 	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B $(BIN)/python -m embedding_api
 
 test: install

@@ -1,4 +1,6 @@
-"""`python -m embedding_api`: serve with HOST/PORT from the settings.
+"""`python -m embedding_api [--flags]`: serve with HOST/PORT from the settings.
+
+Flags (`--help`, see `embedding_api.cli`) override the environment and `.env`.
 
 Start-up errors (bad settings, a missing or broken model directory, DEVICE=cuda
 without CUDA, EMBEDDING_DIMENSION above the model's size) end the process at
@@ -10,18 +12,22 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
-
-from .main import DrainingServer, create_app, load_settings
-from .runners import ModelLoadError, check_startup
+from .cli import parse_overrides
 
 # After SHUTDOWN_GRACE the app answers what is still in flight with 503 itself; uvicorn's own
 # limit is the backstop for anything else (e.g. a client still sending its body).
 _BACKSTOP_S = 2.0
 
 
-def main() -> None:
-    settings = load_settings()
+def main(argv: list[str] | None = None) -> None:
+    """Serve; `argv` are the command-line flags (none: the settings come from the environment and .env)."""
+    overrides = parse_overrides(argv or [])  # before the heavy imports: --help starts nothing
+    import uvicorn
+
+    from .main import DrainingServer, create_app, load_settings
+    from .runners import ModelLoadError, check_startup
+
+    settings = load_settings(**overrides)
     try:
         check_startup(settings)
     except ModelLoadError as exc:
@@ -39,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -24,6 +24,7 @@ class EmbedInput:
     images: list[str] = field(default_factory=list)  # references: URL, data URI or base64
     token_ids: list[int] | None = None
     instruction: str | None = None  # resolved: per-element > request > input_type > default
+    truncate: bool = True  # False: longer than MAX_INPUT_TOKENS is a 400 instead of a cut
 
 
 @dataclass
@@ -78,19 +79,39 @@ def _instruction(value: Any, param: str) -> str | None:
     return _unicode(value, param) if value.strip() else None
 
 
-def _parse_dimensions(body: dict, rules: InputRules) -> int | None:
-    key = "dimensions" if body.get("dimensions") is not None else "dimension"
-    value = body.get(key)
-    if value is None:
-        return None
+def _dimension_value(value: Any, key: str, rules: InputRules) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)  # JavaScript clients send 32.0 for 32
     if not _is_int(value):
         raise invalid(f"{key} must be an integer between 1 and {rules.native_dimension}.", key, "invalid_type")
     if not 1 <= value <= rules.native_dimension:
         raise invalid(
             f"{key} must be between 1 and {rules.native_dimension} for this model, got {value}.", key, "invalid_value"
         )
+    return value
+
+
+def _parse_dimensions(body: dict, rules: InputRules) -> int | None:
+    """`dimensions` (OpenAI) or `dimension` (the hosted Qwen API); both only when they agree."""
+    given = {key: _dimension_value(body[key], key, rules)
+             for key in ("dimensions", "dimension") if body.get(key) is not None}
+    if len(set(given.values())) > 1:
+        raise invalid(
+            f"dimensions ({given['dimensions']}) and dimension ({given['dimension']}) disagree; send one of them.",
+            "dimensions",
+            "invalid_value",
+        )
+    return next(iter(given.values()), None)
+
+
+def _parse_truncate(body: dict) -> bool:
+    value = body.get("truncate")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise invalid("truncate must be true or false.", "truncate", "invalid_type")
     return value
 
 
@@ -261,6 +282,7 @@ def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> E
     if user is not None and not isinstance(user, str):
         raise invalid("user must be a string.", "user", "invalid_type")
     dimensions = _parse_dimensions(body, rules)
+    truncate = _parse_truncate(body)
     request_instruction = _instruction(body.get("instruction"), "instruction")
     input_type = body.get("input_type")
     if input_type is not None and input_type not in INPUT_TYPES:
@@ -271,6 +293,7 @@ def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> E
     for item in inputs:
         _check_item(item, rules)
         item.instruction = item.instruction or request_instruction or typed_instruction or rules.default_instruction
+        item.truncate = truncate
     return EmbedRequest(
         inputs=inputs,
         dimensions=dimensions if dimensions is not None else rules.default_dimension,

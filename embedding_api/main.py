@@ -70,10 +70,11 @@ def settings_error_message(exc: ValidationError) -> str:
     return "Invalid settings: " + "; ".join(lines)
 
 
-def load_settings() -> Settings:
-    """Settings from the environment; a bad value ends the process with one clear message."""
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment and .env, `overrides` (command-line flags) winning over both;
+    a bad value ends the process with one clear message."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         print(f"embedding_api: {settings_error_message(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

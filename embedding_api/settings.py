@@ -12,6 +12,9 @@ def _split_csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
 class Settings(BaseSettings):
     """Every setting is documented with its default in `.env.example`."""
 
@@ -75,6 +78,14 @@ class Settings(BaseSettings):
         if value in ("auto", "float32", "bfloat16", "float16"):
             return value
         raise ValueError("DTYPE must be auto, float32, bfloat16 or float16")
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value in LOG_LEVELS:
+            return value
+        raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("embedding_dimension", mode="before")
     @classmethod

@@ -66,11 +66,14 @@ class EmbeddingRequest(BaseModel):
     )
     model: str | None = None
     dimensions: Dimensions = Field(None, description="Output size (Matryoshka), 1..model size")
-    dimension: Dimensions = Field(None, description="Alias of `dimensions`")
+    dimension: Dimensions = Field(None, description="Alias of `dimensions`; if both are sent they must agree")
     encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
     instruction: str | None = None
     input_type: Literal["query", "document"] | None = None
+    truncate: bool | None = Field(
+        True, description="true: inputs longer than MAX_INPUT_TOKENS are cut at the end; false: they are refused (400)"
+    )
 
 
 class EmbeddingObject(BaseModel):

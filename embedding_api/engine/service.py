@@ -82,7 +82,7 @@ class Service:
 
     def _prepare(self, item: EmbedInput, images: list) -> PreparedInput:
         try:
-            return self.runner.prepare(item.texts, images, item.token_ids, item.instruction)
+            return self.runner.prepare(item.texts, images, item.token_ids, item.instruction, truncate=item.truncate)
         except InputTooLong as exc:
             raise invalid(f"{item.param}: {exc}.", item.param, "input_too_long") from None
         except ValueError as exc:  # e.g. an aspect ratio the model refuses

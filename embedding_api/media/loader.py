@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 
 from PIL import Image
@@ -21,7 +22,21 @@ from PIL import Image
 from .encoded import _SCHEME_RE, _data_uri_payload_start, _max_encoded_chars, _quick_base64_length_check
 from .fetch import Fetcher, Resolver
 from .images import _decode_base64_image, decode_image_bytes
-from .policy import MediaError, MediaPolicy, _too_large
+from .policy import _LOCAL_FILE, MediaError, MediaPolicy, _too_large
+
+# A file path rather than image data: /abs, ./rel, ../rel, ~/home, C:\ or C:/, \\share, or a name
+# ending in an image extension, with a character base64 never has (base64 of a JPEG starts with
+# "/9j/", so a leading "/" alone proves nothing). Checked only on references that failed to decode.
+_PATH_RE = re.compile(
+    r"(?:\.{0,2}[/\\]|~|[A-Za-z]:[/\\]|file:).*|.*\.(?:png|jpe?g|gif|webp|bmp|tiff?|avif|heic)",
+    re.IGNORECASE | re.DOTALL,
+)
+_MAX_PATH_CHARS = 4096
+_NOT_BASE64_RE = re.compile(r"[^A-Za-z0-9+/=_\-\s]")
+
+
+def _looks_like_path(ref: str) -> bool:
+    return len(ref) <= _MAX_PATH_CHARS and _PATH_RE.fullmatch(ref) is not None and _NOT_BASE64_RE.search(ref) is not None
 
 
 class ImageLoader:
@@ -73,12 +88,19 @@ class ImageLoader:
                 if len(ref) - start > 2 * _max_encoded_chars(policy) + 1024:
                     raise _too_large(policy)
                 return await self._decode(_decode_base64_image, ref, start)
+            if scheme == "file" or len(scheme) == 1:  # file:///tmp/cat.png, C:\cat.png
+                raise MediaError(_LOCAL_FILE)
             raise MediaError(
                 "unsupported image reference: use an http(s) URL, "
                 "a data:image/...;base64 URI or base64 data"
             )
         _quick_base64_length_check(ref, policy)
-        return await self._decode(_decode_base64_image, ref)
+        try:
+            return await self._decode(_decode_base64_image, ref)
+        except MediaError:
+            if _looks_like_path(ref):
+                raise MediaError(_LOCAL_FILE) from None
+            raise
 
     async def _decode(self, fn, arg, *extra) -> Image.Image:
         assert self._decode_sem is not None

@@ -135,4 +135,9 @@ _NOT_PUBLIC = "image URL host resolves to a non-public address (refused)"
 _NOT_BASE64 = "image data is not valid base64"
 _NOT_IMAGE = "image data is not a decodable image"
 _CORRUPT = "image data is corrupt or truncated"
+_LOCAL_FILE = (
+    "this looks like a file path; the server does not read local files. Send the image itself: a data URI "
+    "(data:image/png;base64,...) or bare base64, e.g. in a shell "
+    '"data:image/png;base64,$(base64 -w0 cat.png)", or an http(s) URL the server can fetch'
+)
 

@@ -20,7 +20,8 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 
 
 class InputTooLong(ValueError):
-    """An input whose image tokens alone do not fit in MAX_INPUT_TOKENS."""
+    """An input that cannot be cut to MAX_INPUT_TOKENS: its image tokens alone do not fit, or the
+    request asked not to truncate."""
 
 
 @dataclass
@@ -111,12 +112,32 @@ class Runner:
     def encode(self, text: str, special: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=special).ids
 
+    def post_processor_tokens(self) -> tuple[list[int], list[int]]:
+        """What the tokenizer's post-processor adds before and after a sequence (Qwen3-Embedding's
+        appends <|endoftext|>; Qwen3-VL-Embedding's adds nothing)."""
+        plain = self.encode("a")
+        full = self.encode("a", special=True)
+        start = full.index(plain[0]) if plain and plain[0] in full else 0
+        return full[:start], full[start + len(plain):]
+
+    def fit(self, body: list[int], prefix: list[int], suffix: list[int], truncate: bool = True) -> list[int]:
+        """prefix + body + suffix within MAX_INPUT_TOKENS: the end of the body is cut first and the
+        post-processor's tokens are kept, as the tokenizer's own truncation does; with `truncate`
+        false an input that does not fit is refused."""
+        room = self.max_tokens - len(prefix) - len(suffix)
+        if len(body) > room and not truncate:
+            raise InputTooLong(
+                f"this input has {len(prefix) + len(body) + len(suffix)} tokens, more than "
+                f"MAX_INPUT_TOKENS={self.max_tokens}, and the request sets \"truncate\": false"
+            )
+        return prefix + body[:room] + suffix
+
     def _pool(self, hidden: torch.Tensor, last: torch.Tensor) -> np.ndarray:
         rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
         return rows.float().cpu().numpy()
 
     def prepare(self, texts: list[str], images: list[Image.Image], token_ids: list[int] | None,
-                instruction: str | None) -> PreparedInput:
+                instruction: str | None, truncate: bool = True) -> PreparedInput:
         raise NotImplementedError
 
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import torch
 from ..settings import Settings
 
 WEIGHTS_HINT = (
-    "Download the weights first, e.g. `huggingface-cli download Qwen/Qwen3-VL-Embedding-2B "
+    "Download the weights first, e.g. `pip install -U huggingface_hub && hf download Qwen/Qwen3-VL-Embedding-2B "
     "--local-dir ./models/Qwen3-VL-Embedding-2B`, or write an offline random-weight demo checkpoint "
-    "with `python -m embedding_api.tools.checkpoint ./models/demo`."
+    "with `python -m embedding_api.tools.checkpoint ./models/demo-random --size demo`."
 )
 
 

@@ -24,11 +24,7 @@ class TextRunner(Runner):
     def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
         super().__init__(settings, config, device, dtype)
         # What the tokenizer's post-processor adds around a sequence (Qwen3-Embedding: <|endoftext|> at the end).
-        plain = self.encode("a")
-        full = self.encode("a", special=True)
-        start = full.index(plain[0]) if plain and plain[0] in full else 0
-        self._special_prefix = full[:start]
-        self._special_suffix = full[start + len(plain):]
+        self._special_prefix, self._special_suffix = self.post_processor_tokens()
         eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         if not self._special_suffix or self._special_suffix[-1] != eot:
             # Qwen3-Embedding pools the <|endoftext|> its tokenizer appends; keep that if a loader lost it.
@@ -40,7 +36,7 @@ class TextRunner(Runner):
 
         return load_weights(AutoModel, self.settings.model_path, self.dtype, self.device)
 
-    def prepare(self, texts, images, token_ids, instruction) -> PreparedInput:
+    def prepare(self, texts, images, token_ids, instruction, truncate=True) -> PreparedInput:
         if token_ids is not None:
             body = token_ids
             if instruction:
@@ -48,6 +44,4 @@ class TextRunner(Runner):
         else:
             text = "".join(texts)
             body = self.encode(f"Instruct: {instruction}\nQuery:{text}" if instruction else text)
-        # Truncate first, then add the post-processor's tokens: what the tokenizer's own truncation does.
-        room = self.max_tokens - len(self._special_prefix) - len(self._special_suffix)
-        return PreparedInput(input_ids=self._special_prefix + body[:room] + self._special_suffix)
+        return PreparedInput(input_ids=self.fit(body, self._special_prefix, self._special_suffix, truncate))

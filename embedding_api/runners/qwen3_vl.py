@@ -56,6 +56,9 @@ class VLRunner(Runner):
         marker = "\u2063IDS\u2063"
         rendered = self._render(self._conversation("INSTRUCTION", 0, [marker]))
         self._ids_template = rendered.split(marker)
+        # What the tokenizer's post-processor adds (nothing for Qwen3-VL-Embedding's own tokenizer):
+        # added to token-id input too, so that ids embed exactly as the text they encode.
+        self._special_prefix, self._special_suffix = self.post_processor_tokens()
 
     def _load_model(self):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
@@ -89,13 +92,14 @@ class VLRunner(Runner):
         patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
         return np.ascontiguousarray(patches.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)
 
-    def prepare(self, texts, images, token_ids, instruction) -> PreparedInput:
+    def prepare(self, texts, images, token_ids, instruction, truncate=True) -> PreparedInput:
         instruction = normalise_instruction(instruction or self.settings.default_instruction)
+        special = self._special_prefix, self._special_suffix
         if token_ids is not None:
             prefix, suffix = (s.replace("INSTRUCTION", instruction, 1) if i == 0 else s
                               for i, s in enumerate(self._ids_template))
-            ids = self.encode(prefix) + token_ids + self.encode(suffix)
-            return PreparedInput(input_ids=ids[: self.max_tokens])
+            body = self.encode(prefix) + token_ids + self.encode(suffix)
+            return PreparedInput(input_ids=self.fit(body, *special, truncate))
         grids, patch_list = [], []
         for image in images:
             patches, grid = self._image_patches(image)
@@ -108,10 +112,10 @@ class VLRunner(Runner):
             prompt = pieces[0] + "".join(
                 "<|image_pad|>" * (t * h * w // merge) + piece for (t, h, w), piece in zip(grids, pieces[1:])
             )
-        ids = self.encode(prompt, special=True)
-        if len(ids) > self.max_tokens:
+        body = self.encode(prompt)
+        ids = self.fit(body, *special, truncate)
+        if len(ids) < len(body) + len(special[0]) + len(special[1]):
             image_tokens = sum(t * h * w // merge for t, h, w in grids)
-            ids = ids[: self.max_tokens]
             if grids and ids.count(self.image_pad_id) != image_tokens:
                 raise InputTooLong(
                     f"the image tokens of this input do not fit in MAX_INPUT_TOKENS={self.max_tokens}"

@@ -15,7 +15,7 @@ Only the shapes, the data flow and the cost are realistic.
 Usage::
 
     python -m embedding_api.tools.checkpoint OUT_DIR [--family qwen3_vl|qwen3]
-        [--size tiny|cpu|2b|0.6b] [--seed N] [--overwrite]
+        [--size tiny|cpu|demo|2b|0.6b] [--seed N] [--overwrite] [--append-eos|--no-append-eos]
 
 Differences from the real checkpoints (by design):
 
@@ -55,7 +55,7 @@ __all__ = [
 
 FAMILIES = ("qwen3_vl", "qwen3")
 SIZES: dict[str, tuple[str, ...]] = {
-    "qwen3_vl": ("tiny", "cpu", "2b"),
+    "qwen3_vl": ("tiny", "cpu", "demo", "2b"),
     "qwen3": ("tiny", "cpu", "0.6b"),
 }
 
@@ -254,6 +254,37 @@ _SPECS: dict[tuple[str, str], _Spec] = {
         vocab_size=None,
         dtype="float32",
     ),
+    # `make demo`: the real output width (2048, so every `dimensions` up to 2048 works) and a config
+    # vocabulary of 16384 ids (the README's token-id examples fit), on 2 narrow layers: ~35M
+    # parameters, ~70 MB in bfloat16, written and loaded in seconds.
+    ("qwen3_vl", "demo"): _Spec(
+        family="qwen3_vl",
+        size="demo",
+        text=dict(
+            hidden_size=2048,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            intermediate_size=256,
+            max_position_embeddings=262144,
+            rope_parameters=_vl_rope(5000000.0, [12, 10, 10]),
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=2048,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=64,
+        ),
+        vocab_size=16384,
+        dtype="bfloat16",
+    ),
     ("qwen3_vl", "2b"): _Spec(
         family="qwen3_vl",
         size="2b",
@@ -350,14 +381,16 @@ def _pretokenize_regex() -> str:
         return _QWEN_PRETOKENIZE_REGEX
 
 
-def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024):
+def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024, append_eos: bool | None = None):
     """Build the raw ``tokenizers.Tokenizer`` (byte-level BPE + Qwen special tokens).
 
     The pipeline mirrors the real Qwen tokenizer.json: NFC normaliser, Qwen's
     split regex followed by a byte-level pre-tokenizer (no prefix space), BPE
     without unknown token, byte-level decoder. The post-processor is the real
     one of each family: byte-level (adds nothing) for Qwen3-VL, a template that
-    appends ``<|endoftext|>`` for Qwen3-Embedding.
+    appends ``<|endoftext|>`` for Qwen3-Embedding. ``append_eos`` overrides the family's choice
+    (a Qwen3-VL tokenizer that appends ``<|endoftext|>`` tests that the server keeps whatever the
+    post-processor adds).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import trainers
@@ -385,7 +418,9 @@ def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024):
     # clear min_frequency and "\n" sequences are learnt too.
     tok.train_from_iterator([line + "\n" for line in lines] * 3, trainer=trainer, length=len(lines) * 3)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    if family == "qwen3":
+    if append_eos is None:
+        append_eos = family == "qwen3"
+    if append_eos:
         eot = "<|endoftext|>"
         tok.post_processor = processors.TemplateProcessing(
             single=f"$A:0 {eot}:0",
@@ -666,18 +701,21 @@ def write_checkpoint(
     size: str = "tiny",
     seed: int = 0,
     overwrite: bool = False,
+    *,
+    append_eos: bool | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of ``family``/``size`` into ``out_dir``; return its path.
 
     Refuses (FileExistsError) to write into a non-empty directory unless
     ``overwrite`` is true, in which case the directory is replaced. The same
-    seed gives the same weights, byte for byte.
+    seed gives the same weights, byte for byte. ``append_eos`` gives the tokenizer a post-processor
+    that appends ``<|endoftext|>`` (true) or none (false); default: the family's real one.
     """
-    return _write_checkpoint(out_dir, family, size, seed, overwrite)[0]
+    return _write_checkpoint(out_dir, family, size, seed, overwrite, append_eos)[0]
 
 
 def _write_checkpoint(
-    out_dir: str | Path, family: str, size: str, seed: int, overwrite: bool
+    out_dir: str | Path, family: str, size: str, seed: int, overwrite: bool, append_eos: bool | None = None
 ) -> tuple[Path, int]:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -697,7 +735,7 @@ def _write_checkpoint(
     # place, so that a reader never sees a half-written checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
     try:
-        tok = build_tokenizer(family, spec.bpe_vocab_size)
+        tok = build_tokenizer(family, spec.bpe_vocab_size, append_eos)
         fast = _save_tokenizer(tok, family, tmp)
         ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         vocab_size = spec.vocab_size or _round_up(len(fast), 64)
@@ -752,15 +790,19 @@ def main(argv: list[str] | None = None) -> int:
         "--size",
         choices=sorted({s for sizes in SIZES.values() for s in sizes}),
         default="tiny",
-        help="tiny (tests), cpu (CPU benchmarks), 2b (qwen3_vl, real shape, bf16), 0.6b (qwen3, real shape, bf16)",
+        help="tiny (tests), cpu (CPU benchmarks), demo (qwen3_vl, `make demo`: 2048-wide output, 16384 ids), "
+        "2b (qwen3_vl, real shape, bf16), 0.6b (qwen3, real shape, bf16)",
     )
+    parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
+                        help="tokenizer post-processor that appends <|endoftext|> (default: the family's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     if args.size not in SIZES[args.family]:
         parser.error(f"size {args.size!r} is not available for family {args.family!r} (choose from {SIZES[args.family]})")
     try:
-        path, n_params = _write_checkpoint(args.out_dir, args.family, args.size, args.seed, args.overwrite)
+        path, n_params = _write_checkpoint(args.out_dir, args.family, args.size, args.seed, args.overwrite,
+                                           args.append_eos)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,390 @@
+"""What a new user meets first: the download command, the command line, settings errors, the torch
+wheel `make install` picks, and small input gaps (integral float dimensions, `truncate`, local file
+paths sent as images, token ids on a checkpoint whose tokenizer appends <|endoftext|>)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from embedding_api.runners.loading import WEIGHTS_HINT
+from embedding_api.tools import torch_wheel
+from embedding_api.tools.checkpoint import write_checkpoint
+
+from .util import ROOT, _SETTING_NAMES, ImageServer, free_port, png_bytes, sample_image
+
+PY = sys.executable
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
+    env.update(extra)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 90) -> tuple[int, str]:
+    proc = subprocess.run(args, env=clean_env(env), cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_error(response: httpx.Response, param: str, code: str | None = None) -> str:
+    assert response.status_code == 400, response.text
+    err = response.json()["error"]
+    assert err["param"] == param, err
+    if code:
+        assert err["code"] == code, err
+    return err["message"]
+
+
+# --------------------------------------------------------------------------- 1. the download command
+
+
+def test_the_download_command_is_hf_download_everywhere():
+    places = {
+        "README.md": (ROOT / "README.md").read_text(),
+        "models/README.md": (ROOT / "models" / "README.md").read_text(),
+        "Makefile": (ROOT / "Makefile").read_text(),
+        "WEIGHTS_HINT": WEIGHTS_HINT,
+    }
+    for where, text in places.items():
+        assert "huggingface-cli download" not in text, where
+        assert re.search(r"\bhf download Qwen/Qwen3-(VL-)?Embedding-", text), where
+    # The command exists in the huggingface_hub this project installs and takes --local-dir.
+    hf = shutil.which("hf", path=os.path.dirname(PY))
+    assert hf, "huggingface_hub's `hf` command is not installed next to this Python"
+    out = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--local-dir" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_startup_error_prints_hf_download(tmp_path):
+    rc, out = run([PY, "-m", "embedding_api", "--model-path", str(tmp_path / "none")], {}, tmp_path)
+    assert rc == 1, out
+    assert "hf download Qwen/Qwen3-VL-Embedding-2B --local-dir" in out and "Traceback" not in out, out
+
+
+# --------------------------------------------------------------------------- 7. the command line
+
+
+def test_help_prints_every_main_flag_and_starts_nothing(tmp_path):
+    started = time.monotonic()
+    rc, out = run([PY, "-m", "embedding_api", "--help"], {"MODEL_PATH": str(tmp_path / "none")}, tmp_path)
+    assert rc == 0, out
+    for flag in ("--model-path", "--model-name", "--host", "--port", "--device", "--dtype", "--api-key",
+                 "--log-level", "--embedding-dimension", "--max-batch-size", "--max-input-tokens"):
+        assert flag in out, flag
+    assert "MODEL_PATH" in out  # each flag names its environment variable
+    assert "does not exist" not in out and "Uvicorn" not in out  # no settings read, no model, no server
+    assert time.monotonic() - started < 30  # it did not sit serving
+
+
+def test_bad_flags_are_one_line_and_exit(tmp_path):
+    rc, out = run([PY, "-m", "embedding_api", "--port", "http"], {}, tmp_path)
+    assert rc == 1 and "PORT='http'" in out and "Traceback" not in out, out
+    rc, out = run([PY, "-m", "embedding_api", "--no-such-flag", "1"], {}, tmp_path)
+    assert rc == 2 and "unrecognized arguments: --no-such-flag" in out, out
+
+
+def test_flags_override_the_environment_and_dotenv(tiny_vl, tmp_path):
+    """Env and .env name a wrong model, name and port; the flags win over both."""
+    port, env_port = free_port(), free_port()
+    (tmp_path / ".env").write_text("MODEL_NAME=name-from-dotenv\nAPI_KEY=key-from-dotenv\n")
+    env = {"MODEL_PATH": str(tmp_path / "no-such-model"), "PORT": str(env_port), "HOST": "127.0.0.1",
+           "TORCH_THREADS": "1"}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [PY, "-m", "embedding_api", "--model-path", str(tiny_vl), "--model-name", "name-from-flag",
+         "--port", str(port), "--api-key", "key-from-flag", "--log-level", "warning"],
+        env=clean_env(env), cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        health = httpx.get(base + "/health").json()
+        assert health["model"] == "name-from-flag" and health["model_path"] == str(tiny_vl)
+        assert httpx.get(base + "/v1/models", headers={"Authorization": "Bearer key-from-dotenv"}).status_code == 401
+        models = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer key-from-flag"})
+        assert [m["id"] for m in models.json()["data"]] == ["name-from-flag"]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{env_port}/health", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        log.close()
+    assert rc == 0
+
+
+# --------------------------------------------------------------------------- 11. LOG_LEVEL
+
+
+@pytest.mark.parametrize("command", ["module", "uvicorn", "flag"])
+def test_a_bad_log_level_is_one_line_and_exit_1(command, tiny_vl, tmp_path):
+    env = {"MODEL_PATH": str(tiny_vl), "LOG_LEVEL": "verbose"}
+    args = {
+        "module": [PY, "-m", "embedding_api"],
+        "uvicorn": [PY, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1", "--port", str(free_port())],
+        "flag": [PY, "-m", "embedding_api", "--log-level", "verbose"],
+    }[command]
+    if command == "flag":
+        env["LOG_LEVEL"] = "INFO"
+    rc, out = run(args, env, tmp_path)
+    assert rc == 1, out
+    assert "LOG_LEVEL='verbose'" in out and "CRITICAL, ERROR, WARNING, INFO, DEBUG" in out, out
+    assert "Traceback" not in out and "Uvicorn running" not in out, out
+    assert len([line for line in out.splitlines() if "LOG_LEVEL" in line]) == 1, out
+
+
+def test_log_level_is_case_insensitive():
+    from embedding_api.settings import Settings
+
+    assert Settings(_env_file=None, log_level="debug").log_level == "DEBUG"
+
+
+# --------------------------------------------------------------------------- 8. the torch wheel
+
+
+def _fake_nvidia_smi(bin_dir: Path, gpu: bool) -> None:
+    script = bin_dir / "nvidia-smi"
+    body = 'echo "GPU 0: NVIDIA H100 (UUID: GPU-0)"' if gpu else 'echo "NVIDIA-SMI has failed" >&2; exit 9'
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+
+
+def _torch_wheel_args(tmp_path: Path, index: str, gpu: bool | None) -> tuple[list[str], str]:
+    bin_dir = tmp_path / ("gpu" if gpu else "nogpu" if gpu is not None else "none")
+    bin_dir.mkdir(exist_ok=True)
+    if gpu is not None:
+        _fake_nvidia_smi(bin_dir, gpu)
+    env = {"PATH": str(bin_dir), "TORCH_CPU_INDEX": index, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([PY, "-m", "embedding_api.tools.torch_wheel"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split(), out.stderr
+
+
+def test_torch_wheel_adds_the_cpu_index_only_without_a_gpu_and_when_reachable(tmp_path):
+    server = ImageServer()
+    try:
+        index = server.add("/whl/cpu/torch/", b"<html>torch-2.13.0+cpu</html>", "text/html")[: -len("/torch/")]
+        args, why = _torch_wheel_args(tmp_path, index, gpu=None)  # no nvidia-smi at all
+        assert args == ["--extra-index-url", index], why
+        args, why = _torch_wheel_args(tmp_path, index, gpu=False)  # nvidia-smi without a GPU
+        assert args == ["--extra-index-url", index], why
+        args, why = _torch_wheel_args(tmp_path, index, gpu=True)
+        assert args == [] and "NVIDIA GPU is present" in why
+    finally:
+        server.close()
+    unreachable = f"http://127.0.0.1:{free_port()}/whl/cpu"
+    args, why = _torch_wheel_args(tmp_path, unreachable, gpu=None)
+    assert args == [] and "not reachable" in why and "CUDA build" in why
+    args, why = _torch_wheel_args(tmp_path, "", gpu=None)
+    assert args == []
+
+
+def _fake_wheel(directory: Path, version: str) -> None:
+    """A minimal valid wheel named torch (no code), enough for pip to resolve it."""
+    name = f"torch-{version}-py3-none-any.whl"
+    dist = f"torch-{version}.dist-info"
+    files = {
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}/RECORD,,\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(directory / name, "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+
+
+def _simple_index(root: Path, version: str) -> str:
+    _fake_wheel(root / "torch", version)
+    wheel = next((root / "torch").iterdir()).name
+    (root / "torch" / "index.html").write_text(f'<html><body><a href="{wheel}">{wheel}</a></body></html>')
+    (root / "index.html").write_text('<html><body><a href="torch/">torch</a></body></html>')
+    return root.as_uri()
+
+
+def test_pip_takes_the_cpu_wheel_from_the_extra_index(tmp_path):
+    """What the Makefile comment claims: with the CPU index as an EXTRA index, `torch==2.13.0` resolves
+    to 2.13.0+cpu even though the main index has a plain 2.13.0 (pip, isolated from this host's config)."""
+    main = _simple_index(tmp_path / "pypi", "2.13.0")
+    cpu = _simple_index(tmp_path / "cpu", "2.13.0+cpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+
+    def resolve(*extra: str) -> str:
+        out = subprocess.run(
+            [PY, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet",
+             "--report", "-", "--index-url", main, *extra, "torch==2.13.0"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["install"][0]["metadata"]["version"]
+
+    assert resolve() == "2.13.0"
+    assert resolve("--extra-index-url", cpu) == "2.13.0+cpu"
+    # ... and the Makefile hands the helper's arguments to exactly that pip command.
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r'pip install -q "\$\(TORCH_SPEC\)" \\\n\s+\$\$\(TORCH_CPU_INDEX="\$\(TORCH_CPU_INDEX\)" '
+                     r"\$\(BIN\)/python -m embedding_api\.tools\.torch_wheel\)", makefile)
+    assert torch_wheel.DEFAULT_CPU_INDEX in makefile
+
+
+# --------------------------------------------------------------------------- an HTTP server for 5, 6, 9, 10
+
+
+@pytest.fixture(scope="module")
+def vl_eos(tmp_path_factory) -> Path:
+    """A Qwen3-VL checkpoint whose tokenizer appends <|endoftext|>, as Qwen3-Embedding's does."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "vl-eos", family="qwen3_vl", size="tiny",
+                            seed=1, append_eos=True)
+
+
+@pytest.fixture(scope="module")
+def eos_client(start_server, vl_eos):
+    server = start_server({"MODEL_PATH": str(vl_eos), "MAX_INPUT_TOKENS": "64", "TORCH_THREADS": "1"})
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+
+
+def vecs(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- 9. token ids, VL family
+
+
+def test_vl_token_ids_get_the_post_processor_tokens_like_text(eos_client, vl_eos):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vl_eos)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok("hi")["input_ids"][-1] == eot  # the checkpoint's tokenizer does append it
+    texts = ["The capital of China is Beijing.", "Today is Friday."]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    by_text = eos_client.post("/v1/embeddings", json={"input": texts})
+    by_ids = eos_client.post("/v1/embeddings", json={"input": ids})
+    assert by_ids.json()["usage"] == by_text.json()["usage"]  # the same tokens, <|endoftext|> included
+    cos = np.sum(vecs(by_text) * vecs(by_ids), axis=1)
+    assert np.all(cos > 0.9999), cos
+    # with an instruction too
+    a = vecs(eos_client.post("/v1/embeddings", json={"input": texts[0], "instruction": "Find it"}))
+    b = vecs(eos_client.post("/v1/embeddings", json={"input": ids[0], "instruction": "Find it"}))
+    assert float(a[0] @ b[0]) > 0.9999
+
+
+# --------------------------------------------------------------------------- 10. truncate
+
+
+LONG = "The capital of China is Beijing. " * 40  # far over MAX_INPUT_TOKENS=64
+
+
+def test_truncate_false_refuses_the_element_that_is_too_long(eos_client):
+    body = {"input": ["short one", LONG], "truncate": False}
+    message = assert_error(eos_client.post("/v1/embeddings", json=body), "input[1]", "input_too_long")
+    assert "MAX_INPUT_TOKENS=64" in message and "truncate" in message, message
+    long_ids = list(range(300, 400))
+    r = eos_client.post("/v1/embeddings", json={"input": [[5, 6], long_ids], "truncate": False})
+    assert_error(r, "input[1]", "input_too_long")
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(sample_image(32, 32))).decode()
+    r = eos_client.post("/v1/embeddings", json={"input": {"text": LONG, "image": image}, "truncate": False})
+    assert_error(r, "input", "input_too_long")  # text + image
+    r = eos_client.post("/v1/embeddings", json={"input": {"text": LONG, "image": image}})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 64, r.text
+
+
+def test_truncate_default_and_true_cut_the_end(eos_client):
+    default = eos_client.post("/v1/embeddings", json={"input": LONG})
+    explicit = eos_client.post("/v1/embeddings", json={"input": LONG, "truncate": True})
+    assert default.json()["usage"]["prompt_tokens"] == 64
+    assert np.allclose(vecs(default), vecs(explicit), atol=1e-6)
+    short = eos_client.post("/v1/embeddings", json={"input": "short one", "truncate": False})
+    assert np.allclose(vecs(short), vecs(eos_client.post("/v1/embeddings", json={"input": "short one"})), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["no", 0, [], {}])
+def test_truncate_must_be_a_boolean(eos_client, value):
+    assert_error(eos_client.post("/v1/embeddings", json={"input": "a", "truncate": value}), "truncate")
+
+
+def test_truncate_false_in_the_text_family(tiny_text):
+    """Qwen3-Embedding: the same choice, in the runner the service calls."""
+    from embedding_api.runners import InputTooLong, load_runner
+    from embedding_api.settings import Settings
+
+    runner = load_runner(Settings(_env_file=None, model_path=str(tiny_text), max_input_tokens=32, torch_threads=1))
+    eot = runner.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    cut = runner.prepare([LONG], [], None, None)
+    assert len(cut.input_ids) == 32 and cut.input_ids[-1] == eot
+    with pytest.raises(InputTooLong, match="MAX_INPUT_TOKENS=32"):
+        runner.prepare([LONG], [], None, None, truncate=False)
+    with pytest.raises(InputTooLong):
+        runner.prepare([], [], list(range(100, 200)), None, truncate=False)
+    assert runner.prepare(["short"], [], None, None, truncate=False).input_ids == runner.prepare(
+        ["short"], [], None, None).input_ids
+
+
+# --------------------------------------------------------------------------- 6. dimensions
+
+
+def test_integral_float_dimensions_are_accepted(eos_client):
+    v = vecs(eos_client.post("/v1/embeddings", json={"input": "a", "dimensions": 32.0}))
+    assert v.shape == (1, 32)
+    assert np.allclose(v, vecs(eos_client.post("/v1/embeddings", json={"input": "a", "dimensions": 32})))
+    assert vecs(eos_client.post("/v1/embeddings", json={"input": "a", "dimension": 16.0})).shape == (1, 16)
+    assert_error(eos_client.post("/v1/embeddings", json={"input": "a", "dimensions": 32.5}), "dimensions")
+    assert_error(eos_client.post("/v1/embeddings", json={"input": "a", "dimensions": 65.0}), "dimensions")
+
+
+def test_dimensions_and_dimension_must_agree(eos_client):
+    r = eos_client.post("/v1/embeddings", json={"input": "a", "dimensions": 32, "dimension": 16})
+    message = assert_error(r, "dimensions", "invalid_value")
+    assert "dimensions (32)" in message and "dimension (16)" in message, message
+    same = eos_client.post("/v1/embeddings", json={"input": "a", "dimensions": 32, "dimension": "32"})
+    assert vecs(same).shape == (1, 32)
+
+
+# --------------------------------------------------------------------------- 5. local file paths
+
+
+@pytest.mark.parametrize("ref", ["/tmp/cat.png", "./cat.png", "~/Pictures/cat.jpg", "cat.jpeg",
+                                 "file:///tmp/cat.png", "C:\\Users\\me\\cat.png"])
+def test_a_local_path_as_an_image_says_how_to_send_the_file(eos_client, ref):
+    message = assert_error(eos_client.post("/v1/embeddings", json={"input": {"type": "image", "data": ref}}),
+                           "input", "invalid_image")
+    assert "does not read local files" in message, message
+    assert "base64 -w0" in message and "data:image/png;base64," in message, message
+
+
+def test_base64_that_is_not_a_path_keeps_its_own_message(eos_client):
+    broken_jpeg = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\x00" * 30).decode()  # starts with "/9j/"
+    assert broken_jpeg.startswith("/9j/")
+    message = assert_error(eos_client.post("/v1/embeddings", json={"input": {"type": "image", "data": broken_jpeg}}),
+                           "input", "invalid_image")
+    assert "local files" not in message, message
+    message = assert_error(eos_client.post("/v1/embeddings", json={"input": {"type": "image", "data": "abc$%"}}),
+                           "input", "invalid_image")
+    assert "not valid base64" in message, message
