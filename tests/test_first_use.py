@@ -139,21 +139,23 @@ def test_flags_override_the_environment_and_dotenv(tiny_vl, tmp_path):
 # --------------------------------------------------------------------------- 11. LOG_LEVEL
 
 
-@pytest.mark.parametrize("command", ["module", "uvicorn", "flag"])
-def test_a_bad_log_level_is_one_line_and_exit_1(command, tiny_vl, tmp_path):
+def test_a_bad_log_level_is_one_line_and_exit_1(tiny_vl, tmp_path):
+    """Under both start commands, and as a flag; the three processes run at once."""
     env = {"MODEL_PATH": str(tiny_vl), "LOG_LEVEL": "verbose"}
-    args = {
-        "module": [PY, "-m", "embedding_api"],
-        "uvicorn": [PY, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1", "--port", str(free_port())],
-        "flag": [PY, "-m", "embedding_api", "--log-level", "verbose"],
-    }[command]
-    if command == "flag":
-        env["LOG_LEVEL"] = "INFO"
-    rc, out = run(args, env, tmp_path)
-    assert rc == 1, out
-    assert "LOG_LEVEL='verbose'" in out and "CRITICAL, ERROR, WARNING, INFO, DEBUG" in out, out
-    assert "Traceback" not in out and "Uvicorn running" not in out, out
-    assert len([line for line in out.splitlines() if "LOG_LEVEL" in line]) == 1, out
+    runs = {
+        "module": ([PY, "-m", "embedding_api"], env),
+        "uvicorn": ([PY, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1", "--port", str(free_port())],
+                    env),
+        "flag": ([PY, "-m", "embedding_api", "--log-level", "verbose"], {**env, "LOG_LEVEL": "INFO"}),
+    }
+    procs = {name: subprocess.Popen(args, env=clean_env(e), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for name, (args, e) in runs.items()}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (name, out)
+        assert "LOG_LEVEL='verbose'" in out and "CRITICAL, ERROR, WARNING, INFO, DEBUG" in out, (name, out)
+        assert "Traceback" not in out and "Uvicorn running" not in out, (name, out)
+        assert len([line for line in out.splitlines() if "LOG_LEVEL" in line]) == 1, (name, out)
 
 
 def test_log_level_is_case_insensitive():
