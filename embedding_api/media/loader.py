@@ -89,7 +89,7 @@ class ImageLoader:
                     raise _too_large(policy)
                 return await self._decode(_decode_base64_image, ref, start)
             if scheme == "file" or len(scheme) == 1:  # file:///tmp/cat.png, C:\cat.png
-                raise MediaError(_LOCAL_FILE)
+                raise MediaError(f"unsupported image reference: {_LOCAL_FILE}")
             raise MediaError(
                 "unsupported image reference: use an http(s) URL, "
                 "a data:image/...;base64 URI or base64 data"
