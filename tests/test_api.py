@@ -337,7 +337,7 @@ def test_models_shape(client):
     card = body["data"][0]
     assert card["object"] == "model" and card["id"] == "Qwen3-VL-Embedding-2B"
     assert isinstance(card["created"], int) and card["owned_by"]
-    assert card["embedding_dimension"] == 64 and card["modalities"] == ["text", "image"]
+    assert card["embedding_dimension"] == 64 and card["modalities"] == ["text", "image", "video"]
     assert client.get("/v1/models/Qwen/Qwen3-VL-Embedding-2B").json()["id"] == "Qwen/Qwen3-VL-Embedding-2B"
 
 
