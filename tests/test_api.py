@@ -218,7 +218,7 @@ def test_usage_counts_image_tokens(client, image_url):
         ({"input": [-1]}, "input[0]", "invalid_token_id"),
         ({"input": [[]]}, "input[0]", "empty_input"),
         ({"input": ["x"] * 65}, "input", "too_many_inputs"),
-        ({"input": {"type": "video", "data": "x"}}, "input.type", "invalid_type"),
+        ({"input": {"type": "audio", "data": "x"}}, "input.type", "invalid_type"),
         ({"input": {"foo": "bar"}}, "input", "invalid_type"),
         ({"input": {"content": []}}, "input.content", "empty_input"),
         ({"input": [{"type": "text"}]}, "input[0].text", "invalid_type"),
