@@ -118,9 +118,11 @@ class VideoLoader:
             if not params or not params[0].startswith(("video/", "application/octet-stream")) \
                     or "base64" not in params[1:]:
                 raise MediaError("video data URI must look like data:video/<type>;base64,<data>")
-            ref = ref[comma + 1:]
-        try:
-            return await asyncio.to_thread(_decode_base64, ref, self.policy)
+            start = comma + 1
+        else:
+            start = 0
+        try:  # slicing and decoding a large payload happen off the event loop
+            return await asyncio.to_thread(lambda: _decode_base64(ref[start:] if start else ref, self.policy))
         except MediaError as exc:
             raise _video_message(exc) from None
 
