@@ -384,3 +384,28 @@ def test_decode_limits_in_process():
     with pytest.raises(MediaError, match="empty"):
         decode_video(b"", VideoLimits(), every_frame)
 
+
+
+def test_video_forms_parse_to_one_input_each():
+    """Every request shape for video, parsed without a server: one input per element, options kept."""
+    import embedding_api.main  # noqa: F401 - the package's import order
+    from embedding_api.inputs import InputRules, parse_request
+
+    rules = InputRules(max_inputs=16, native_dimension=64, default_dimension=64, takes_images=True,
+                       vocab_size=1000, reserved_token_ids=frozenset(), reserved_strings=(),
+                       default_instruction="d", query_instruction="q", takes_videos=True)
+    body = {"input": [
+        {"type": "video", "data": "https://h/a.mp4", "fps": 2, "max_frames": 8},
+        {"type": "video", "frames": ["f1", "f2"]},
+        {"type": "video_url", "video_url": {"url": "https://h/b.webm"}},
+        {"text": "t", "videos": ["https://h/c.mp4", ["f3", "f4"]], "fps": 0.5},
+        {"content": ["caption", {"type": "video", "data": ["f5"]}, {"video_url": {"url": "https://h/d.mp4"}}]},
+    ]}
+    items = parse_request(body, rules, ("m",)).inputs
+    assert [len(i.videos) for i in items] == [1, 1, 1, 2, 2]
+    assert (items[0].videos[0].data, items[0].videos[0].fps, items[0].videos[0].max_frames) == ("https://h/a.mp4", 2.0, 8)
+    assert items[1].videos[0].frames == ["f1", "f2"] and items[2].videos[0].data == "https://h/b.webm"
+    assert items[3].texts == ["t"] and [v.fps for v in items[3].videos] == [0.5, 0.5]
+    assert items[3].videos[1].frames == ["f3", "f4"]
+    assert items[4].texts == ["caption"] and items[4].videos[0].frames == ["f5"]
+    assert items[4].videos[1].data == "https://h/d.mp4"
