@@ -22,13 +22,25 @@ from embedding_api.runners import PreparedInput, Runner, load_runner
 from embedding_api.engine.service import media_policy
 from embedding_api.settings import Settings
 
-from .workload import png_images, short_texts
+from .workload import mp4_videos, png_images, short_texts
+
+
+VIDEO_BATCH = 4
 
 
 def prepared_inputs(runner: Runner, settings: Settings, kind: str) -> list[PreparedInput]:
     """The inputs of `kind`, prepared as the server prepares them (default instruction, same decoder)."""
     if kind in ("text", "batch16"):
         return [runner.prepare([t], [], None, None) for t in short_texts()]
+    if kind == "video":
+        from embedding_api.engine.service import video_limits
+        from embedding_api.media.video import decode_video
+
+        def plan(header):
+            return runner.video_plan(header, None, None)
+
+        clips = [decode_video(mp4, video_limits(settings), plan) for mp4 in mp4_videos()]
+        return [runner.prepare([], [], None, None, videos=[clip]) for clip in clips]
     policy = media_policy(settings)
     return [runner.prepare([], [decode_image_bytes(png, policy)], None, None) for png in png_images()]
 
@@ -67,10 +79,13 @@ def measure(model_path: str, threads: int, batch_size: int, seconds: float, kind
     info = runner.info()
     out: dict = {"device": info.device, "dtype": info.dtype, "family": info.family, "kinds": {}}
     for kind in kinds:
-        if kind == "image" and not info.takes_images:
+        if kind in ("image", "video") and not info.takes_images:
             continue
         inputs = prepared_inputs(runner, settings, kind)
-        result = time_batches(runner, inputs, batch_size, seconds)
+        # A short video is ~2,000 vision patches: the model is compute-bound from a few videos on, and a
+        # batch of 32 would take tens of seconds on a CPU; the video limit uses batches of VIDEO_BATCH.
+        result = time_batches(runner, inputs, min(batch_size, VIDEO_BATCH) if kind == "video" else batch_size,
+                              seconds)
         result["mean_tokens"] = sum(p.n_tokens for p in inputs) / len(inputs)
         out["kinds"][kind] = result
         if kind == "text":

@@ -42,6 +42,7 @@ from .workload import KINDS, request_bodies
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = (1, 8, 32, 64)
+VIDEO_CLIENTS = (1, 4)
 TARGET_VS_LIMIT = 0.85
 TARGET_VS_NO_BATCHING = 2.5
 TARGET_LATENCY_MS = 5.0
@@ -64,13 +65,30 @@ class Plan:
 
 
 def make_plan(args) -> Plan:
-    kinds = [k for k in KINDS if not (k == "image" and args.family == "qwen3")]
+    kinds = [k for k in KINDS if not (k in ("image", "video") and args.family == "qwen3")]
     if args.quick:
         # 1 and 32 clients of single texts come from the rounds of the target measurement.
-        batched = [s for s in [("batch16", 1), ("image", 32)] if s[0] in kinds]
+        batched = [s for s in [("batch16", 1), ("image", 32), ("video", 4)] if s[0] in kinds]
         return Plan(batched, [], 1.0, args.duration or 4.0, 1.5, (1, 64), False, 2, 2.5, False)
-    scenarios = [(kind, c) for kind in kinds for c in CLIENTS]
+    # Single short videos: 1 and 4 clients (a short video is ~2,000 vision patches, ~30x an image: on a
+    # CPU a few concurrent videos already fill the model).
+    scenarios = [(kind, c) for kind in kinds for c in (VIDEO_CLIENTS if kind == "video" else CLIENTS)]
     return Plan(scenarios, scenarios, 1.0, args.duration or 8.0, 4.0, (1, 64), True, 4, 3.0, True)
+
+
+def video_only(args) -> dict:
+    """`--video-only`: the limit for single short videos and the batched server under 1 and 32 clients."""
+    cache = args.cache.resolve()
+    model = checkpoint(cache, args.family, args.size)
+    duration = args.duration or 8.0
+    limits = measure_limits({"main": (model, ["video"], 2.0)}, args.threads, args.batch_size)
+    block = {"size": args.size, "path": str(model), "limit": limits["main"], "batched": {}}
+    run_dir = cache / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    with Server(server_settings(model, args.threads, args.batch_size), run_dir, "video") as server:
+        for clients in VIDEO_CLIENTS:
+            r = block["batched"][f"video@{clients}"] = run_load(server, "video", clients, args.encoding, 1.0, duration)
+            _log_scenario("batched", "video", clients, r)
+    return block
 
 
 # ---------------------------------------------------------------------- steps
@@ -442,6 +460,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the target scenarios only, 4 s each (< 2 minutes)")
     p.add_argument("--memory", action="store_true", help="only the 10,000-request memory run (tiny model)")
+    p.add_argument("--video-only", action="store_true",
+                   help="only the single-short-video rows: their limit and the batched server (under a minute)")
     p.add_argument("--family", choices=tuple(SIZES), default="qwen3_vl")
     p.add_argument("--size", default="cpu", help="main model size: cpu (default), tiny, 2b (qwen3_vl) or 0.6b (qwen3)")
     p.add_argument("--threads", type=int, default=None,
@@ -481,6 +501,14 @@ def main(argv=None) -> int:
     }
     if os.getloadavg()[0] > 0.5:
         log(f"load average {os.getloadavg()[0]:.2f}: other processes compete for the CPU; figures will be noisy")
+    if args.video_only:
+        results["mode"] = "video-only"
+        results["main"] = video_only(args)
+        results["elapsed_s"] = round(time.time() - started, 1)
+        print(table(results, args))
+        path = write_results(results, args.out)
+        print(f"\nresults: {path} (and latest.json), {results['elapsed_s']:.0f} s")
+        return 0
     tiny = checkpoint(cache, args.family, "tiny")
     if not args.memory:
         model = checkpoint(cache, args.family, args.size)

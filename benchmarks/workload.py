@@ -4,7 +4,8 @@ the load generator see the same texts and images.
 Kinds:
 - "text":    one short text per request;
 - "batch16": sixteen short texts per request;
-- "image":   one small PNG per request (base64 data URI, 64-128 px a side).
+- "image":   one small PNG per request (base64 data URI, 64-128 px a side);
+- "video":   one short MP4/H.264 clip per request (base64 data URI, 2 s at 8 fps, 64-96 px a side).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import random
 
 import orjson
 
-KINDS = ("text", "batch16", "image")
-INPUTS_PER_REQUEST = {"text": 1, "batch16": 16, "image": 1}
+KINDS = ("text", "batch16", "image", "video")
+INPUTS_PER_REQUEST = {"text": 1, "batch16": 16, "image": 1, "video": 1}
 
 _WORDS = (
     "apple river stone cloud market engine garden silver window music paper forest yellow quiet bridge "
@@ -50,6 +51,32 @@ def png_images(n: int = 16, seed: int = 0) -> list[bytes]:
     return out
 
 
+def mp4_videos(n: int = 4, seed: int = 0) -> list[bytes]:
+    """Short MP4/H.264 clips (2 s at 8 fps): a moving gradient with noise; 1 fps sampling keeps 4 frames."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = (64, 96)[i % 2], (96, 64)[i % 2]
+        y, x = np.mgrid[0:h, 0:w]
+        noise = rng.normal(0, 16, size=(h, w, 3))
+        buf = io.BytesIO()
+        with av.open(buf, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for k in range(16):
+                base = np.stack([(x * 3 + k * 8) % 256, (y * 3 + k * 4) % 256, (x + y + 16 * i) % 256], axis=-1)
+                frame = np.clip(base + noise, 0, 255).astype(np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        out.append(buf.getvalue())
+    return out
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -67,8 +94,11 @@ def request_bodies(kind: str, encoding_format: str = "base64") -> tuple[list[str
         inputs = [texts[i : i + 16] for i in range(0, len(texts), 16)]
     elif kind == "image":
         inputs = [[{"image": data_uri(png)}] for png in png_images()]
+    elif kind == "video":
+        inputs = [[{"type": "video", "data": "data:video/mp4;base64," + base64.b64encode(mp4).decode("ascii")}]
+                  for mp4 in mp4_videos()]
     elif kind in ("mixed", "mixed-text"):
-        singles, batches, images = (request_bodies(k, encoding_format)[0] for k in KINDS)
+        singles, batches, images = (request_bodies(k, encoding_format)[0] for k in ("text", "batch16", "image"))
         bodies, counts = [], []
         for i in range(len(images)):
             bodies += [singles[(6 * i + j) % len(singles)] for j in range(6)] + [batches[i % len(batches)]]

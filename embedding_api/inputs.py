@@ -16,6 +16,16 @@ INPUT_TYPES = ("query", "document")
 
 
 @dataclass
+class VideoRef:
+    """One video: a file (URL, data URI or base64) or a clip given as its frames (image refs)."""
+
+    data: str | None = None
+    frames: list[str] | None = None
+    fps: float | None = None  # files: frames sampled per second; frames: the rate they were taken at
+    max_frames: int | None = None
+
+
+@dataclass
 class EmbedInput:
     """One element of `input`: everything that becomes ONE vector."""
 
@@ -23,6 +33,7 @@ class EmbedInput:
     texts: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)  # references: URL, data URI or base64
     token_ids: list[int] | None = None
+    videos: list[VideoRef] = field(default_factory=list)
     instruction: str | None = None  # resolved: per-element > request > input_type > default
     truncate: bool = True  # False: longer than MAX_INPUT_TOKENS is a 400 instead of a cut
 
@@ -48,6 +59,7 @@ class InputRules:
     reserved_strings: tuple[str, ...]
     default_instruction: str | None  # applied when nothing else is given
     query_instruction: str
+    takes_videos: bool = False
 
 
 def _is_int(value: Any) -> bool:
@@ -145,6 +157,61 @@ def _image_ref(part: dict, param: str) -> str:
     return _nonempty_str(part.get(key), f"{param}.{key}", "image URL or base64")
 
 
+MAX_VIDEO_FRAMES_PER_REQUEST = 768  # the most frames `max_frames` may ask for (qwen-vl-utils' ceiling)
+
+
+def _video_options(obj: dict, param: str, fps: Any = None, max_frames: Any = None) -> tuple[float | None, int | None]:
+    """Optional `fps` (> 0, at most 60) and `max_frames` (2..768) of a video or of a fused input."""
+    fps = obj.get("fps", fps)
+    max_frames = obj.get("max_frames", max_frames)
+    if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 60:
+            raise invalid(f"{param}.fps must be a number above 0 and at most 60.", f"{param}.fps", "invalid_value")
+        fps = float(fps)
+    if max_frames is not None:
+        if not _is_int(max_frames) or not 2 <= max_frames <= MAX_VIDEO_FRAMES_PER_REQUEST:
+            raise invalid(
+                f"{param}.max_frames must be an integer from 2 to {MAX_VIDEO_FRAMES_PER_REQUEST}.",
+                f"{param}.max_frames",
+                "invalid_value",
+            )
+    return fps, max_frames
+
+
+def _frame_refs(value: Any, param: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise invalid(f"{param} must be a non-empty list of image references.", param, "empty_input")
+    return [_nonempty_str(ref, f"{param}[{k}]", "image URL or base64") for k, ref in enumerate(value)]
+
+
+def _video(value: Any, param: str, fps: Any = None, max_frames: Any = None) -> VideoRef:
+    """A video: a reference string, a list of frames, or {"data" | "frames" | "video_url", fps, max_frames}."""
+    if isinstance(value, str):
+        return VideoRef(data=_nonempty_str(value, param, "video URL or base64"), fps=fps, max_frames=max_frames)
+    if isinstance(value, list):
+        return VideoRef(frames=_frame_refs(value, param), fps=fps, max_frames=max_frames)
+    if not isinstance(value, dict):
+        raise invalid(f"{param} must be a video reference, a list of frames or an object.", param, "invalid_type")
+    fps, max_frames = _video_options(value, param, fps, max_frames)
+    if "frames" in value:
+        return VideoRef(frames=_frame_refs(value["frames"], f"{param}.frames"), fps=fps, max_frames=max_frames)
+    if "video_url" in value:
+        ref = value["video_url"]
+        if isinstance(ref, dict):
+            ref = _nonempty_str(ref.get("url"), f"{param}.video_url.url", "video URL")
+        else:
+            ref = _nonempty_str(ref, f"{param}.video_url", "video URL")
+        return VideoRef(data=ref, fps=fps, max_frames=max_frames)
+    key = "data" if "data" in value else "video"
+    if key not in value:
+        raise invalid(f"{param} must have 'data', 'frames' or 'video_url'.", param, "invalid_type")
+    inner = value[key]
+    if isinstance(inner, list):
+        return VideoRef(frames=_frame_refs(inner, f"{param}.{key}"), fps=fps, max_frames=max_frames)
+    return VideoRef(data=_nonempty_str(inner, f"{param}.{key}", "video URL or base64"), fps=fps,
+                    max_frames=max_frames)
+
+
 def _add_part(item: EmbedInput, part: Any, param: str) -> None:
     """A content part: a string, {"type": "text"|"image"|"image_url", ...}."""
     if isinstance(part, str):
@@ -158,16 +225,20 @@ def _add_part(item: EmbedInput, part: Any, param: str) -> None:
         item.texts.append(_nonempty_str(part.get(key), f"{param}.{key}"))
     elif kind in ("image", "image_url") or (kind is None and ("image" in part or "image_url" in part)):
         item.images.append(_image_ref(part, param))
+    elif kind in ("video", "video_url") or (kind is None and ("video" in part or "video_url" in part)):
+        item.videos.append(_video({k: v for k, v in part.items() if k != "type"}, param))
     else:
         raise invalid(
-            f"{param}.type must be 'text', 'image' or 'image_url', got {kind!r}.", f"{param}.type", "invalid_type"
+            f"{param}.type must be 'text', 'image', 'image_url', 'video' or 'video_url', got {kind!r}.",
+            f"{param}.type",
+            "invalid_type",
         )
 
 
 def _parse_object(obj: dict, param: str) -> EmbedInput:
     item = EmbedInput(param=param, instruction=_instruction(obj.get("instruction"), f"{param}.instruction"))
     shapes = [k for k in ("content", "type") if k in obj]
-    loose = [k for k in ("text", "image", "images", "image_url", "data") if k in obj]
+    loose = [k for k in ("text", "image", "images", "image_url", "data", "video", "videos", "video_url") if k in obj]
     if len(shapes) > 1 or ("content" in obj and loose):
         extra = (shapes[1:] + loose)[0] if len(shapes) > 1 else loose[0]
         raise invalid(
@@ -185,7 +256,7 @@ def _parse_object(obj: dict, param: str) -> EmbedInput:
             _add_part(item, part, f"{param}.content[{k}]")
     elif "type" in obj:
         _add_part(item, obj, param)
-    elif any(k in obj for k in ("text", "image", "images", "image_url")):
+    elif any(k in obj for k in ("text", "image", "images", "image_url", "video", "videos", "video_url")):
         if "text" in obj:
             texts = obj["text"] if isinstance(obj["text"], list) else [obj["text"]]
             for k, text in enumerate(texts):
@@ -201,11 +272,27 @@ def _parse_object(obj: dict, param: str) -> EmbedInput:
                     item.images.append(_nonempty_str(ref, sub, "image URL or base64"))
         if "image_url" in obj:
             item.images.append(_image_ref({"image_url": obj["image_url"]}, param))
+        _add_fused_videos(item, obj, param)
     else:
         raise invalid(
-            f"{param} must have 'type', 'content', or 'text'/'image' keys.", param, "invalid_type"
+            f"{param} must have 'type', 'content', or 'text'/'image'/'video' keys.", param, "invalid_type"
         )
     return item
+
+
+def _add_fused_videos(item: EmbedInput, obj: dict, param: str) -> None:
+    """`video` (one video), `videos` (a list of videos), `video_url`; `fps`/`max_frames` apply to them."""
+    fps, max_frames = _video_options(obj, param)
+    if "video" in obj:
+        item.videos.append(_video(obj["video"], f"{param}.video", fps, max_frames))
+    if "videos" in obj:
+        videos = obj["videos"]
+        if not isinstance(videos, list) or not videos:
+            raise invalid(f"{param}.videos must be a non-empty list of videos.", f"{param}.videos", "empty_input")
+        for k, value in enumerate(videos):
+            item.videos.append(_video(value, f"{param}.videos[{k}]", fps, max_frames))
+    if "video_url" in obj:
+        item.videos.append(_video({"video_url": obj["video_url"]}, param, fps, max_frames))
 
 
 def _parse_element(value: Any, param: str, rules: InputRules) -> EmbedInput:
@@ -247,6 +334,10 @@ def _parse_input(value: Any, rules: InputRules) -> list[EmbedInput]:
 
 
 def _check_item(item: EmbedInput, rules: InputRules) -> None:
+    if item.videos and not rules.takes_videos:
+        raise invalid(
+            f"{item.param}: the served model does not take video inputs.", item.param, "videos_not_supported"
+        )
     if item.images and not rules.takes_images:
         raise invalid(
             f"{item.param}: the served model takes text only; image inputs are not supported.",

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_concurrent_fetches: int = Field(16, ge=1)
 
+    # Video (Qwen3-VL-Embedding): limits checked before and while decoding
+    max_video_bytes: int = Field(100 * 1024 * 1024, ge=1)
+    max_video_seconds: float = Field(600.0, gt=0)
+    max_video_frames: int = Field(36_000, ge=2)  # frames a video may have, counted before decoding
+    max_video_frame_pixels: int = Field(3840 * 2160, ge=1)  # width x height from the stream header
+    video_decode_timeout: float = Field(30.0, gt=0)
+    video_fetch_timeout: float = Field(30.0, gt=0)
+
     # Batching and load
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(16384, ge=1)

@@ -218,7 +218,7 @@ def test_usage_counts_image_tokens(client, image_url):
         ({"input": [-1]}, "input[0]", "invalid_token_id"),
         ({"input": [[]]}, "input[0]", "empty_input"),
         ({"input": ["x"] * 65}, "input", "too_many_inputs"),
-        ({"input": {"type": "video", "data": "x"}}, "input.type", "invalid_type"),
+        ({"input": {"type": "audio", "data": "x"}}, "input.type", "invalid_type"),
         ({"input": {"foo": "bar"}}, "input", "invalid_type"),
         ({"input": {"content": []}}, "input.content", "empty_input"),
         ({"input": [{"type": "text"}]}, "input[0].text", "invalid_type"),
@@ -337,7 +337,7 @@ def test_models_shape(client):
     card = body["data"][0]
     assert card["object"] == "model" and card["id"] == "Qwen3-VL-Embedding-2B"
     assert isinstance(card["created"], int) and card["owned_by"]
-    assert card["embedding_dimension"] == 64 and card["modalities"] == ["text", "image"]
+    assert card["embedding_dimension"] == 64 and card["modalities"] == ["text", "image", "video"]
     assert client.get("/v1/models/Qwen/Qwen3-VL-Embedding-2B").json()["id"] == "Qwen/Qwen3-VL-Embedding-2B"
 
 

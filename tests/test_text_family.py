@@ -149,6 +149,17 @@ def test_images_refused_by_text_model(tclient, image_server):
         assert "text only" in err["message"]
 
 
+def test_videos_refused_by_text_model(tclient):
+    forms = [
+        ({"type": "video", "data": "AAAA"}, "input[1]"),
+        ({"type": "video_url", "video_url": {"url": "http://example.com/a.mp4"}}, "input[1]"),
+        ({"text": "t", "video": ["AAAA", "BBBB"]}, "input[1]"),
+    ]
+    for element, param in forms:
+        err = tclient.post("/v1/embeddings", json={"input": ["ok", element]}).json()["error"]
+        assert err["param"] == param and err["code"] == "videos_not_supported"
+
+
 def test_health_and_models_report_family(text_server, tclient):
     health = httpx.get(text_server.base_url + "/health").json()
     assert health["family"] == "qwen3" and health["takes_images"] is False

@@ -30,6 +30,7 @@ async def health(request: Request) -> Response:
         dtype=info.dtype,
         family=info.family,
         takes_images=info.takes_images,
+        modalities=state.service.modalities,
         embedding_dimension=state.service.rules.default_dimension,
         native_dimension=info.dimension,
         max_image_width=settings.max_image_width,

@@ -20,7 +20,7 @@ def _model_card(request: Request, model_id: str) -> dict:
         card.update(
             family=service.info.family,
             embedding_dimension=service.info.dimension,
-            modalities=["text", "image"] if service.info.takes_images else ["text"],
+            modalities=service.modalities,
         )
     return card
 

@@ -6,13 +6,15 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull
 from ..api.errors import APIError, invalid
-from ..inputs import EmbedInput, EmbedRequest, InputRules
+from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
+from ..media.video import VideoLimits, VideoLoader, decode_video
 from ..normalize import finalize
 from ..runners import VISION_TOKENS, InputTooLong, PreparedInput, Runner
 from ..settings import Settings
@@ -35,6 +37,17 @@ def media_policy(settings: Settings) -> MediaPolicy:
     )
 
 
+def video_limits(settings: Settings) -> VideoLimits:
+    return VideoLimits(
+        max_bytes=settings.max_video_bytes,
+        max_seconds=settings.max_video_seconds,
+        max_frames=settings.max_video_frames,
+        max_frame_pixels=settings.max_video_frame_pixels,
+        decode_timeout=settings.video_decode_timeout,
+        fetch_timeout=settings.video_fetch_timeout,
+    )
+
+
 class Service:
     """Owns the runner, the batcher, the image loader and the preparation threads."""
 
@@ -53,8 +66,12 @@ class Service:
             reserved_strings=VISION_TOKENS,
             default_instruction=settings.default_instruction if is_vl else None,
             query_instruction=settings.query_instruction or self.info.default_query_instruction,
+            takes_videos=hasattr(runner, "video_plan"),
         )
+        self.modalities = ["text"] + (["image"] if self.rules.takes_images else []) + (
+            ["video"] if self.rules.takes_videos else [])
         self.images = ImageLoader(media_policy(settings))
+        self.videos = VideoLoader(media_policy(settings), video_limits(settings))
         self.prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prepare")
         self.batcher = Batcher(
             runner.forward,
@@ -69,6 +86,7 @@ class Service:
         self.batcher.stop()
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
         await self.images.aclose()
+        await self.videos.aclose()
 
     async def _load_images(self, item: EmbedInput) -> list:
         async def one(k: int, ref: str):
@@ -80,9 +98,29 @@ class Service:
 
         return list(await asyncio.gather(*(one(k, ref) for k, ref in enumerate(item.images))))
 
-    def _prepare(self, item: EmbedInput, images: list) -> PreparedInput:
+    async def _load_video(self, item: EmbedInput, k: int, video: VideoRef):
+        """One video, decoded (files) or loaded (frames) and sized for the model, off the event loop."""
+        where = item.param if len(item.videos) == 1 else f"{item.param} (video {k})"
+        loop = asyncio.get_running_loop()
         try:
-            return self.runner.prepare(item.texts, images, item.token_ids, item.instruction, truncate=item.truncate)
+            if video.frames is not None:
+                if len(video.frames) > self.settings.max_video_frames:
+                    raise MediaError(f"a video may have at most {self.settings.max_video_frames} frames")
+                keep = self.runner.frame_indices(len(video.frames), video.max_frames)
+                images = await asyncio.gather(*(self.images.load(video.frames[i]) for i in keep))
+                return await loop.run_in_executor(self.prep_pool, self.runner.clip_from_frames, images, video.fps)
+            data = await self.videos.load_bytes(video.data)
+            plan = partial(_plan, self.runner, video)
+            return await loop.run_in_executor(self.prep_pool, decode_video, data, self.videos.limits, plan)
+        except InputTooLong as exc:
+            raise invalid(f"{where}: {exc}.", item.param, "input_too_long") from None
+        except (MediaError, ValueError) as exc:
+            raise invalid(f"{where}: {exc}", item.param, "invalid_video") from None
+
+    def _prepare(self, item: EmbedInput, images: list, videos: list = ()) -> PreparedInput:
+        try:
+            return self.runner.prepare(item.texts, images, item.token_ids, item.instruction,
+                                       truncate=item.truncate, videos=videos)
         except InputTooLong as exc:
             raise invalid(f"{item.param}: {exc}.", item.param, "input_too_long") from None
         except ValueError as exc:  # e.g. an aspect ratio the model refuses
@@ -90,11 +128,12 @@ class Service:
 
     async def _prepare_one(self, item: EmbedInput) -> PreparedInput:
         images = await self._load_images(item) if item.images else []
+        videos = list(await asyncio.gather(*(self._load_video(item, k, v) for k, v in enumerate(item.videos))))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.prep_pool, self._prepare, item, images)
+        return await loop.run_in_executor(self.prep_pool, self._prepare, item, images, videos)
 
     async def _prepare_all(self, items: list[EmbedInput]) -> list[PreparedInput]:
-        if any(item.images for item in items):
+        if any(item.images or item.videos for item in items):
             return list(await asyncio.gather(*(self._prepare_one(item) for item in items)))
         # Text only: one hop to a preparation thread for the whole request.
         loop = asyncio.get_running_loop()
@@ -131,6 +170,10 @@ class Service:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue
         vectors = finalize(np.stack(rows), request.dimensions)
         return vectors, sum(p.n_tokens for p in prepared)
+
+
+def _plan(runner: Runner, video: VideoRef, header):
+    return runner.video_plan(header, video.fps, video.max_frames)
 
 
 def _empty_cuda_cache() -> None:

@@ -176,13 +176,23 @@ class Fetcher:
         resolver: Resolver | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        kind: str = "image",
     ):
         self.policy = policy
+        self.kind = kind  # "image" or "video": the word in messages and the Accept header
         self._resolver: Resolver = resolver or _default_resolver
         self._ssl_context = ssl_context  # None = httpx default (certifi CAs)
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fetch_sem: asyncio.Semaphore | None = None
+
+    def _too_large(self) -> MediaError:
+        error = _too_large(self.policy)
+        return MediaError(error.message.replace("image", self.kind, 1))
+
+    def _timed_out(self) -> MediaError:
+        error = _timed_out(self.policy)
+        return MediaError(error.message.replace("image", self.kind, 1))
 
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,7 +218,7 @@ class Fetcher:
                 cookies=CookieJar(policy=_NoCookiesPolicy()),
                 headers={
                     "User-Agent": USER_AGENT,
-                    "Accept": "image/*",
+                    "Accept": f"{self.kind}/*",
                     "Accept-Encoding": "identity",
                 },
             )
@@ -226,11 +236,11 @@ class Fetcher:
         """The body of an http(s) URL, under every check above; raises MediaError."""
         self._bind_loop()
         if len(ref) > _MAX_URL_LENGTH:
-            raise MediaError("image URL is too long")
+            raise MediaError(f"{self.kind} URL is too long")
         try:
             url = httpx.URL(ref)  # parsed once; this object is validated and fetched
         except Exception:
-            raise MediaError("image URL is not valid") from None
+            raise MediaError(f"{self.kind} URL is not valid") from None
         self._check_url(url)
 
         assert self._fetch_sem is not None
@@ -244,51 +254,51 @@ class Fetcher:
             except MediaError:
                 raise
             except (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException):
-                raise _timed_out(self.policy) from None
+                raise self._timed_out() from None
             except httpx.ConnectError as exc:
                 if _has_ssl_cause(exc):
                     raise MediaError(
-                        "could not establish a secure connection to image host"
+                        f"could not establish a secure connection to {self.kind} host"
                     ) from None
-                raise MediaError("could not connect to image host") from None
+                raise MediaError(f"could not connect to {self.kind} host") from None
             except httpx.InvalidURL:
-                raise MediaError("image URL is not valid") from None
+                raise MediaError(f"{self.kind} URL is not valid") from None
             except httpx.HTTPError as exc:
                 logger.debug("image fetch failed: %r", exc)
-                raise MediaError("image download failed (connection error)") from None
+                raise MediaError(f"{self.kind} download failed (connection error)") from None
             except Exception as exc:
                 logger.warning("unexpected error fetching image: %r", exc)
-                raise MediaError("image download failed") from None
+                raise MediaError(f"{self.kind} download failed") from None
 
     def _check_url(self, url: httpx.URL) -> str:
         if url.scheme not in ("http", "https"):
-            raise MediaError("image URL scheme must be http or https")
+            raise MediaError(f"{self.kind} URL scheme must be http or https")
         if url.userinfo:
-            raise MediaError("image URL must not contain a username or password")
+            raise MediaError(f"{self.kind} URL must not contain a username or password")
         host = url.raw_host.decode("ascii").lower()
         if not host:
-            raise MediaError("image URL has no host")
+            raise MediaError(f"{self.kind} URL has no host")
         domains = self.policy.allowed_domains
         if domains:
             name = host.rstrip(".")
             if not any(name == d or name.endswith("." + d) for d in domains):
-                raise MediaError("image URL host is not in the list of allowed image domains")
+                raise MediaError(f"{self.kind} URL host is not in the list of allowed image domains")
         return host
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
         if ":" in host:  # IPv6 literal (httpx strips the brackets)
             if "%" in host:
-                raise MediaError("image URL host is not valid")
+                raise MediaError(f"{self.kind} URL host is not valid")
             try:
                 addrs: list[IPAddress] = [ipaddress.IPv6Address(host)]
             except ValueError:
-                raise MediaError("image URL host is not valid") from None
+                raise MediaError(f"{self.kind} URL host is not valid") from None
         else:
             if not _HOSTNAME_RE.match(host):
-                raise MediaError("image URL host is not valid")
+                raise MediaError(f"{self.kind} URL host is not valid")
             v4 = _host_as_ipv4(host)
             if v4 is False:
-                raise MediaError("image URL host is not valid")
+                raise MediaError(f"{self.kind} URL host is not valid")
             if isinstance(v4, ipaddress.IPv4Address):
                 addrs = [v4]
             else:
@@ -298,23 +308,23 @@ class Fetcher:
                     raise
                 except (OSError, UnicodeError, ValueError) as exc:
                     logger.debug("resolving %r failed: %r", host, exc)
-                    raise MediaError("could not resolve image host") from None
+                    raise MediaError(f"could not resolve {self.kind} host") from None
                 addrs = []
                 for item in results or ():
                     try:
                         addr = ipaddress.ip_address(str(item))
                     except ValueError:
-                        raise MediaError("could not resolve image host") from None
+                        raise MediaError(f"could not resolve {self.kind} host") from None
                     if addr not in addrs:
                         addrs.append(addr)
                 if not addrs:
-                    raise MediaError("could not resolve image host")
+                    raise MediaError(f"could not resolve {self.kind} host")
 
         for addr in addrs:
             if _address_never_allowed(addr) or (
                 not self.policy.allow_private and _address_refused(addr)
             ):
-                raise MediaError(_NOT_PUBLIC)
+                raise MediaError(_NOT_PUBLIC.replace("image", self.kind, 1))
         return addrs
 
     async def _fetch_following_redirects(self, url: httpx.URL) -> bytes:
@@ -330,16 +340,16 @@ class Fetcher:
                 if status in _REDIRECT_STATUSES and "location" in response.headers:
                     if redirects >= policy.max_redirects:
                         raise MediaError(
-                            f"image URL redirected too many times (limit {policy.max_redirects})"
+                            f"{self.kind} URL redirected too many times (limit {policy.max_redirects})"
                         )
                     redirects += 1
                     try:
                         url = url.join(response.headers["location"].strip())
                     except Exception:
-                        raise MediaError("image URL redirect location is not valid") from None
+                        raise MediaError(f"{self.kind} URL redirect location is not valid") from None
                     continue
                 if not 200 <= status < 300:
-                    raise MediaError(f"image URL returned HTTP {status}")
+                    raise MediaError(f"{self.kind} URL returned HTTP {status}")
                 return await self._read_body(response)
             finally:
                 await response.aclose()
@@ -371,7 +381,7 @@ class Fetcher:
         policy = self.policy
         encoding = response.headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
-            raise MediaError("image URL response uses an unsupported content encoding")
+            raise MediaError(f"{self.kind} URL response uses an unsupported content encoding")
         length = response.headers.get("content-length")
         if length is not None:
             try:
@@ -379,10 +389,10 @@ class Fetcher:
             except ValueError:
                 declared = None
             if declared is not None and declared > policy.max_image_bytes:
-                raise _too_large(policy)
+                raise self._too_large()
         body = bytearray()
         async for chunk in response.aiter_raw():
             body += chunk
             if len(body) > policy.max_image_bytes:
-                raise _too_large(policy)
+                raise self._too_large()
         return bytes(body)

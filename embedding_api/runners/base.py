@@ -31,6 +31,8 @@ class PreparedInput:
     input_ids: list[int]
     pixel_values: np.ndarray | None = None  # (patches, patch_dim), float32
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
+    video_pixel_values: np.ndarray | None = None  # (patches, patch_dim), float32
+    video_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -137,7 +139,7 @@ class Runner:
         return rows.float().cpu().numpy()
 
     def prepare(self, texts: list[str], images: list[Image.Image], token_ids: list[int] | None,
-                instruction: str | None, truncate: bool = True) -> PreparedInput:
+                instruction: str | None, truncate: bool = True, videos: list = ()) -> PreparedInput:
         raise NotImplementedError
 
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:

@@ -36,7 +36,7 @@ class TextRunner(Runner):
 
         return load_weights(AutoModel, self.settings.model_path, self.dtype, self.device)
 
-    def prepare(self, texts, images, token_ids, instruction, truncate=True) -> PreparedInput:
+    def prepare(self, texts, images, token_ids, instruction, truncate=True, videos=()) -> PreparedInput:
         if token_ids is not None:
             body = token_ids
             if instruction:

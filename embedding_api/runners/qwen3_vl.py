@@ -16,6 +16,7 @@ from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
 from .loading import WEIGHTS_HINT, ModelLoadError, load_weights
 from .vision import smart_resize
+from . import video as vid
 
 VL_DEFAULT_QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 
@@ -66,8 +67,9 @@ class VLRunner(Runner):
         return load_weights(Qwen3VLModel, self.settings.model_path, self.dtype, self.device)
 
     @staticmethod
-    def _conversation(instruction: str, n_images: int, texts: list[str]) -> list[dict]:
-        content: list[dict[str, Any]] = [{"type": "image", "image": "image"} for _ in range(n_images)]
+    def _conversation(instruction: str, n_images: int, texts: list[str], n_videos: int = 0) -> list[dict]:
+        content: list[dict[str, Any]] = [{"type": "video", "video": "video"} for _ in range(n_videos)]
+        content += [{"type": "image", "image": "image"} for _ in range(n_images)]
         content += [{"type": "text", "text": t} for t in texts]
         if not content:
             content = [{"type": "text", "text": "NULL"}]
@@ -92,7 +94,31 @@ class VLRunner(Runner):
         patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
         return np.ascontiguousarray(patches.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)
 
-    def prepare(self, texts, images, token_ids, instruction, truncate=True) -> PreparedInput:
+    # Video: the frames to decode from a file, and clips given as frames (see runners/video.py).
+    def video_plan(self, header: vid.VideoHeader, fps: float | None, max_frames: int | None) -> vid.FramePlan:
+        plan = vid.plan_file(header, fps or vid.FPS, max_frames or vid.MAX_FRAMES, self.patch_size * self.merge_size)
+        self._check_video_tokens(len(plan.indices), plan.height, plan.width)
+        return plan
+
+    def frame_indices(self, count: int, max_frames: int | None) -> list[int]:
+        return vid.list_indices(count, max_frames or vid.MAX_FRAMES)
+
+    def clip_from_frames(self, frames: list[Image.Image], fps: float | None) -> vid.VideoClip:
+        clip = vid.clip_from_frames(frames, fps or vid.FRAMES_FPS, self.patch_size * self.merge_size)
+        self._check_video_tokens(len(clip.frames), clip.frames[0].height, clip.frames[0].width)
+        return clip
+
+    def _check_video_tokens(self, n_frames: int, height: int, width: int) -> None:
+        """Refuse before decoding a video whose tokens alone cannot fit."""
+        factor = self.patch_size * self.merge_size
+        tokens = -(-n_frames // self.temporal_patch) * (height // factor) * (width // factor)
+        if tokens > self.max_tokens:
+            raise InputTooLong(
+                f"the video needs {tokens} tokens ({n_frames} frames of {width}x{height}), more than "
+                f"MAX_INPUT_TOKENS={self.max_tokens}; ask for fewer frames with max_frames or fps"
+            )
+
+    def prepare(self, texts, images, token_ids, instruction, truncate=True, videos=()) -> PreparedInput:
         instruction = normalise_instruction(instruction or self.settings.default_instruction)
         special = self._special_prefix, self._special_suffix
         if token_ids is not None:
@@ -105,8 +131,20 @@ class VLRunner(Runner):
             patches, grid = self._image_patches(image)
             patch_list.append(patches)
             grids.append(grid)
-        prompt = self._render(self._conversation(instruction, len(images), texts))
+        prompt = self._render(self._conversation(instruction, len(images), texts, len(videos)))
         merge = self.merge_size**2
+        video_grids, video_list = [], []
+        wrapped = "<|vision_start|><|video_pad|><|vision_end|>"
+        for clip in videos:
+            patches, grid = vid.video_patches(clip, self.patch_size, self.merge_size, self.temporal_patch,
+                                              self.rescale, self.mean, self.std)
+            video_list.append(patches)
+            video_grids.append(grid)
+            # As the Qwen3-VL processor the official embedder runs: the template's wrapped pad
+            # becomes one `<t seconds><|vision_start|>pads<|vision_end|>` per temporal patch.
+            placeholder = vid.video_placeholder(grid, vid.timestamps(clip.indices, clip.fps), merge)
+            prompt = prompt.replace(wrapped, placeholder, 1) if wrapped in prompt \
+                else prompt.replace("<|video_pad|>", placeholder, 1)
         if grids:
             pieces = prompt.split("<|image_pad|>")
             prompt = pieces[0] + "".join(
@@ -116,27 +154,43 @@ class VLRunner(Runner):
         ids = self.fit(body, *special, truncate)
         if len(ids) < len(body) + len(special[0]) + len(special[1]):
             image_tokens = sum(t * h * w // merge for t, h, w in grids)
+            video_tokens = sum(t * h * w // merge for t, h, w in video_grids)
             if grids and ids.count(self.image_pad_id) != image_tokens:
                 raise InputTooLong(
                     f"the image tokens of this input do not fit in MAX_INPUT_TOKENS={self.max_tokens}"
                 )
+            if video_grids and ids.count(self.video_pad_id) != video_tokens:
+                raise InputTooLong(
+                    f"the video tokens of this input do not fit in MAX_INPUT_TOKENS={self.max_tokens}"
+                )
         pixel_values = np.concatenate(patch_list) if patch_list else None
-        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids)
+        video_values = np.concatenate(video_list) if video_list else None
+        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids,
+                             video_pixel_values=video_values, video_grid_thw=video_grids)
 
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
         pixels = [p.pixel_values for p in batch if p.pixel_values is not None]
-        if not pixels:
+        video = [p.video_pixel_values for p in batch if p.video_pixel_values is not None]
+        if not pixels and not video:
             return {}
-        pixel_values = torch.from_numpy(np.concatenate(pixels))
-        if self.device.type == "cuda":
-            pixel_values = pixel_values.pin_memory()
         mm = torch.zeros_like(ids, dtype=torch.int)
         mm[ids == self.image_pad_id] = 1
         mm[ids == self.video_pad_id] = 2
-        return {
-            "pixel_values": pixel_values.to(self.device, self.dtype, non_blocking=True),
-            "image_grid_thw": torch.tensor([g for p in batch for g in p.image_grid_thw], dtype=torch.long).to(self.device),
-            "mm_token_type_ids": mm.to(self.device),
-        }
+        out: dict[str, Any] = {"mm_token_type_ids": mm.to(self.device)}
+        if pixels:
+            out["pixel_values"] = self._to_device(np.concatenate(pixels))
+            out["image_grid_thw"] = torch.tensor(
+                [g for p in batch for g in p.image_grid_thw], dtype=torch.long).to(self.device)
+        if video:
+            out["pixel_values_videos"] = self._to_device(np.concatenate(video))
+            out["video_grid_thw"] = torch.tensor(
+                [g for p in batch for g in p.video_grid_thw], dtype=torch.long).to(self.device)
+        return out
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, self.dtype, non_blocking=True)
 
 
