@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     model_name: str = "Qwen3-VL-Embedding-2B"
     model_aliases: str = ""  # comma-separated extra ids accepted in `model`
     model_path: str = "./models/Qwen3-VL-Embedding-2B"
-    device: str = "auto"  # auto | cuda | cuda:N | cpu
+    device: str = "auto"  # auto | cuda | cuda:N | cpu, a comma-separated list of these, or cuda:all
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     embedding_dimension: int | None = Field(None, ge=1)
     torch_threads: int = Field(0, ge=0)  # 0 = one per physical core
@@ -64,9 +64,15 @@ class Settings(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        if value in ("auto", "cuda:all"):
             return value
-        raise ValueError("DEVICE must be auto, cpu, cuda or cuda:N")
+        parts = [part.strip() for part in value.split(",")]
+        if all(p in ("cpu", "cuda") or (p.startswith("cuda:") and p[5:].isdigit()) for p in parts):
+            return ",".join(parts)
+        raise ValueError(
+            "DEVICE must be auto, cpu, cuda, cuda:N, a comma-separated list of these (one model worker "
+            "each, e.g. cuda:0,cuda:1) or cuda:all"
+        )
 
     @field_validator("dtype")
     @classmethod
