@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -13,9 +14,72 @@ import httpx
 import numpy as np
 import pytest
 
-from .util import API_KEY, ServerProcess, png_bytes, sample_image
+from .util import _SETTING_NAMES, API_KEY, ROOT, ServerProcess, png_bytes, sample_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def run_module(module: str, env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
+    full.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module], env=full, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_plain_server_never_imports_ray(tmp_path):
+    code = ("import sys, embedding_api.main, embedding_api.__main__, embedding_api.api, embedding_api.engine.service; "
+            "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == 0
+
+
+def test_start_up_errors_are_one_message_and_status_1_before_ray_starts(tmp_path):
+    done = run_module("embedding_api.ray_serve", {"MODEL_PATH": "/nonexistent/model"}, tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+    assert "Model directory '/nonexistent/model' does not exist" in done.stderr
+
+
+def test_ray_settings_are_validated():
+    from pydantic import ValidationError
+
+    from embedding_api.settings import Settings
+
+    with pytest.raises(ValidationError, match="RAY_MAX_REPLICAS=2 is below RAY_MIN_REPLICAS=3"):
+        Settings(_env_file=None, ray_min_replicas=3, ray_max_replicas=2)
+    for bad in ({"ray_num_gpus_per_replica": -1}, {"ray_max_replicas": 0}, {"ray_target_ongoing_requests": 0}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **bad)
+    empty = Settings(_env_file=None, ray_num_gpus_per_replica="", ray_max_replicas="")
+    assert empty.ray_num_gpus_per_replica is None and empty.ray_max_replicas is None
+
+
+def test_replica_resources_and_autoscaling_range_from_the_settings():
+    from embedding_api.ray_serve.deployment import replica_options, replica_values
+    from embedding_api.settings import Settings
+
+    def options(cluster_gpus: float, **values):
+        return replica_options(Settings(_env_file=None, **values), cluster_gpus)
+
+    gpu = options(4)  # a GPU cluster: one replica per GPU, up to every GPU
+    assert gpu["ray_actor_options"] == {"num_gpus": 1.0, "num_cpus": 1.0}
+    assert gpu["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
+                                         "target_ongoing_requests": 32.0}
+    assert gpu["max_ongoing_requests"] == 128
+    cpu = options(0)
+    assert cpu["ray_actor_options"]["num_gpus"] == 0 and cpu["autoscaling_config"]["max_replicas"] == 1
+    assert options(4, device="cpu")["ray_actor_options"]["num_gpus"] == 0
+    two = options(4, ray_num_gpus_per_replica=2, ray_min_replicas=0, ray_max_replicas=None)
+    assert two["ray_actor_options"]["num_gpus"] == 2 and two["autoscaling_config"]["max_replicas"] == 2
+    assert two["autoscaling_config"]["initial_replicas"] == 1  # scale to zero, but start with one
+    fixed = options(0, ray_min_replicas=3, ray_max_replicas=5, ray_target_ongoing_requests=8, shutdown_grace=7)
+    assert (fixed["autoscaling_config"]["min_replicas"], fixed["autoscaling_config"]["max_replicas"]) == (3, 5)
+    assert fixed["autoscaling_config"]["target_ongoing_requests"] == 8 and fixed["graceful_shutdown_timeout_s"] == 7
+    # A replica gets every setting explicitly, the model path absolute, and on CPU its own cores only.
+    values = replica_values(Settings(_env_file=None, model_path="models/x", ray_num_cpus_per_replica=2), 0)
+    assert values["model_path"] == os.path.abspath("models/x") and values["torch_threads"] == 2
+    assert replica_values(Settings(_env_file=None, torch_threads=3), 0)["torch_threads"] == 3
+    assert Settings(_env_file=None, **values).ray_num_cpus_per_replica == 2
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,13 @@ class WorkerStats:
     inputs: int = 0  # inputs embedded
     failed_batches: int = 0
     busy: bool = False  # inside a forward pass now
-    busy_seconds: float = 0.0  # total time spent in forward passes
+    busy_seconds: float = 0.0  # time spent in finished forward passes
+    busy_since: float = 0.0  # perf_counter() when the running forward started; 0 when idle
+
+    def busy_total(self) -> float:
+        """Seconds spent in forward passes so far, the running one included."""
+        since = self.busy_since
+        return self.busy_seconds + (time.perf_counter() - since if since else 0.0)
 
 
 Forward = Callable[[list[PreparedInput]], np.ndarray]
@@ -215,15 +221,16 @@ class Batcher:
                 if batch:
                     self._busy += 1
                     stats.busy = True
+                    stats.busy_since = time.perf_counter()
             if batch:
-                started = time.perf_counter()
                 try:
                     self._run(batch, k)
                 finally:
                     with self._cond:
                         self._busy -= 1
                         stats.busy = False
-                        stats.busy_seconds += time.perf_counter() - started
+                        stats.busy_seconds += time.perf_counter() - stats.busy_since
+                        stats.busy_since = 0.0
 
     def _run(self, batch: list[_Entry], k: int = 0) -> None:
         stats = self.workers[k]
