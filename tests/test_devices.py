@@ -99,8 +99,10 @@ def test_a_failing_forward_fails_only_its_batch_and_its_worker_goes_on(runners):
 
     try:
         (rx, ry), (rz, rw) = asyncio.run(main())
+        assert batcher.alive()
     finally:
         batcher.stop()
+    assert not batcher.alive()
     failed, ok, ok_prepared = (rx, ry, y) if f0.batches[0] == x else (ry, rx, x)
     assert [type(r) for r in failed] == [RuntimeError] * len(failed) and "boom" in str(failed[0])
     assert_same(runners[1], ok_prepared, ok)

@@ -144,6 +144,10 @@ class Batcher:
             self._cond.notify()
         return [e.future for e in entries]
 
+    def alive(self) -> bool:
+        """Running, with every model-worker thread alive."""
+        return self._running and bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def idle(self) -> bool:
         with self._cond:
             return not self._pending and not self._busy

@@ -57,11 +57,12 @@ class Embedder:
         return app
 
     async def check_health(self) -> None:
-        """Ray replaces a replica whose service has gone (or never came up)."""
+        """Ray replaces a replica whose model failed to load or whose model workers have stopped."""
         if self.fatal is not None:
             raise RuntimeError(self.fatal)
-        if self.fastapi is not None and self.fastapi.state.service is None and self.fastapi.state.status == "ok":
-            raise RuntimeError("the replica has no model service")
+        service = self.fastapi.state.service if self.fastapi is not None else None
+        if service is not None and self.fastapi.state.status == "ok" and not service.batcher.alive():
+            raise RuntimeError("the replica's model workers have stopped")
 
 
 def _replica_info() -> dict:
