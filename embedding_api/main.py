@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from .api.errors import UnhandledErrors, install_handlers
 from .api import router
-from .runners import ModelLoadError, Runner, check_startup, load_runner
+from .runners import ModelLoadError, Runner, check_startup, load_runners
 from .api.schemas import complete_openapi
 from .engine.service import Service
 from .settings import Settings
@@ -204,7 +204,7 @@ def _load_in_thread(loader: Callable[[Settings], Runner], settings: Settings) ->
 
 def create_app(
     settings: Settings | None = None,
-    loader: Callable[[Settings], Runner] = load_runner,
+    loader: Callable[[Settings], Runner | list[Runner]] = load_runners,
     on_fatal: Callable[[str], None] = _exit_process,
 ) -> FastAPI:
     settings = settings or load_settings()

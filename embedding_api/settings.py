@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     model_name: str = "Qwen3-VL-Embedding-2B"
     model_aliases: str = ""  # comma-separated extra ids accepted in `model`
     model_path: str = "./models/Qwen3-VL-Embedding-2B"
-    device: str = "auto"  # auto | cuda | cuda:N | cpu
+    device: str = "auto"  # auto | cuda | cuda:N | cpu, a comma-separated list of these, or cuda:all
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     embedding_dimension: int | None = Field(None, ge=1)
     torch_threads: int = Field(0, ge=0)  # 0 = one per physical core
@@ -71,13 +71,28 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(30.0, ge=0)
 
+    # Ray Serve replicas (`python -m embedding_api.ray_serve`; ignored by the plain server)
+    ray_address: str = ""  # empty: start a local Ray; else join this cluster (host:6379 or ray://host:10001)
+    ray_num_gpus_per_replica: float | None = Field(None, ge=0)  # empty: 1 if the cluster has GPUs, else 0
+    ray_num_cpus_per_replica: float = Field(1.0, ge=0)
+    ray_min_replicas: int = Field(1, ge=0)
+    ray_max_replicas: int | None = Field(None, ge=1)  # empty: one per GPU of the cluster, else RAY_MIN_REPLICAS
+    ray_target_ongoing_requests: float = Field(32.0, gt=0)  # autoscaling target per replica
+    ray_max_ongoing_requests: int = Field(128, ge=1)  # requests one replica takes at once (it batches them)
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        if value in ("auto", "cuda:all"):
             return value
-        raise ValueError("DEVICE must be auto, cpu, cuda or cuda:N")
+        parts = [part.strip() for part in value.split(",")]
+        if all(p in ("cpu", "cuda") or (p.startswith("cuda:") and p[5:].isdigit()) for p in parts):
+            return ",".join(parts)
+        raise ValueError(
+            "DEVICE must be auto, cpu, cuda, cuda:N, a comma-separated list of these (one model worker "
+            "each, e.g. cuda:0,cuda:1) or cuda:all"
+        )
 
     @field_validator("dtype")
     @classmethod
@@ -95,10 +110,18 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
 
-    @field_validator("embedding_dimension", mode="before")
+    @field_validator("embedding_dimension", "ray_num_gpus_per_replica", "ray_max_replicas", mode="before")
     @classmethod
     def _empty_dimension(cls, value):
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_replicas(self):
+        if self.ray_max_replicas is not None and self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError(
+                f"RAY_MAX_REPLICAS={self.ray_max_replicas} is below RAY_MIN_REPLICAS={self.ray_min_replicas}"
+            )
+        return self
 
     @cached_property
     def api_keys(self) -> tuple[str, ...]:

@@ -99,7 +99,9 @@ def ray_address(tmp_path_factory):
          f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
          f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        # Token auth off: Ray turns it on for a new head whenever ~/.ray/auth_token exists, while clients
+        # given an explicit address (RAY_ADDRESS) do not send the token. A loopback test head needs none.
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"},
     )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -75,7 +75,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m uvicorn embedding_api.main:app` on a loopback port, with the given settings."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, module: str | None = None):
+        """`module`: run `python -m module` instead, with HOST and PORT given as settings."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
@@ -83,10 +84,15 @@ class ServerProcess:
         full_env["PYTHONPATH"] = str(ROOT)
         self.log_path = log_path
         self.log = open(log_path, "wb")
+        if module:
+            full_env.update(HOST="127.0.0.1", PORT=str(self.port))
+            command = [sys.executable, "-m", module]
+        else:
+            command = [sys.executable, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1",
+                       "--port", str(self.port), "--log-level", "warning"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"],
-            cwd=str(log_path.parent), env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+            command, cwd=str(log_path.parent), env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=bool(module),
         )
 
     def wait_ready(self, timeout: float = 120) -> "ServerProcess":
@@ -123,6 +129,8 @@ _SETTING_NAMES = {
     "ALLOW_IMAGE_URLS", "ALLOW_PRIVATE_IMAGE_URLS", "ALLOWED_IMAGE_DOMAINS", "IMAGE_FETCH_TIMEOUT",
     "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_CONCURRENT_FETCHES", "MAX_BATCH_SIZE", "MAX_BATCH_TOKENS",
     "MAX_QUEUED_INPUTS", "REQUEST_TIMEOUT", "MAX_REQUEST_BYTES", "SHUTDOWN_GRACE",
+    "RAY_ADDRESS", "RAY_NUM_GPUS_PER_REPLICA", "RAY_NUM_CPUS_PER_REPLICA", "RAY_MIN_REPLICAS", "RAY_MAX_REPLICAS",
+    "RAY_TARGET_ONGOING_REQUESTS", "RAY_MAX_ONGOING_REQUESTS",
 }
 
 

@@ -24,7 +24,7 @@ async def health(request: Request) -> Response:
         return json_response(body, 503)
     info = state.service.info
     body.update(
-        device=info.device.split(":")[0],
+        device=info.device.split(",")[0].split(":")[0],
         device_name=info.device,
         cuda_available=_cuda_available(),
         dtype=info.dtype,
@@ -38,9 +38,16 @@ async def health(request: Request) -> Response:
         queued_inputs=state.service.batcher.queued,
         inputs_embedded=state.service.batcher.inputs_run,
         batches_run=state.service.batcher.batches_run,
+        workers=[
+            {"worker": w.index, "device": w.device, "batches": w.batches, "inputs": w.inputs, "busy": w.busy}
+            for w in state.service.batcher.workers
+        ],
         requests_in_flight=len(state.inflight),
         uptime_s=round(time.time() - state.created, 1),
     )
+    replica = getattr(state, "replica", None)  # set when served as a Ray Serve replica
+    if replica:
+        body["replica"] = replica
     return json_response(body)
 
 

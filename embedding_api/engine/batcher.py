@@ -1,13 +1,15 @@
 """Dynamic batching across requests.
 
-Every input of every request joins one queue. A single model-worker thread owns
-the model: it takes the oldest waiting input and fills the batch from the inputs
-queued after it (within a bounded window, so nothing waits for long): those of
-about its length in arrival order, then the others closest in length first,
-under `max_batch_size` items and `max_batch_tokens` padded tokens. It runs
-the forward pass and hands each vector back to its request through an asyncio
-future. While a forward runs, new inputs queue up, so the next batch is fuller:
-no timer, no fixed delay when the queue is empty.
+Every input of every request joins one queue. One model-worker thread per model
+copy (one per device) owns that copy: a free worker takes the oldest waiting
+input and fills the batch from the inputs queued after it (within a bounded
+window, so nothing waits for long): those of about its length in arrival order,
+then the others closest in length first, under `max_batch_size` items and
+`max_batch_tokens` padded tokens. It runs the forward pass and hands each vector
+back to its request through an asyncio future. While the forwards run, new
+inputs queue up, so the next batch is fuller: no timer, no fixed delay when the
+queue is empty. A failed forward fails its own batch only; every worker keeps
+its own counters (`Batcher.workers`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
@@ -57,20 +59,53 @@ def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
             future.set_result(value)
 
 
+@dataclass(eq=False)
+class WorkerStats:
+    """One model worker's counters, read by /health and the metrics (written by its thread only)."""
+
+    index: int
+    device: str
+    batches: int = 0  # batches that succeeded
+    inputs: int = 0  # inputs embedded
+    failed_batches: int = 0
+    busy: bool = False  # inside a forward pass now
+    busy_seconds: float = 0.0  # time spent in finished forward passes
+    busy_since: float = 0.0  # perf_counter() when the running forward started; 0 when idle
+
+    def busy_total(self) -> float:
+        """Seconds spent in forward passes so far, the running one included."""
+        since = self.busy_since
+        return self.busy_seconds + (time.perf_counter() - since if since else 0.0)
+
+
+Forward = Callable[[list[PreparedInput]], np.ndarray]
+
+
 def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
 class Batcher:
+    """`forward` is one callable (one worker) or a list of them: one worker thread each, one queue.
+
+    `devices` names each worker's device in its WorkerStats (default: "0", "1", ...).
+    """
+
     def __init__(
         self,
-        forward: Callable[[list[PreparedInput]], np.ndarray],
+        forward: Union[Forward, Sequence[Forward]],
         max_batch_size: int,
         max_batch_tokens: int,
         max_queued: int,
         on_oom: Callable[[], None] | None = None,
+        devices: Sequence[str] | None = None,
     ):
-        self._forward = forward
+        self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
+        if not self._forwards:
+            raise ValueError("the batcher needs at least one forward callable")
+        devices = list(devices) if devices is not None else [str(i) for i in range(len(self._forwards))]
+        if len(devices) != len(self._forwards):
+            raise ValueError("one device name per forward callable")
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queued = max_queued
@@ -78,10 +113,17 @@ class Batcher:
         self._pending: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._running = False
-        self._busy = False
-        self._thread: threading.Thread | None = None
-        self.batches_run = 0
-        self.inputs_run = 0
+        self._busy = 0  # workers inside a forward pass
+        self._threads: list[threading.Thread] = []
+        self.workers = [WorkerStats(i, d) for i, d in enumerate(devices)]
+
+    @property
+    def batches_run(self) -> int:
+        return sum(w.batches for w in self.workers)
+
+    @property
+    def inputs_run(self) -> int:
+        return sum(w.inputs for w in self.workers)
 
     # ------------------------------------------------------------------ client side
 
@@ -102,6 +144,10 @@ class Batcher:
             self._cond.notify()
         return [e.future for e in entries]
 
+    def alive(self) -> bool:
+        """Running, with every model-worker thread alive."""
+        return self._running and bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def idle(self) -> bool:
         with self._cond:
             return not self._pending and not self._busy
@@ -110,15 +156,20 @@ class Batcher:
 
     def start(self) -> None:
         self._running = True
-        self._thread = threading.Thread(target=self._work, name="model-worker", daemon=True)
-        self._thread.start()
+        single = len(self._forwards) == 1
+        for k in range(len(self._forwards)):
+            name = "model-worker" if single else f"model-worker-{k}"
+            thread = threading.Thread(target=self._work, args=(k,), name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _take(self) -> list[_Entry]:
         """Called with the lock held and the queue non-empty.
@@ -160,7 +211,8 @@ class Batcher:
         pending.extendleft(reversed([e for i, e in enumerate(window) if i not in chosen]))
         return batch
 
-    def _work(self) -> None:
+    def _work(self, k: int) -> None:
+        stats = self.workers[k]
         while True:
             with self._cond:
                 while self._running and not self._pending:
@@ -168,35 +220,47 @@ class Batcher:
                 if not self._running and not self._pending:
                     return
                 batch = self._take()
-                self._busy = bool(batch)
+                if self._pending:
+                    self._cond.notify()  # more is waiting: wake another free worker
+                if batch:
+                    self._busy += 1
+                    stats.busy = True
+                    stats.busy_since = time.perf_counter()
             if batch:
-                self._run(batch)
-                with self._cond:
-                    self._busy = False
+                try:
+                    self._run(batch, k)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+                        stats.busy = False
+                        stats.busy_seconds += time.perf_counter() - stats.busy_since
+                        stats.busy_since = 0.0
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _run(self, batch: list[_Entry], k: int = 0) -> None:
+        stats = self.workers[k]
         started = time.perf_counter()
         try:
-            vectors = self._forward([e.prepared for e in batch])
+            vectors = self._forwards[k]([e.prepared for e in batch])
         except Exception as exc:  # a failed batch fails its requests, never the worker
             if _is_oom(exc):
                 if self._on_oom:
                     self._on_oom()
                 if len(batch) > 1:
                     half = len(batch) // 2
-                    log.warning("out of memory on a batch of %d; retrying in halves", len(batch))
-                    self._run(batch[:half])
-                    self._run(batch[half:])
+                    log.warning("out of memory on a batch of %d (worker %d); retrying in halves", len(batch), k)
+                    self._run(batch[:half], k)
+                    self._run(batch[half:], k)
                     return
                 error: Exception = InputFailed("this input does not fit in the device's memory")
             else:
-                log.exception("forward pass failed for a batch of %d", len(batch))
+                log.exception("forward pass failed for a batch of %d (worker %d, %s)", len(batch), k, stats.device)
                 error = exc
+            stats.failed_batches += 1
             self._send(batch, [(e.future, error, True) for e in batch])
             return
-        self.batches_run += 1
-        self.inputs_run += len(batch)
-        log.debug("batch of %d in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3)
+        stats.batches += 1
+        stats.inputs += len(batch)
+        log.debug("batch of %d in %.1f ms (worker %d)", len(batch), (time.perf_counter() - started) * 1e3, k)
         self._send(batch, [(e.future, vectors[i], False) for i, e in enumerate(batch)])
 
     @staticmethod

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -49,12 +51,16 @@ def video_limits(settings: Settings) -> VideoLimits:
 
 
 class Service:
-    """Owns the runner, the batcher, the image loader and the preparation threads."""
+    """Owns the runners (one model copy per device), the batcher, the image loader and the
+    preparation threads. The first runner prepares inputs; every runner runs batches."""
 
-    def __init__(self, settings: Settings, runner: Runner):
+    def __init__(self, settings: Settings, runner: Union[Runner, Sequence[Runner]]):
         self.settings = settings
-        self.runner = runner
+        self.runners = list(runner) if isinstance(runner, (list, tuple)) else [runner]
+        self.runner = runner = self.runners[0]
         self.info = runner.info()
+        if len(self.runners) > 1:
+            self.info = dataclasses.replace(self.info, device=",".join(str(r.device) for r in self.runners))
         is_vl = self.info.family == "qwen3_vl"
         self.rules = InputRules(
             max_inputs=settings.max_inputs_per_request,
@@ -74,11 +80,12 @@ class Service:
         self.videos = VideoLoader(media_policy(settings), video_limits(settings))
         self.prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prepare")
         self.batcher = Batcher(
-            runner.forward,
+            [r.forward for r in self.runners],
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_queued=settings.max_queued_inputs,
-            on_oom=_empty_cuda_cache if runner.device.type == "cuda" else None,
+            on_oom=_empty_cuda_cache if any(r.device.type == "cuda" for r in self.runners) else None,
+            devices=[str(r.device) for r in self.runners],
         )
         self.batcher.start()
 

@@ -8,22 +8,35 @@ import torch
 
 from ..settings import Settings
 from .base import VISION_TOKENS, InputTooLong, ModelInfo, PreparedInput, Runner
-from .loading import ModelLoadError, check_startup, hidden_size, read_config
+from .loading import ModelLoadError, check_startup, hidden_size, read_config, resolve_devices, resolve_dtype
 from .qwen3_text import TextRunner
 from .qwen3_vl import VLRunner
 
 
 def load_runner(settings: Settings) -> "Runner":
-    config, device, dtype = check_startup(settings)
-    threads = settings.torch_threads or max(1, os.cpu_count() or 1)
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
+    """One model copy, on the first device of DEVICE."""
+    return _load(settings, 1)[0]
+
+
+def load_runners(settings: Settings) -> list["Runner"]:
+    """One model copy per device of DEVICE (`cuda:0,cuda:1`, `cpu,cpu`, `cuda:all`), loaded in turn."""
+    return _load(settings, None)
+
+
+def _load(settings: Settings, limit: int | None) -> list["Runner"]:
+    config, _, _ = check_startup(settings)
+    devices = resolve_devices(settings.device)[:limit]
+    cpu_workers = sum(d.type == "cpu" for d in devices)
+    if cpu_workers:
+        # TORCH_THREADS is per worker; 0 shares the cores among the CPU workers.
+        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_workers))
     runner_cls = VLRunner if config["model_type"] == "qwen3_vl" else TextRunner
-    return runner_cls(settings, config, device, dtype)
+    return [runner_cls(settings, config, d, resolve_dtype(settings.dtype, d)) for d in devices]
 
 
 
 __all__ = [
     "VISION_TOKENS", "InputTooLong", "ModelInfo", "ModelLoadError", "PreparedInput", "Runner",
-    "TextRunner", "VLRunner", "check_startup", "hidden_size", "load_runner", "read_config",
+    "TextRunner", "VLRunner", "check_startup", "hidden_size", "load_runner", "load_runners",
+    "read_config",
 ]

@@ -149,6 +149,8 @@ class Runner:
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
         """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
         ids, mask, last = self._collate_ids(batch)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this worker thread's device, for anything placed implicitly
         out = self.model(
             input_ids=ids.to(self.device, non_blocking=True),
             attention_mask=mask.to(self.device, non_blocking=True),

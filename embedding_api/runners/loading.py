@@ -54,6 +54,15 @@ def hidden_size(config: dict) -> int:
     return int(text["hidden_size"])
 
 
+def resolve_devices(setting: str) -> list[torch.device]:
+    """DEVICE as a list of devices, one model worker each: `cuda:0,cuda:1`, `cpu,cpu`, `cuda:all`, ..."""
+    if setting == "cuda:all":
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            raise ModelLoadError("DEVICE=cuda:all but CUDA is not available on this host; use DEVICE=cpu or auto.")
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [resolve_device(part) for part in setting.split(",")]
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +90,7 @@ def check_startup(settings: Settings) -> tuple[dict, torch.device, torch.dtype]:
             f"EMBEDDING_DIMENSION={settings.embedding_dimension} is larger than the model's own size {native} "
             f"({settings.model_path}); use a value from 1 to {native}."
         )
-    device = resolve_device(settings.device)
+    device = resolve_devices(settings.device)[0]  # every device is checked; the first one is returned
     return config, device, resolve_dtype(settings.dtype, device)
 
 
