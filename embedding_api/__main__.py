@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from .main import DrainingServer, create_app, load_settings
+from .observability import configure_logging
 from .runners import ModelLoadError, check_startup
 
 # After SHUTDOWN_GRACE the app answers what is still in flight with 503 itself; uvicorn's own
@@ -27,12 +28,15 @@ def main() -> None:
     except ModelLoadError as exc:
         print(f"embedding_api: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through the root logger, in LOG_FORMAT
+        access_log=False,  # the app logs one line per request itself (embedding_api.access)
         timeout_graceful_shutdown=settings.shutdown_grace + _BACKSTOP_S,  # type: ignore[arg-type]
     )
     DrainingServer(config, app).run()

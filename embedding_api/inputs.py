@@ -25,6 +25,15 @@ class EmbedInput:
     token_ids: list[int] | None = None
     instruction: str | None = None  # resolved: per-element > request > input_type > default
 
+    @property
+    def kind(self) -> str:
+        """text | image | fused (text and image(s) in one vector) | token_ids."""
+        if self.token_ids is not None:
+            return "token_ids"
+        if self.images:
+            return "fused" if self.texts else "image"
+        return "text"
+
 
 @dataclass
 class EmbedRequest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,34 @@ class Settings(BaseSettings):
     request_timeout: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(30.0, ge=0)
+
+    # Operating: log format, metrics, CORS
+    log_format: str = "plain"  # plain | json (one JSON object per line)
+    metrics_port: int | None = Field(None, ge=1, le=65535)  # empty = /metrics on PORT
+    cors_allow_origins: str = ""  # comma-separated origins, or *; empty = CORS off
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("plain", "json"):
+            return value
+        raise ValueError("LOG_FORMAT must be plain or json")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_metrics_port(cls, value):
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _metrics_port_differs(self):
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("METRICS_PORT must differ from PORT (leave it empty to serve /metrics on PORT)")
+        return self
+
+    @cached_property
+    def cors_origins(self) -> tuple[str, ...]:
+        return _split_csv(self.cors_allow_origins)
 
     @field_validator("device")
     @classmethod

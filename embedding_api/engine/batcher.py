@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..runners import PreparedInput
+from .timing import StageTimes
 
 log = logging.getLogger("embedding_api")
 
@@ -45,6 +46,7 @@ class _Entry:
     prepared: PreparedInput
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    times: StageTimes | None = None
 
 
 def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
@@ -69,12 +71,14 @@ class Batcher:
         max_batch_tokens: int,
         max_queued: int,
         on_oom: Callable[[], None] | None = None,
+        on_batch: Callable[[int, int, float], None] | None = None,
     ):
         self._forward = forward
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queued = max_queued
         self._on_oom = on_oom
+        self._on_batch = on_batch  # (inputs, padded tokens, forward seconds) per batch run
         self._pending: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._running = False
@@ -82,6 +86,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches_run = 0
         self.inputs_run = 0
+        self._busy_s = 0.0  # seconds the worker spent running batches, finished ones
+        self._busy_since = 0.0  # perf_counter() when the batch running now started; 0 when idle
 
     # ------------------------------------------------------------------ client side
 
@@ -89,10 +95,15 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, items: Sequence[PreparedInput]) -> list[asyncio.Future]:
-        """Queue a request's inputs, all or none; raises QueueFull when there is no room."""
+    def submit(self, items: Sequence[PreparedInput], times: StageTimes | None = None) -> list[asyncio.Future]:
+        """Queue a request's inputs, all or none; raises QueueFull when there is no room.
+
+        With `times`, the worker records there the forward passes that carry these inputs.
+        """
         loop = asyncio.get_running_loop()
-        entries = [_Entry(p, loop.create_future(), loop) for p in items]
+        entries = [_Entry(p, loop.create_future(), loop, times) for p in items]
+        if times is not None:
+            times.mark_submitted()
         with self._cond:
             if not self._running:
                 raise RuntimeError("the batcher is not running")
@@ -102,6 +113,12 @@ class Batcher:
             self._cond.notify()
         return [e.future for e in entries]
 
+    def busy_seconds(self) -> float:
+        """Seconds the model worker has spent running batches so far, the running one included."""
+        with self._cond:
+            running = time.perf_counter() - self._busy_since if self._busy_since else 0.0
+            return self._busy_s + running
+
     def idle(self) -> bool:
         with self._cond:
             return not self._pending and not self._busy
@@ -110,6 +127,7 @@ class Batcher:
 
     def start(self) -> None:
         self._running = True
+        self.started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._work, name="model-worker", daemon=True)
         self._thread.start()
 
@@ -169,10 +187,14 @@ class Batcher:
                     return
                 batch = self._take()
                 self._busy = bool(batch)
+                if batch:
+                    self._busy_since = time.perf_counter()
             if batch:
                 self._run(batch)
                 with self._cond:
                     self._busy = False
+                    self._busy_s += time.perf_counter() - self._busy_since
+                    self._busy_since = 0.0
 
     def _run(self, batch: list[_Entry]) -> None:
         started = time.perf_counter()
@@ -194,10 +216,21 @@ class Batcher:
                 error = exc
             self._send(batch, [(e.future, error, True) for e in batch])
             return
+        ended = time.perf_counter()
+        took = ended - started
         self.batches_run += 1
         self.inputs_run += len(batch)
-        log.debug("batch of %d in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3)
+        seq = self.batches_run
+        for entry in batch:
+            times = entry.times
+            if times is not None and times.last_batch != seq:
+                times.last_batch = seq
+                times.forward_s += took
+                times.ready = ended
+        log.debug("batch of %d in %.1f ms", len(batch), took * 1e3)
         self._send(batch, [(e.future, vectors[i], False) for i, e in enumerate(batch)])
+        if self._on_batch is not None:
+            self._on_batch(len(batch), len(batch) * max(e.prepared.n_tokens for e in batch), took)
 
     @staticmethod
     def _send(batch: list[_Entry], pairs: list[tuple[asyncio.Future, object, bool]]) -> None:

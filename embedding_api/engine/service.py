@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull
+from .timing import StageTimes
 from ..api.errors import APIError, invalid
 from ..inputs import EmbedInput, EmbedRequest, InputRules
 from ..media import ImageLoader, MediaError, MediaPolicy
@@ -36,9 +39,19 @@ def media_policy(settings: Settings) -> MediaPolicy:
 
 
 class Service:
-    """Owns the runner, the batcher, the image loader and the preparation threads."""
+    """Owns the runner, the batcher, the image loader and the preparation threads.
 
-    def __init__(self, settings: Settings, runner: Runner):
+    `on_batch(inputs, padded_tokens, forward_s)` is called by the model worker after each batch;
+    `on_fetch(seconds, failure_reason_or_None)` after each image URL fetch (metrics).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        runner: Runner,
+        on_batch: Callable[[int, int, float], None] | None = None,
+        on_fetch: Callable[[float, str | None], None] | None = None,
+    ):
         self.settings = settings
         self.runner = runner
         self.info = runner.info()
@@ -55,6 +68,7 @@ class Service:
             query_instruction=settings.query_instruction or self.info.default_query_instruction,
         )
         self.images = ImageLoader(media_policy(settings))
+        self.images.fetcher.on_fetch = on_fetch
         self.prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prepare")
         self.batcher = Batcher(
             runner.forward,
@@ -62,6 +76,7 @@ class Service:
             max_batch_tokens=settings.max_batch_tokens,
             max_queued=settings.max_queued_inputs,
             on_oom=_empty_cuda_cache if runner.device.type == "cuda" else None,
+            on_batch=on_batch,
         )
         self.batcher.start()
 
@@ -100,14 +115,20 @@ class Service:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.prep_pool, lambda: [self._prepare(i, []) for i in items])
 
-    async def embed(self, request: EmbedRequest) -> tuple[np.ndarray, int]:
+    async def embed(self, request: EmbedRequest, times: StageTimes | None = None) -> tuple[np.ndarray, int]:
         """Returns the finished vectors (one row per input, in order) and the tokens fed to the model.
 
-        Cancelling the caller cancels the inputs still queued: they never reach the model.
+        With `times`, records where the time went (preparation, queue, forward) and how many
+        inputs were truncated. Cancelling the caller cancels the inputs still queued: they never
+        reach the model.
         """
+        started = time.perf_counter()
         prepared = await self._prepare_all(request.inputs)
+        if times is not None:
+            times.prepare_s = time.perf_counter() - started
+            times.truncated = sum(p.truncated for p in prepared)
         try:
-            futures = self.batcher.submit(prepared)
+            futures = self.batcher.submit(prepared, times)
         except QueueFull:
             raise APIError(
                 429,

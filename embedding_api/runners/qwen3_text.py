@@ -50,4 +50,5 @@ class TextRunner(Runner):
             body = self.encode(f"Instruct: {instruction}\nQuery:{text}" if instruction else text)
         # Truncate first, then add the post-processor's tokens: what the tokenizer's own truncation does.
         room = self.max_tokens - len(self._special_prefix) - len(self._special_suffix)
-        return PreparedInput(input_ids=self._special_prefix + body[:room] + self._special_suffix)
+        return PreparedInput(input_ids=self._special_prefix + body[:room] + self._special_suffix,
+                             truncated=len(body) > room)

@@ -95,7 +95,7 @@ class VLRunner(Runner):
             prefix, suffix = (s.replace("INSTRUCTION", instruction, 1) if i == 0 else s
                               for i, s in enumerate(self._ids_template))
             ids = self.encode(prefix) + token_ids + self.encode(suffix)
-            return PreparedInput(input_ids=ids[: self.max_tokens])
+            return PreparedInput(input_ids=ids[: self.max_tokens], truncated=len(ids) > self.max_tokens)
         grids, patch_list = [], []
         for image in images:
             patches, grid = self._image_patches(image)
@@ -109,7 +109,8 @@ class VLRunner(Runner):
                 "<|image_pad|>" * (t * h * w // merge) + piece for (t, h, w), piece in zip(grids, pieces[1:])
             )
         ids = self.encode(prompt, special=True)
-        if len(ids) > self.max_tokens:
+        truncated = len(ids) > self.max_tokens
+        if truncated:
             image_tokens = sum(t * h * w // merge for t, h, w in grids)
             ids = ids[: self.max_tokens]
             if grids and ids.count(self.image_pad_id) != image_tokens:
@@ -117,7 +118,7 @@ class VLRunner(Runner):
                     f"the image tokens of this input do not fit in MAX_INPUT_TOKENS={self.max_tokens}"
                 )
         pixel_values = np.concatenate(patch_list) if patch_list else None
-        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids)
+        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids, truncated=truncated)
 
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
         pixels = [p.pixel_values for p in batch if p.pixel_values is not None]
