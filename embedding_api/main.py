@@ -246,7 +246,7 @@ def create_app(
         metrics = app.state.metrics
         try:
             runner = await _load_in_thread(loader, settings)
-            service = Service(settings, runner, on_batch=metrics.observe_batch, on_fetch=metrics.observe_fetch)
+            service = Service(settings, runner, on_batch=metrics.batch_observer(), on_fetch=metrics.observe_fetch)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             return

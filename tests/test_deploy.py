@@ -48,6 +48,7 @@ def metric_names() -> set[str]:
     info = SimpleNamespace(family="qwen3_vl", device="cpu", dtype="float32", dimension=64)
     metrics.watch(lambda: SimpleNamespace(batcher=batcher, info=info))
     metrics.observe_fetch(0.1, "timeout")
+    metrics.batch_observer()(2, 16, 0.01)
     metrics.observe_request("/v1/embeddings", 200, 0.01)
     names = set()
     for family in text_string_to_metric_families(metrics.exposition().decode()):

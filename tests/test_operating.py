@@ -359,3 +359,22 @@ def test_batcher_records_stage_times_per_request():
     assert times.forward_s == pytest.approx(sum(b[2] for b in batches))
     assert times.ready >= times.submitted > 0 and times.queue_s >= 0
     assert batcher.busy_seconds() >= sum(b[2] for b in batches)
+
+
+def test_lock_free_series_expose_prometheus_buckets_and_sum_writers():
+    from embedding_api.observability.series import Family
+
+    family = Family("x_seconds", "doc", ["model"], (0.1, 1.0))
+    first, second = family.child("m"), family.child("m")  # two writers of one series: summed
+    for v in (0.05, 0.1, 0.5):
+        first.observe(v)
+    second.observe(2.0)
+    (metric,) = [family.collect()]
+    samples = {(s.name, s.labels.get("le")): s.value for s in metric.samples}
+    assert samples[("x_seconds_bucket", "0.1")] == 2  # "less than or equal": 0.1 is in the 0.1 bucket
+    assert samples[("x_seconds_bucket", "1.0")] == 3 and samples[("x_seconds_bucket", "+Inf")] == 4
+    assert samples[("x_seconds_count", None)] == 4 and samples[("x_seconds_sum", None)] == pytest.approx(2.65)
+    counter = Family("y", "doc", ["kind"])
+    counter.child("a").inc(2)
+    counter.child("a").inc(3)
+    assert [(s.name, s.value) for s in counter.collect().samples] == [("y_total", 5.0)]

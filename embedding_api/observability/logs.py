@@ -26,17 +26,20 @@ class AccessLine:
 
     def __str__(self) -> str:
         f = self.fields
-        head = f"{f['method']} {f['route']} {f['status']}"
-        rest = " ".join(f"{k}={_plain(v)}" for k, v in f.items() if k not in ("method", "route", "status"))
-        return f"{head} {rest}"
+        line = f"{f['method']} {f['route']} {f['status']} request_id={f['request_id']} code={f['code'] or '-'}"
+        inputs = f.get("inputs")
+        if inputs is not None:
+            kinds = ",".join(f"{k}:{v}" for k, v in inputs.items()) or "-"
+            line += f" inputs={kinds} prompt_tokens={f['prompt_tokens']}"
+            if "queue_ms" in f:
+                line += (f" truncated_inputs={f['truncated_inputs']} prepare_ms={f['prepare_ms']:.2f}"
+                         f" queue_ms={f['queue_ms']:.2f} forward_ms={f['forward_ms']:.2f}")
+        return f"{line} total_ms={f['total_ms']:.2f} client={f['client'] or '-'}"
 
 
-def _plain(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        return ",".join(f"{k}:{v}" for k, v in value.items()) or "-"
-    return str(value)
+def log_request(level: int, fields: dict) -> None:
+    """The request line, without the caller lookup that Logger.log does (nothing to find here)."""
+    access_log.handle(access_log.makeRecord(access_log.name, level, "(request)", 0, AccessLine(fields), (), None))
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,7 +54,8 @@ class JsonFormatter(logging.Formatter):
         }
         if isinstance(record.msg, AccessLine):
             body["message"] = "request"
-            body.update(record.msg.fields)
+            for key, value in record.msg.fields.items():
+                body[key] = round(value, 2) if key.endswith("_ms") else value
         else:
             body["message"] = record.getMessage()
         if record.exc_info:

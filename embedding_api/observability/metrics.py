@@ -1,9 +1,10 @@
 """Prometheus metrics: one registry per app (never the global default), so that several apps in one
 process, and the tests, never share counters.
 
-Recording is cheap on purpose: label children are bound once, requests by (route, status) are cached
-in a plain dict, and everything that is a level rather than an event (queued inputs, requests in
-flight, the model worker's busy share, model_info) is read only when Prometheus scrapes.
+Recording is cheap on purpose: the series are lock-free single-writer counters and histograms
+(series.py) bound once, requests by (route, status) are cached in a plain dict, and everything that
+is a level rather than an event (queued inputs, requests in flight, the model worker's busy share,
+model_info) is read only when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .series import FamiliesCollector, Family
 
 PREFIX = "embedding_api_"
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -27,64 +30,60 @@ BUSY_WINDOW_MIN_S = 1.0
 
 __all__ = ["CONTENT_TYPE_LATEST", "INPUT_KINDS", "Metrics"]
 
-# No `_created` series beside every counter and histogram: they double the scrape for nothing here.
-disable_created_metrics()
-
 
 class Metrics:
-    """Every metric of one server. `model` is the served model name (the `model` label)."""
+    """Every metric of one server. `model` is the served model name (the `model` label).
+
+    Request, embedding and fetch metrics are written by the event loop only; batch metrics by the
+    model-worker thread that owns the observer from `batch_observer()`.
+    """
 
     def __init__(self, model: str):
         self.model = model
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            PREFIX + "requests", "HTTP requests answered, by route template and status code",
-            ["route", "status"], registry=registry,
-        )
-        self._request_seconds = Histogram(
+        self._requests = Family(PREFIX + "requests", "HTTP requests answered, by route template and status code",
+                                ["route", "status"])
+        self._request_seconds = Family(
             PREFIX + "request_duration_seconds", "Time from the request's arrival to the end of its answer",
-            ["route"], buckets=REQUEST_BUCKETS, registry=registry,
+            ["route"], REQUEST_BUCKETS,
         )
         self._request_cache: dict = {}
-
-        def per_model(kind, name, doc, **kw):
-            return kind(PREFIX + name, doc, ["model"], registry=registry, **kw).labels(model)
-
-        self.prepare_seconds = per_model(
-            Histogram, "preparation_seconds",
+        self._prepare = Family(
+            PREFIX + "preparation_seconds",
             "Per embedding request: image loading (fetch and decode) and model-input preparation "
-            "(tokenising, resizing, patches)", buckets=STAGE_BUCKETS,
+            "(tokenising, resizing, patches)", ["model"], STAGE_BUCKETS,
         )
-        self.queue_seconds = per_model(
-            Histogram, "queue_wait_seconds",
+        self._queue = Family(
+            PREFIX + "queue_wait_seconds",
             "Per embedding request: time its inputs waited for the model (queue to last vector, "
-            "less the forward passes)", buckets=STAGE_BUCKETS,
+            "less the forward passes)", ["model"], STAGE_BUCKETS,
         )
-        self.forward_seconds = per_model(
-            Histogram, "forward_seconds", "Per batch: duration of the model's forward pass", buckets=STAGE_BUCKETS,
-        )
-        self.batch_size = per_model(
-            Histogram, "batch_size", "Per batch: inputs in the batch", buckets=BATCH_SIZE_BUCKETS,
-        )
-        self.batch_tokens = per_model(
-            Histogram, "batch_padded_tokens", "Per batch: padded tokens (longest input x inputs)",
-            buckets=BATCH_TOKEN_BUCKETS,
-        )
-        self.prompt_tokens = per_model(Counter, "prompt_tokens", "Tokens fed to the model for answered requests")
-        self.truncated = per_model(Counter, "truncated_inputs", "Inputs cut at MAX_INPUT_TOKENS")
-        inputs = Counter(
-            PREFIX + "inputs", "Inputs embedded (answered with a vector), by kind", ["model", "kind"],
-            registry=registry,
-        )
-        self.inputs = {kind: inputs.labels(model, kind) for kind in INPUT_KINDS}
-        self.fetch_seconds = Histogram(
-            PREFIX + "image_fetch_seconds", "Duration of image URL fetches, failed ones included",
-            buckets=FETCH_BUCKETS, registry=registry,
-        )
-        self._fetch_failures = Counter(
-            PREFIX + "image_fetch_failures", "Image URL fetches that failed, by reason", ["reason"],
-            registry=registry,
-        )
+        self._forward = Family(PREFIX + "forward_seconds", "Per batch: duration of the model's forward pass",
+                               ["model"], STAGE_BUCKETS)
+        self._batch_size = Family(PREFIX + "batch_size", "Per batch: inputs in the batch", ["model"],
+                                  BATCH_SIZE_BUCKETS)
+        self._batch_tokens = Family(PREFIX + "batch_padded_tokens",
+                                    "Per batch: padded tokens (longest input x inputs)", ["model"], BATCH_TOKEN_BUCKETS)
+        self._prompt_tokens = Family(PREFIX + "prompt_tokens", "Tokens fed to the model for answered requests",
+                                     ["model"])
+        self._truncated = Family(PREFIX + "truncated_inputs", "Inputs cut at MAX_INPUT_TOKENS", ["model"])
+        self._inputs = Family(PREFIX + "inputs", "Inputs embedded (answered with a vector), by kind",
+                              ["model", "kind"])
+        self._fetch = Family(PREFIX + "image_fetch_seconds", "Duration of image URL fetches, failed ones included",
+                             (), FETCH_BUCKETS)
+        self._fetch_failures = Family(PREFIX + "image_fetch_failures", "Image URL fetches that failed, by reason",
+                                      ["reason"])
+        self._failure_cache: dict = {}
+        self.prepare_seconds = self._prepare.child(model)
+        self.queue_seconds = self._queue.child(model)
+        self.prompt_tokens = self._prompt_tokens.child(model)
+        self.truncated = self._truncated.child(model)
+        self.inputs = {kind: self._inputs.child(model, kind) for kind in INPUT_KINDS}
+        self.fetch_seconds = self._fetch.child()
+        registry.register(FamiliesCollector([
+            self._requests, self._request_seconds, self._prepare, self._queue, self._forward, self._batch_size,
+            self._batch_tokens, self._prompt_tokens, self._truncated, self._inputs, self._fetch, self._fetch_failures,
+        ]))
         self.inflight = 0  # HTTP requests being answered now (kept by the middleware)
         self._state = _StateCollector(self)
         registry.register(self._state)
@@ -95,31 +94,40 @@ class Metrics:
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         children = self._request_cache.get((route, status))
         if children is None:
-            children = (self._requests.labels(route, str(status)), self._request_seconds.labels(route))
-            self._request_cache[(route, status)] = children
-        children[0].inc()
+            per_route = self._request_seconds.series.get((route,))
+            duration = per_route[0] if per_route else self._request_seconds.child(route)
+            children = self._request_cache[(route, status)] = (self._requests.child(route, str(status)), duration)
+        children[0].value += 1
         children[1].observe(seconds)
 
     def observe_embedding(self, kinds: dict[str, int], tokens: int, times) -> None:
         """An answered /v1/embeddings request: `times` is its engine.timing.StageTimes."""
         for kind, count in kinds.items():
-            self.inputs[kind].inc(count)
-        self.prompt_tokens.inc(tokens)
+            self.inputs[kind].value += count
+        self.prompt_tokens.value += tokens
         self.prepare_seconds.observe(times.prepare_s)
         self.queue_seconds.observe(times.queue_s)
         if times.truncated:
-            self.truncated.inc(times.truncated)
+            self.truncated.value += times.truncated
 
-    def observe_batch(self, size: int, padded_tokens: int, seconds: float) -> None:
-        """Called by the model worker after each batch."""
-        self.batch_size.observe(size)
-        self.batch_tokens.observe(padded_tokens)
-        self.forward_seconds.observe(seconds)
+    def batch_observer(self) -> Callable[[int, int, float], None]:
+        """`observe(inputs, padded_tokens, forward_seconds)` for ONE model-worker thread (its own series)."""
+        size, tokens, forward = (f.child(self.model) for f in (self._batch_size, self._batch_tokens, self._forward))
+
+        def observe(inputs: int, padded_tokens: int, seconds: float) -> None:
+            size.observe(inputs)
+            tokens.observe(padded_tokens)
+            forward.observe(seconds)
+
+        return observe
 
     def observe_fetch(self, seconds: float, failure: str | None) -> None:
         self.fetch_seconds.observe(seconds)
         if failure is not None:
-            self._fetch_failures.labels(failure).inc()
+            counter = self._failure_cache.get(failure)
+            if counter is None:
+                counter = self._failure_cache[failure] = self._fetch_failures.child(failure)
+            counter.value += 1
 
     def watch(self, service: Callable[[], object | None]) -> None:
         """Where the scrape-time gauges read the served model's state: a callable returning the

@@ -8,11 +8,11 @@ The routes add what only they know to the request's `RequestRecord` (scope key
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
-from .logs import AccessLine, access_log
+from .logs import access_log, log_request
 from .metrics import Metrics
 
 SCOPE_KEY = "embedding_api.record"
@@ -53,7 +53,7 @@ def _request_id(headers) -> str:
             if _CLIENT_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # uuid4().hex costs several times more for the same 128 random bits
 
 
 def _route(scope) -> str:
@@ -118,9 +118,9 @@ class ObservabilityMiddleware:
             fields["prompt_tokens"] = record.tokens
             if times is not None:
                 fields["truncated_inputs"] = times.truncated
-                fields["prepare_ms"] = round(times.prepare_s * 1e3, 2)
-                fields["queue_ms"] = round(times.queue_s * 1e3, 2)
-                fields["forward_ms"] = round(times.forward_s * 1e3, 2)
-        fields["total_ms"] = round(seconds * 1e3, 2)
+                fields["prepare_ms"] = times.prepare_s * 1e3
+                fields["queue_ms"] = times.queue_s * 1e3
+                fields["forward_ms"] = times.forward_s * 1e3
+        fields["total_ms"] = seconds * 1e3
         fields["client"] = f"{client[0]}:{client[1]}" if client else None
-        access_log.log(level, AccessLine(fields))
+        log_request(level, fields)
