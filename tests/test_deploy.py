@@ -240,3 +240,15 @@ def test_grafana_dashboard_uses_real_metrics(metric_names):
     assert any("histogram_quantile(0.99" in e for e in exprs)
     ds_uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
     assert ds_uids == {datasource["uid"]}
+
+
+def test_readme_documents_every_metric_and_setting(metric_names):
+    readme = (ROOT / "README.md").read_text()
+    operating = readme[readme.index("## Operating"):]
+    families = {n for n in metric_names if n.startswith("embedding_api_")}
+    families = {n for n in families if not any(n.endswith(s) for s in ("_bucket", "_sum", "_count", "_created"))}
+    missing = {n for n in families if f"`{n}`" not in operating and f"`{n}_total`" not in operating}
+    assert not missing, missing
+    env_example = (ROOT / ".env.example").read_text()
+    for name in ("LOG_FORMAT", "METRICS_PORT", "CORS_ALLOW_ORIGINS"):
+        assert f"| `{name}` |" in readme and f"\n{name}=" in env_example
