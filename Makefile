@@ -16,6 +16,9 @@ MODEL_PATH ?= $(shell sed -n 's/^MODEL_PATH=//p' .env 2>/dev/null | tail -n 1)
 MODEL_PATH := $(or $(MODEL_PATH),./models/Qwen3-VL-Embedding-2B)
 DEMO_PATH ?= ./models/demo-random
 
+# `run` and `demo` exec the server in place of the recipe's shell: make's own child is then the server
+# itself, so a SIGTERM to make (which GNU make passes on to its children) reaches it, and it drains.
+
 .PHONY: install run demo test bench bench-quick clean
 
 install: $(VENV)/.installed
@@ -34,12 +37,12 @@ run: install
 	  echo "No model at $(MODEL_PATH). Download the weights first:"; \
 	  echo "  $(BIN)/pip install -U huggingface_hub && $(BIN)/hf download Qwen/Qwen3-VL-Embedding-2B --local-dir $(MODEL_PATH)"; \
 	  echo "or try the offline demo: make demo"; exit 1; fi
-	MODEL_PATH=$(MODEL_PATH) $(BIN)/python -m embedding_api
+	MODEL_PATH=$(MODEL_PATH) exec $(BIN)/python -m embedding_api
 
 demo: install
 	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size demo
 	@echo "Serving a RANDOM-WEIGHT demo checkpoint (2048-dim output, like the 2B): the API is real, the vectors are meaningless."
-	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B $(BIN)/python -m embedding_api
+	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B exec $(BIN)/python -m embedding_api
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from .main import DrainingServer, create_app, load_settings
+    from .observability import configure_logging
     from .runners import ModelLoadError, check_startup
 
     settings = load_settings(**overrides)
@@ -33,12 +34,15 @@ def main(argv: list[str] | None = None) -> None:
     except ModelLoadError as exc:
         print(f"embedding_api: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through the root logger, in LOG_FORMAT
+        access_log=False,  # the app logs one line per request itself (embedding_api.access)
         timeout_graceful_shutdown=settings.shutdown_grace + _BACKSTOP_S,  # type: ignore[arg-type]
     )
     DrainingServer(config, app).run()

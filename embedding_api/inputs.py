@@ -37,6 +37,17 @@ class EmbedInput:
     instruction: str | None = None  # resolved: per-element > request > input_type > default
     truncate: bool = True  # False: longer than MAX_INPUT_TOKENS is a 400 instead of a cut
 
+    @property
+    def kind(self) -> str:
+        """text | image | video | fused (more than one modality in one vector) | token_ids."""
+        if self.token_ids is not None:
+            return "token_ids"
+        if (bool(self.texts) + bool(self.images) + bool(self.videos)) > 1:
+            return "fused"
+        if self.images:
+            return "image"
+        return "video" if self.videos else "text"
+
 
 @dataclass
 class EmbedRequest:

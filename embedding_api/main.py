@@ -31,11 +31,17 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 import uvicorn
+from prometheus_client import start_http_server
 from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.middleware.cors import CORSMiddleware
 
 from .api.errors import UnhandledErrors, install_handlers
+from .api import metrics as metrics_route
 from .api import router
+from .api.docs import install_docs
+from .observability import Metrics, ObservabilityMiddleware, configure_logging
+from .observability.startup import report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, load_runners
 from .api.schemas import complete_openapi
 from .engine.service import Service
@@ -44,13 +50,6 @@ from .settings import Settings
 log = logging.getLogger("embedding_api")
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    log.setLevel(level.upper())
 
 
 def _exit_process(message: str) -> None:
@@ -211,7 +210,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         try:
             check_startup(settings)
         except ModelLoadError as exc:
@@ -219,6 +218,15 @@ def create_app(
             raise
         if not settings.api_keys:
             log.warning("API_KEY is empty: the API is open to anyone who can reach it")
+        metrics_server = None
+        if settings.metrics_port:
+            try:
+                metrics_server, _ = start_http_server(
+                    settings.metrics_port, addr=settings.host, registry=app.state.metrics.registry
+                )
+            except OSError as exc:
+                on_fatal(f"METRICS_PORT={settings.metrics_port}: cannot listen on {settings.host} ({exc.strerror})")
+                raise
         app.state.loop = asyncio.get_running_loop()
         load_task = asyncio.create_task(_load(app))
         try:
@@ -226,15 +234,20 @@ def create_app(
                 yield
         finally:
             load_task.cancel()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             app.state.status = "stopping"
             if app.state.service is not None:
                 await app.state.service.close()
 
     async def _load(app: FastAPI) -> None:
         started = time.perf_counter()
+        progress = asyncio.create_task(report_loading(settings.model_path))
+        metrics = app.state.metrics
         try:
             runner = await _load_in_thread(loader, settings)
-            service = Service(settings, runner)
+            service = Service(settings, runner, on_batch=metrics.batch_observer(), on_fetch=metrics.observe_fetch)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             return
@@ -242,6 +255,8 @@ def create_app(
             log.exception("model load failed")
             on_fatal(f"Could not load the model from {settings.model_path!r}: {exc.__class__.__name__}: {exc}")
             return
+        finally:
+            progress.cancel()
         if app.state.status != "loading":  # shutting down already: serve nothing
             await service.close()
             return
@@ -256,12 +271,15 @@ def create_app(
             "model %s (%s, %d dims, %s, %s) ready in %.1f s",
             settings.model_name, info.family, info.dimension, info.device, info.dtype, time.perf_counter() - started,
         )
+        log.info("%s", summary(settings, info, service.rules.default_dimension))
 
     app = FastAPI(
         title="embedding_api",
         description="OpenAI-compatible embeddings for Qwen3-VL-Embedding and Qwen3-Embedding.",
         version="1.0.0",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs from local assets
+        redoc_url=None,  # ReDoc loads from a CDN only
     )
     app.state.settings = settings
     app.state.service = None
@@ -269,9 +287,25 @@ def create_app(
     app.state.created = int(time.time())
     app.state.inflight = set()  # embedding tasks, cancelled when the shutdown grace runs out
     app.state.loop = None
+    app.state.metrics = Metrics(settings.model_name)
+    app.state.metrics.watch(lambda: app.state.service)
     install_handlers(app)
     app.add_middleware(UnhandledErrors, fastapi_app=app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "x-queue-time", "x-inference-time", "x-total-time",
+                            "x-prompt-tokens", "x-truncated-inputs"],
+            max_age=600,
+        )
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)  # outermost: sees every answer
     app.include_router(router)
+    if not settings.metrics_port:
+        app.include_router(metrics_route.router)
+    install_docs(app)
     complete_openapi(app)
     return app
 

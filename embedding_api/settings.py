@@ -79,6 +79,33 @@ class Settings(BaseSettings):
     ray_max_replicas: int | None = Field(None, ge=1)  # empty: one per GPU of the cluster, else RAY_MIN_REPLICAS
     ray_target_ongoing_requests: float = Field(32.0, gt=0)  # autoscaling target per replica
     ray_max_ongoing_requests: int = Field(128, ge=1)  # requests one replica takes at once (it batches them)
+    # Operating: log format, metrics, CORS
+    log_format: str = "plain"  # plain | json (one JSON object per line)
+    metrics_port: int | None = Field(None, ge=1, le=65535)  # empty = /metrics on PORT
+    cors_allow_origins: str = ""  # comma-separated origins, or *; empty = CORS off
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("plain", "json"):
+            return value
+        raise ValueError("LOG_FORMAT must be plain or json")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_metrics_port(cls, value):
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _metrics_port_differs(self):
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("METRICS_PORT must differ from PORT (leave it empty to serve /metrics on PORT)")
+        return self
+
+    @cached_property
+    def cors_origins(self) -> tuple[str, ...]:
+        return _split_csv(self.cors_allow_origins)
 
     @field_validator("device")
     @classmethod

@@ -295,7 +295,8 @@ def test_openapi_document_is_complete(api_schema, fuzz_client):
     assert refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
     assert "EmbeddingRequest" in refs
     labels = sorted(r.ok().label for r in api_schema.get_all_operations())
-    assert labels == ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/embeddings"]
+    assert labels == ["GET /health", "GET /health/live", "GET /health/ready", "GET /v1/models",
+                      "GET /v1/models/{model_id}", "POST /v1/embeddings"]
 
 
 @pytest.mark.parametrize("label, mode, n_examples", [
@@ -304,6 +305,8 @@ def test_openapi_document_is_complete(api_schema, fuzz_client):
     ("GET /v1/models/{model_id}", "positive", 30),
     ("GET /v1/models", "positive", 5),
     ("GET /health", "positive", 5),
+    ("GET /health/live", "positive", 2),
+    ("GET /health/ready", "positive", 2),
 ])
 def test_schemathesis(api_schema, vl_server, label, mode, n_examples):
     method, path = label.split(" ", 1)

@@ -462,6 +462,10 @@ def test_health_while_loading_then_ok(runner, tiny_vl):
         h = c.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "loading"
         assert h.json()["model_path"] == str(tiny_vl)
+        # Kubernetes probes: alive while loading, not ready.
+        assert c.get("/health/live").status_code == 200
+        ready = c.get("/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"status": "loading"}
         r = c.post("/v1/embeddings", json={"input": "x"})
         assert_envelope(r, 503, "model_not_ready")
         assert r.headers["retry-after"] == "2"
@@ -469,6 +473,7 @@ def test_health_while_loading_then_ok(runner, tiny_vl):
         release.set()
         body = _wait_ok(c)
         assert body["status"] == "ok" and body["inputs_embedded"] == 0
+        assert c.get("/health/ready").json() == {"status": "ready"}
         assert vectors(c.post("/v1/embeddings", json={"input": "x"})).shape == (1, 64)
         assert c.get("/health").json()["inputs_embedded"] == 1
 
@@ -502,6 +507,9 @@ def test_health_answers_during_a_long_forward_and_drain_grace(runner, tiny_vl):
         begin_draining(app)
         h = c.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "draining"
+        ready = c.get("/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+        assert c.get("/health/live").status_code == 200  # still serving: no restart
         assert_envelope(c.post("/v1/embeddings", json={"input": "x"}), 503, "shutting_down")
         long.join(10)
         assert_envelope(out["response"], 503, "shutting_down")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from ..engine.timing import StageTimes
 from ..inputs import parse_request
+from ..observability import record_of
 from .auth import check_api_key
 from .common import read_json, ready_service, run_watched
 from .schemas import EmbeddingResponse, ErrorResponse, embedding_response, request_body_openapi
@@ -28,6 +30,23 @@ async def create_embeddings(request: Request) -> Response:
     settings = service.settings
     body = await read_json(request, settings.max_request_bytes)
     parsed = parse_request(body, service.rules, settings.model_ids)
-    vectors, tokens = await run_watched(request, service.embed(parsed), settings.request_timeout)
-    return embedding_response(vectors, parsed.encoding_format, settings.model_name, tokens)
+    times = StageTimes()
+    record = record_of(request.scope)
+    if record is not None:
+        kinds: dict[str, int] = {}
+        for item in parsed.inputs:
+            kinds[item.kind] = kinds.get(item.kind, 0) + 1
+        record.kinds, record.times = kinds, times
+    vectors, tokens = await run_watched(request, service.embed(parsed, times), settings.request_timeout)
+    headers = {
+        "x-queue-time": f"{times.queue_s * 1e3:.2f}",
+        "x-inference-time": f"{times.forward_s * 1e3:.2f}",
+        "x-prompt-tokens": str(tokens),
+    }
+    if times.truncated:
+        headers["x-truncated-inputs"] = str(times.truncated)
+    if record is not None:
+        record.tokens = tokens
+        headers["x-total-time"] = f"{record.elapsed_ms():.2f}"
+    return embedding_response(vectors, parsed.encoding_format, settings.model_name, tokens, headers)
 

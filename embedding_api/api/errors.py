@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from ..observability import note_error
+
 log = logging.getLogger("embedding_api")
 
 _TYPES = {
@@ -81,11 +83,13 @@ def _loc_to_param(loc: tuple) -> str | None:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        note_error(request.scope, exc.code)
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        note_error(request.scope, "invalid_value")
         first = exc.errors()[0] if exc.errors() else {}
         param = _loc_to_param(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")
@@ -94,13 +98,15 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        note_error(request.scope, code)
         return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        note_error(request.scope, "internal_error")
         return error_response(500, "The server had an internal error while processing the request.", code="internal_error")
 
 

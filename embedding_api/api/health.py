@@ -1,4 +1,9 @@
-"""GET /health: never behind auth; 200 when the model serves, 503 while loading or draining."""
+"""GET /health: never behind auth; 200 when the model serves, 503 while loading or draining.
+
+The Kubernetes probes: /health/live answers 200 as long as the process serves HTTP (also while the
+model loads and while draining: restarting would not help); /health/ready answers 200 only when the
+model is loaded and the server is not draining (take this pod out of the Service otherwise).
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,21 @@ async def health(request: Request) -> Response:
     if replica:
         body["replica"] = replica
     return json_response(body)
+
+
+@router.get("/health/live", responses={200: {"description": "The process serves HTTP"}})
+async def live(request: Request) -> Response:
+    return json_response({"status": "alive"})
+
+
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "The model is loading, or the server is draining ('status' says which)"}},
+)
+async def ready(request: Request) -> Response:
+    state = request.app.state
+    ok = state.service is not None and state.status == "ok"
+    return json_response({"status": "ready" if ok else state.status}, 200 if ok else 503)
 
 
 def _cuda_available() -> bool:

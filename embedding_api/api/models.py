@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from .auth import check_api_key
 from .common import json_response
-from .errors import error_response
+from .errors import APIError
 from .schemas import ErrorResponse
 
 router = APIRouter()
@@ -39,8 +39,6 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request, model_id: str) -> Response:
     settings = request.app.state.settings
     if model_id not in settings.model_ids:
-        return error_response(
-            404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
-        )
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return json_response(_model_card(request, model_id))
 

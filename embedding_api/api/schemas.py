@@ -116,7 +116,9 @@ def request_body_openapi() -> dict[str, Any]:
     }
 
 
-def embedding_response(vectors: np.ndarray, encoding_format: str, model: str, tokens: int) -> Response:
+def embedding_response(
+    vectors: np.ndarray, encoding_format: str, model: str, tokens: int, headers: dict[str, str] | None = None
+) -> Response:
     """JSON straight from the float32 rows: orjson serialises numpy, base64 is the raw little-endian buffer."""
     if encoding_format == "base64":
         rows = vectors.astype("<f4", copy=False)
@@ -134,7 +136,9 @@ def embedding_response(vectors: np.ndarray, encoding_format: str, model: str, to
         "id": f"embd-{uuid.uuid4().hex}",
         "created": int(time.time()),
     }
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers
+    )
 
 
 def complete_openapi(app: FastAPI) -> None:
@@ -165,6 +169,14 @@ def complete_openapi(app: FastAPI) -> None:
                         "description": "Bad Request",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
                     }
+        # The Authorize button of /docs sends `Authorization: Bearer <key>` to the /v1 routes.
+        spec["components"]["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEY"}
+        }
+        for path, operations in spec.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearerAuth": []}]
         if "HTTPValidationError" not in str(spec.get("paths")):
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)

@@ -15,6 +15,7 @@ its own counters (`Batcher.workers`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from ..runners import PreparedInput
+from .timing import StageTimes
 
 log = logging.getLogger("embedding_api")
 
@@ -47,6 +49,7 @@ class _Entry:
     prepared: PreparedInput
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    times: StageTimes | None = None
 
 
 def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
@@ -99,6 +102,7 @@ class Batcher:
         max_queued: int,
         on_oom: Callable[[], None] | None = None,
         devices: Sequence[str] | None = None,
+        on_batch: Callable[[int, int, float], None] | None = None,
     ):
         self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
         if not self._forwards:
@@ -110,12 +114,15 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queued = max_queued
         self._on_oom = on_oom
+        self._on_batch = on_batch  # (inputs, padded tokens, forward seconds) per batch run
         self._pending: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._running = False
         self._busy = 0  # workers inside a forward pass
         self._threads: list[threading.Thread] = []
         self.workers = [WorkerStats(i, d) for i, d in enumerate(devices)]
+        self._batch_seq = itertools.count(1)  # numbers every batch run, across workers
+        self.started_at = time.perf_counter()
 
     @property
     def batches_run(self) -> int:
@@ -131,10 +138,15 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, items: Sequence[PreparedInput]) -> list[asyncio.Future]:
-        """Queue a request's inputs, all or none; raises QueueFull when there is no room."""
+    def submit(self, items: Sequence[PreparedInput], times: StageTimes | None = None) -> list[asyncio.Future]:
+        """Queue a request's inputs, all or none; raises QueueFull when there is no room.
+
+        With `times`, the worker records there the forward passes that carry these inputs.
+        """
         loop = asyncio.get_running_loop()
-        entries = [_Entry(p, loop.create_future(), loop) for p in items]
+        entries = [_Entry(p, loop.create_future(), loop, times) for p in items]
+        if times is not None:
+            times.mark_submitted()
         with self._cond:
             if not self._running:
                 raise RuntimeError("the batcher is not running")
@@ -148,6 +160,10 @@ class Batcher:
         """Running, with every model-worker thread alive."""
         return self._running and bool(self._threads) and all(t.is_alive() for t in self._threads)
 
+    def busy_seconds(self) -> float:
+        """Seconds the model workers have spent running batches so far, the running ones included."""
+        return sum(w.busy_total() for w in self.workers)
+
     def idle(self) -> bool:
         with self._cond:
             return not self._pending and not self._busy
@@ -156,6 +172,7 @@ class Batcher:
 
     def start(self) -> None:
         self._running = True
+        self.started_at = time.perf_counter()
         single = len(self._forwards) == 1
         for k in range(len(self._forwards)):
             name = "model-worker" if single else f"model-worker-{k}"
@@ -258,10 +275,21 @@ class Batcher:
             stats.failed_batches += 1
             self._send(batch, [(e.future, error, True) for e in batch])
             return
+        ended = time.perf_counter()
+        took = ended - started
         stats.batches += 1
         stats.inputs += len(batch)
-        log.debug("batch of %d in %.1f ms (worker %d)", len(batch), (time.perf_counter() - started) * 1e3, k)
+        seq = next(self._batch_seq)
+        for entry in batch:
+            times = entry.times
+            if times is not None and times.last_batch != seq:
+                times.last_batch = seq
+                times.forward_s += took
+                times.ready = ended
+        log.debug("batch of %d in %.1f ms (worker %d)", len(batch), took * 1e3, k)
         self._send(batch, [(e.future, vectors[i], False) for i, e in enumerate(batch)])
+        if self._on_batch is not None:
+            self._on_batch(len(batch), len(batch) * max(e.prepared.n_tokens for e in batch), took)
 
     @staticmethod
     def _send(batch: list[_Entry], pairs: list[tuple[asyncio.Future, object, bool]]) -> None:

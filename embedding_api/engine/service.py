@@ -6,13 +6,15 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull
+from .timing import StageTimes
 from ..api.errors import APIError, invalid
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
@@ -51,10 +53,20 @@ def video_limits(settings: Settings) -> VideoLimits:
 
 
 class Service:
-    """Owns the runners (one model copy per device), the batcher, the image loader and the
-    preparation threads. The first runner prepares inputs; every runner runs batches."""
+    """Owns the runners (one model copy per device), the batcher, the image and video loaders and
+    the preparation threads. The first runner prepares inputs; every runner runs batches.
 
-    def __init__(self, settings: Settings, runner: Union[Runner, Sequence[Runner]]):
+    `on_batch(inputs, padded_tokens, forward_s)` is called by a model worker after each batch;
+    `on_fetch(seconds, failure_reason_or_None)` after each image URL fetch (metrics).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        runner: Union[Runner, Sequence[Runner]],
+        on_batch: Callable[[int, int, float], None] | None = None,
+        on_fetch: Callable[[float, str | None], None] | None = None,
+    ):
         self.settings = settings
         self.runners = list(runner) if isinstance(runner, (list, tuple)) else [runner]
         self.runner = runner = self.runners[0]
@@ -78,6 +90,7 @@ class Service:
             ["video"] if self.rules.takes_videos else [])
         self.images = ImageLoader(media_policy(settings))
         self.videos = VideoLoader(media_policy(settings), video_limits(settings))
+        self.images.fetcher.on_fetch = on_fetch
         self.prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prepare")
         self.batcher = Batcher(
             [r.forward for r in self.runners],
@@ -86,6 +99,7 @@ class Service:
             max_queued=settings.max_queued_inputs,
             on_oom=_empty_cuda_cache if any(r.device.type == "cuda" for r in self.runners) else None,
             devices=[str(r.device) for r in self.runners],
+            on_batch=on_batch,
         )
         self.batcher.start()
 
@@ -146,14 +160,20 @@ class Service:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.prep_pool, lambda: [self._prepare(i, []) for i in items])
 
-    async def embed(self, request: EmbedRequest) -> tuple[np.ndarray, int]:
+    async def embed(self, request: EmbedRequest, times: StageTimes | None = None) -> tuple[np.ndarray, int]:
         """Returns the finished vectors (one row per input, in order) and the tokens fed to the model.
 
-        Cancelling the caller cancels the inputs still queued: they never reach the model.
+        With `times`, records where the time went (preparation, queue, forward) and how many
+        inputs were truncated. Cancelling the caller cancels the inputs still queued: they never
+        reach the model.
         """
+        started = time.perf_counter()
         prepared = await self._prepare_all(request.inputs)
+        if times is not None:
+            times.prepare_s = time.perf_counter() - started
+            times.truncated = sum(p.truncated for p in prepared)
         try:
-            futures = self.batcher.submit(prepared)
+            futures = self.batcher.submit(prepared, times)
         except QueueFull:
             raise APIError(
                 429,

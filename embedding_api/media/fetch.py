@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
@@ -34,6 +35,31 @@ USER_AGENT = "embedding-api/1"
 _MAX_URL_LENGTH = 8192
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_ADDRESSES_TRIED = 4
+
+
+# The `reason` label of the fetch-failure metric: the first prefix found in the message wins.
+_FAILURE_REASONS = (
+    (_NOT_PUBLIC, "refused_address"),
+    ("image URL host is not in the list", "domain_not_allowed"),
+    ("image fetch timed out", "timeout"),
+    ("image is larger than", "too_large"),
+    ("image URL returned HTTP", "http_status"),
+    ("image URL redirect", "redirects"),
+    ("could not resolve", "dns"),
+    ("could not establish a secure", "tls"),
+    ("could not connect", "connect"),
+    ("image download failed", "connect"),
+    ("image URL response uses", "bad_response"),
+    ("image URL", "invalid_url"),
+)
+
+
+def failure_reason(exc: MediaError) -> str:
+    """A short, fixed label for why a fetch failed (for metrics; the client sees the message)."""
+    for prefix, reason in _FAILURE_REASONS:
+        if exc.message.startswith(prefix):
+            return reason
+    return "other"
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +211,8 @@ class Fetcher:
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fetch_sem: asyncio.Semaphore | None = None
+        # Called after every fetch with (seconds, None) or (seconds, failure reason): metrics.
+        self.on_fetch: Callable[[float, str | None], None] | None = None
 
     def _too_large(self) -> MediaError:
         error = _too_large(self.policy)
@@ -234,6 +262,18 @@ class Fetcher:
 
     async def fetch(self, ref: str) -> bytes:
         """The body of an http(s) URL, under every check above; raises MediaError."""
+        if self.on_fetch is None:
+            return await self._fetch(ref)
+        started = time.perf_counter()
+        try:
+            body = await self._fetch(ref)
+        except MediaError as exc:
+            self.on_fetch(time.perf_counter() - started, failure_reason(exc))
+            raise
+        self.on_fetch(time.perf_counter() - started, None)
+        return body
+
+    async def _fetch(self, ref: str) -> bytes:
         self._bind_loop()
         if len(ref) > _MAX_URL_LENGTH:
             raise MediaError(f"{self.kind} URL is too long")

@@ -33,6 +33,7 @@ class PreparedInput:
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
     video_pixel_values: np.ndarray | None = None  # (patches, patch_dim), float32
     video_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
+    truncated: bool = False  # cut at MAX_INPUT_TOKENS
 
     @property
     def n_tokens(self) -> int:

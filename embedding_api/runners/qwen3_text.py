@@ -44,4 +44,6 @@ class TextRunner(Runner):
         else:
             text = "".join(texts)
             body = self.encode(f"Instruct: {instruction}\nQuery:{text}" if instruction else text)
-        return PreparedInput(input_ids=self.fit(body, self._special_prefix, self._special_suffix, truncate))
+        ids = self.fit(body, self._special_prefix, self._special_suffix, truncate)
+        full = len(body) + len(self._special_prefix) + len(self._special_suffix)
+        return PreparedInput(input_ids=ids, truncated=len(ids) < full)

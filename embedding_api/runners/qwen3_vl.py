@@ -125,7 +125,8 @@ class VLRunner(Runner):
             prefix, suffix = (s.replace("INSTRUCTION", instruction, 1) if i == 0 else s
                               for i, s in enumerate(self._ids_template))
             body = self.encode(prefix) + token_ids + self.encode(suffix)
-            return PreparedInput(input_ids=self.fit(body, *special, truncate))
+            ids = self.fit(body, *special, truncate)
+            return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
         grids, patch_list = [], []
         for image in images:
             patches, grid = self._image_patches(image)
@@ -152,7 +153,8 @@ class VLRunner(Runner):
             )
         body = self.encode(prompt)
         ids = self.fit(body, *special, truncate)
-        if len(ids) < len(body) + len(special[0]) + len(special[1]):
+        truncated = len(ids) < len(body) + len(special[0]) + len(special[1])
+        if truncated:
             image_tokens = sum(t * h * w // merge for t, h, w in grids)
             video_tokens = sum(t * h * w // merge for t, h, w in video_grids)
             if grids and ids.count(self.image_pad_id) != image_tokens:
@@ -166,7 +168,7 @@ class VLRunner(Runner):
         pixel_values = np.concatenate(patch_list) if patch_list else None
         video_values = np.concatenate(video_list) if video_list else None
         return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids,
-                             video_pixel_values=video_values, video_grid_thw=video_grids)
+                             video_pixel_values=video_values, video_grid_thw=video_grids, truncated=truncated)
 
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
         pixels = [p.pixel_values for p in batch if p.pixel_values is not None]
