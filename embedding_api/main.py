@@ -38,7 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .api.errors import UnhandledErrors, install_handlers
 from .api import metrics as metrics_route
-from .api import router
+from .api.routes import router
 from .api.docs import install_docs
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
 from .observability.startup import report_loading, summary

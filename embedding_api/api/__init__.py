@@ -1,9 +1,3 @@
-"""The HTTP API: one module per endpoint, plus errors, auth, schemas and what routes share."""
-
-from fastapi import APIRouter
-
-from . import embeddings, health, models
-
-router = APIRouter()
-for _module in (embeddings, models, health):
-    router.include_router(_module.router)
+"""The HTTP API: one module per endpoint (`routes.py` assembles them), plus errors, auth, schemas
+and what routes share. Importing the package imports no route, so that the engine can use
+`api.errors` without pulling in the routes that use the engine."""

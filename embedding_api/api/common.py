@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Awaitable
+from typing import Awaitable
 
 import orjson
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from ..engine.service import Service
 from .errors import APIError, invalid
 
-if TYPE_CHECKING:  # a runtime import would be circular when engine.service is imported first
-    from ..engine.service import Service
 
 log = logging.getLogger("embedding_api")
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by the client

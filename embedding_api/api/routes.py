@@ -1,0 +1,9 @@
+"""All the HTTP routes, assembled from one module per endpoint."""
+
+from fastapi import APIRouter
+
+from . import embeddings, health, models
+
+router = APIRouter()
+for _module in (embeddings, models, health):
+    router.include_router(_module.router)
