@@ -35,6 +35,22 @@ def media_policy(settings: Settings) -> MediaPolicy:
     )
 
 
+def input_rules(settings: Settings, runner: Runner) -> InputRules:
+    """What the served model and the settings allow (shared with the bulk jobs)."""
+    info = runner.info()
+    return InputRules(
+        max_inputs=settings.max_inputs_per_request,
+        native_dimension=info.dimension,
+        default_dimension=settings.embedding_dimension or info.dimension,
+        takes_images=info.takes_images,
+        vocab_size=info.vocab_size,
+        reserved_token_ids=runner.reserved_token_ids(),
+        reserved_strings=VISION_TOKENS,
+        default_instruction=settings.default_instruction if info.family == "qwen3_vl" else None,
+        query_instruction=settings.query_instruction or info.default_query_instruction,
+    )
+
+
 class Service:
     """Owns the runner, the batcher, the image loader and the preparation threads."""
 
@@ -42,18 +58,7 @@ class Service:
         self.settings = settings
         self.runner = runner
         self.info = runner.info()
-        is_vl = self.info.family == "qwen3_vl"
-        self.rules = InputRules(
-            max_inputs=settings.max_inputs_per_request,
-            native_dimension=self.info.dimension,
-            default_dimension=settings.embedding_dimension or self.info.dimension,
-            takes_images=self.info.takes_images,
-            vocab_size=self.info.vocab_size,
-            reserved_token_ids=runner.reserved_token_ids(),
-            reserved_strings=VISION_TOKENS,
-            default_instruction=settings.default_instruction if is_vl else None,
-            query_instruction=settings.query_instruction or self.info.default_query_instruction,
-        )
+        self.rules = input_rules(settings, runner)
         self.images = ImageLoader(media_policy(settings))
         self.prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prepare")
         self.batcher = Batcher(
