@@ -80,15 +80,19 @@ def ray_address(tmp_path_factory):
     import sys
     import time
 
+    worker_ports = 20000 + (os.getpid() % 200) * 200  # a range of its own for this session's workers
+
     def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        while True:  # never one inside the workers' range, which Ray refuses
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if not worker_ports <= port < worker_ports + 200:
+                return port
 
     ray_exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
     port = free_port()
-    worker_ports = 20000 + (os.getpid() % 200) * 200  # a range of its own for this session's workers
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
         [ray_exe, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
@@ -99,7 +103,9 @@ def ray_address(tmp_path_factory):
          f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
          f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        # Token auth off: Ray turns it on for a new head whenever ~/.ray/auth_token exists, while clients
+        # given an explicit address (RAY_ADDRESS) do not send the token. A loopback test head needs none.
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"},
     )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -250,7 +250,7 @@ def test_memory_stays_flat_over_100k_rows(tmp_path, tiny_text):
         for i in range(n):
             fh.write(json.dumps({"text": f"doc {i}"}) + "\n")
     out = tmp_path / "out"
-    proc = start_job([path, out, "--shard-rows", 10000, "--batch-size", 64], job_env(tiny_text), tmp_path)
+    proc = start_job([path, out, "--shard-rows", 10000, "--batch-size", 256, "--window", 2048], job_env(tiny_text), tmp_path)
     samples: list[tuple[int, float]] = []  # (shards finished, RSS MB)
     while proc.poll() is None:
         try:
