@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Awaitable
+from typing import TYPE_CHECKING, Awaitable
 
 import orjson
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from ..engine.service import Service
 from .errors import APIError, invalid
+
+if TYPE_CHECKING:  # an annotation only: importing it here would make engine <-> api a cycle
+    from ..engine.service import Service
 
 log = logging.getLogger("embedding_api")
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by the client
