@@ -12,6 +12,7 @@ class Progress:
         self.rows = 0
         self.errors = 0
         self.bar = None
+        self._first: tuple[float, int] | None = None  # after the first window: start-up excluded
         if enabled:
             from tqdm import tqdm
 
@@ -19,6 +20,8 @@ class Progress:
                             smoothing=0.1, file=sys.stderr, desc="embedding")
 
     def update(self, rows: int, errors: int) -> None:
+        if self._first is None:
+            self._first = (time.perf_counter(), rows)
         self.rows += rows
         self.errors += errors
         if self.bar is not None:
@@ -31,6 +34,11 @@ class Progress:
             self.bar.close()
 
     def summary(self) -> dict:
-        seconds = time.perf_counter() - self.started
+        now = time.perf_counter()
+        seconds = now - self.started
+        steady = None
+        if self._first is not None and now > self._first[0] and self.rows > self._first[1]:
+            steady = round((self.rows - self._first[1]) / (now - self._first[0]), 1)
         return {"rows": self.rows, "embedded": self.rows - self.errors, "errors": self.errors,
-                "seconds": round(seconds, 3), "rows_per_s": round(self.rows / seconds, 1) if seconds else None}
+                "seconds": round(seconds, 3), "rows_per_s": round(self.rows / seconds, 1) if seconds else None,
+                "rows_per_s_after_first_window": steady}
