@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import Progress
 
     start = output.next_row
-    rows = iter_rows(files, columns, start)
     total = count_rows(files)
     status, progress = 0, Progress(None, 0, enabled=False)
     try:
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             embedder = WindowEmbedder(settings, options)  # the model loads before the clock starts
             progress = Progress(total, start, enabled=not args.no_progress)
             try:
-                end_row = run_local(embedder, output, rows, args.window, progress)
+                end_row = run_local(embedder, output, iter_rows(files, columns, start), args.window, progress)
             finally:
                 embedder.close()
         output.finish(end_row)

@@ -51,13 +51,14 @@ class DimensionError(ValueError):
 def _local_path(ref: str, base_dir: str) -> Path | None:
     """The file an image reference names, or None when it is a URL, a data URI or base64.
 
-    `file://` URIs and strings with a character base64 never has (".", "\\") are paths; a relative
-    path is looked up next to the input file first, then in the working directory.
+    `file://` URIs and other strings with a character base64 never has (".", "\\") are paths (a
+    one-letter "scheme" is a Windows drive); a relative path is looked up next to the input file
+    first, then in the working directory.
     """
     if ref.startswith("file://"):
         return Path(unquote(urlparse(ref).path))
     match = _SCHEME_RE.match(ref)
-    if match and match.group(1).lower() in ("http", "https", "data"):
+    if match and len(match.group(1)) > 1:  # a URL (the loader refuses the schemes it does not take)
         return None
     if len(ref) > 4096 or not ("." in ref or "\\" in ref or os.path.isfile(ref)):
         return None
