@@ -363,6 +363,17 @@ def _check_item(item: EmbedInput, rules: InputRules) -> None:
                 )
 
 
+def parse_item(obj: dict, param: str, rules: InputRules, instruction: str | None = None,
+               input_type: str | None = None) -> EmbedInput:
+    """One object input (`{"text", "image", "instruction"}` shapes) checked and with its instruction
+    resolved exactly as inside a request; for callers without a request body (bulk jobs)."""
+    item = _parse_object(obj, param)
+    _check_item(item, rules)
+    typed_instruction = rules.query_instruction if input_type == "query" else None
+    item.instruction = item.instruction or instruction or typed_instruction or rules.default_instruction
+    return item
+
+
 def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> EmbedRequest:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", None, "invalid_json")

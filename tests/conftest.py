@@ -80,15 +80,19 @@ def ray_address(tmp_path_factory):
     import sys
     import time
 
+    worker_ports = 20000 + (os.getpid() % 200) * 200  # a range of its own for this session's workers
+
     def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        while True:  # never one inside the workers' range, which Ray refuses
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if not worker_ports <= port < worker_ports + 200:
+                return port
 
     ray_exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
     port = free_port()
-    worker_ports = 20000 + (os.getpid() % 200) * 200  # a range of its own for this session's workers
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
         [ray_exe, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",

@@ -52,6 +52,23 @@ def video_limits(settings: Settings) -> VideoLimits:
     )
 
 
+def input_rules(settings: Settings, runner: Runner) -> InputRules:
+    """What the served model and the settings allow (shared with the bulk jobs)."""
+    info = runner.info()
+    return InputRules(
+        max_inputs=settings.max_inputs_per_request,
+        native_dimension=info.dimension,
+        default_dimension=settings.embedding_dimension or info.dimension,
+        takes_images=info.takes_images,
+        vocab_size=info.vocab_size,
+        reserved_token_ids=runner.reserved_token_ids(),
+        reserved_strings=VISION_TOKENS,
+        default_instruction=settings.default_instruction if info.family == "qwen3_vl" else None,
+        query_instruction=settings.query_instruction or info.default_query_instruction,
+        takes_videos=hasattr(runner, "video_plan"),
+    )
+
+
 class Service:
     """Owns the runners (one model copy per device), the batcher, the image and video loaders and
     the preparation threads. The first runner prepares inputs; every runner runs batches.
@@ -73,19 +90,7 @@ class Service:
         self.info = runner.info()
         if len(self.runners) > 1:
             self.info = dataclasses.replace(self.info, device=",".join(str(r.device) for r in self.runners))
-        is_vl = self.info.family == "qwen3_vl"
-        self.rules = InputRules(
-            max_inputs=settings.max_inputs_per_request,
-            native_dimension=self.info.dimension,
-            default_dimension=settings.embedding_dimension or self.info.dimension,
-            takes_images=self.info.takes_images,
-            vocab_size=self.info.vocab_size,
-            reserved_token_ids=runner.reserved_token_ids(),
-            reserved_strings=VISION_TOKENS,
-            default_instruction=settings.default_instruction if is_vl else None,
-            query_instruction=settings.query_instruction or self.info.default_query_instruction,
-            takes_videos=hasattr(runner, "video_plan"),
-        )
+        self.rules = input_rules(settings, runner)
         self.modalities = ["text"] + (["image"] if self.rules.takes_images else []) + (
             ["video"] if self.rules.takes_videos else [])
         self.images = ImageLoader(media_policy(settings))

@@ -1,0 +1,206 @@
+"""A window of rows -> vectors, through the server's own path.
+
+Each row becomes an object input (`{"text", "image", "instruction"}`) checked by `inputs.parse_item`
+under the server's rules; images are loaded by the server's media code (http(s) URLs through the
+SSRF-safe fetcher under the same policy settings, data URIs and base64 through the same decoder) or,
+bulk jobs only, read from a local file; then `Runner.prepare`, `Runner.forward` on batches sorted by
+length, and `normalize.finalize`. Rows that cannot be embedded come back as errors with a reason.
+Both engines use this class: the local one in its own process, the Ray one inside each actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from ..api.errors import APIError
+from ..engine.service import input_rules, media_policy
+from ..inputs import parse_item
+from ..media import ImageLoader, MediaError, decode_image_bytes
+from ..media.encoded import _SCHEME_RE
+from ..normalize import finalize
+from ..runners import InputTooLong, PreparedInput, load_runner
+from ..settings import Settings
+from .reading import Columns, Row
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    dimensions: int | None = None
+    input_type: str | None = None  # "query" | "document" | None
+    instruction: str | None = None
+    columns: Columns = Columns()
+
+
+@dataclass
+class WindowResult:
+    rows: list[Row]  # the rows embedded, in input order
+    vectors: np.ndarray  # (len(rows), dimensions) float32, unit length
+    errors: list[tuple[Row, str]]  # the rows that failed, with the reason
+
+
+class DimensionError(ValueError):
+    pass
+
+
+def _local_path(ref: str, base_dir: str) -> Path | None:
+    """The file an image reference names, or None when it is a URL, a data URI or base64.
+
+    `file://` URIs and other strings with a character base64 never has (".", "\\") are paths (a
+    one-letter "scheme" is a Windows drive); a relative path is looked up next to the input file
+    first, then in the working directory.
+    """
+    if ref.startswith("file://"):
+        return Path(unquote(urlparse(ref).path))
+    match = _SCHEME_RE.match(ref)
+    if match and len(match.group(1)) > 1:  # a URL (the loader refuses the schemes it does not take)
+        return None
+    if len(ref) > 4096 or not ("." in ref or "\\" in ref or os.path.isfile(ref)):
+        return None
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        beside = Path(base_dir) / path
+        path = beside if beside.exists() or not path.exists() else path
+    return path
+
+
+class WindowEmbedder:
+    """Owns one runner; `embed(rows)` is called by one thread at a time."""
+
+    def __init__(self, settings: Settings, options: JobOptions):
+        self.settings = settings
+        self.options = options
+        self.runner = load_runner(settings)
+        self.rules = input_rules(settings, self.runner)
+        self.dimensions = options.dimensions or self.rules.default_dimension
+        if not 1 <= self.dimensions <= self.rules.native_dimension:
+            raise DimensionError(
+                f"--dimensions must be between 1 and {self.rules.native_dimension} for this model, got {self.dimensions}"
+            )
+        self.policy = media_policy(settings)
+        self.images = ImageLoader(self.policy)
+        self.loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.images.aclose())
+        self.loop.close()
+
+    # -- rows -> prepared inputs -------------------------------------------------------------
+
+    def _column(self, message: str) -> str:
+        """Name the user's columns in the reasons, as the API names its fields."""
+        cols = self.options.columns
+        for key, name in (("text", cols.text), ("image", cols.image), ("instruction", cols.instruction)):
+            message = message.replace(f"row.{key}", name)
+        return message.replace("row: ", "").replace("row ", "")
+
+    def _item(self, row: Row):
+        obj = {"instruction": row.instruction}
+        if row.text is not None:
+            obj["text"] = row.text
+        if row.image is not None:
+            obj["image"] = row.image
+        return parse_item(obj, "row", self.rules, self.options.instruction, self.options.input_type)
+
+    async def _load(self, ref: str, base_dir: str):
+        path = _local_path(ref, base_dir)
+        if path is None:
+            return await self.images.load(ref)
+        if not path.is_file():
+            raise MediaError(f"image file not found: {path}")
+        if path.stat().st_size > self.policy.max_image_bytes:
+            raise MediaError(f"image file is larger than {self.policy.max_image_bytes} bytes: {path}")
+        return await asyncio.to_thread(lambda: decode_image_bytes(path.read_bytes(), self.policy))
+
+    async def _images(self, row: Row, refs: list[str]) -> list:
+        return list(await asyncio.gather(*(self._load(ref, row.base_dir) for ref in refs)))
+
+    async def _all_images(self, items: list) -> list:
+        async def one(row, item):
+            if item is None or not item.images:
+                return []
+            try:
+                return await self._images(row, item.images)
+            except MediaError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(row, item) for row, item in items)))
+
+    def prepare(self, rows: list[Row]) -> tuple[list[tuple[Row, PreparedInput]], list[tuple[Row, str]]]:
+        errors: list[tuple[Row, str]] = []
+        items = []
+        for row in rows:
+            if row.problem:
+                errors.append((row, row.problem))
+                continue
+            try:
+                items.append((row, self._item(row)))
+            except APIError as exc:
+                errors.append((row, self._column(exc.message)))
+        loaded = self.loop.run_until_complete(self._all_images(items)) if any(i.images for _, i in items) else None
+        ready = []
+        for k, (row, item) in enumerate(items):
+            images = loaded[k] if loaded is not None else []
+            if isinstance(images, MediaError):
+                errors.append((row, f"{self.options.columns.image}: {images.message}"))
+                continue
+            try:
+                ready.append((row, self.runner.prepare(item.texts, images, item.token_ids, item.instruction)))
+            except InputTooLong as exc:
+                errors.append((row, f"{exc}"))
+            except ValueError as exc:  # e.g. an aspect ratio the model refuses
+                errors.append((row, f"{self.options.columns.image}: {exc}"))
+        return ready, errors
+
+    # -- prepared inputs -> vectors ----------------------------------------------------------
+
+    def _batches(self, order: list[int], prepared: list[PreparedInput]) -> list[list[int]]:
+        """Consecutive inputs of the length-sorted order, within MAX_BATCH_SIZE and MAX_BATCH_TOKENS."""
+        batches, batch, longest = [], [], 0
+        for i in order:
+            width = max(longest, prepared[i].n_tokens)
+            if batch and (len(batch) >= self.settings.max_batch_size or width * (len(batch) + 1) > self.settings.max_batch_tokens):
+                batches.append(batch)
+                batch, width = [], prepared[i].n_tokens
+            batch.append(i)
+            longest = width
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def _forward(self, idx: list[int], prepared: list[PreparedInput], out: np.ndarray, failed: dict[int, str]) -> None:
+        try:
+            out[idx] = self.runner.forward([prepared[i] for i in idx])
+        except Exception as exc:  # a failing batch is retried in halves, so one bad input fails alone
+            if len(idx) > 1:
+                half = len(idx) // 2
+                self._forward(idx[:half], prepared, out, failed)
+                self._forward(idx[half:], prepared, out, failed)
+            elif "out of memory" in str(exc).lower():
+                failed[idx[0]] = "this input does not fit in the device's memory"
+            else:
+                failed[idx[0]] = f"the model failed on this input ({exc.__class__.__name__})"
+
+    def forward(self, ready: list[tuple[Row, PreparedInput]]) -> WindowResult:
+        prepared = [p for _, p in ready]
+        raw = np.zeros((len(prepared), self.rules.native_dimension), dtype=np.float32)
+        failed: dict[int, str] = {}
+        order = sorted(range(len(prepared)), key=lambda i: prepared[i].n_tokens)
+        for idx in self._batches(order, prepared):
+            self._forward(idx, prepared, raw, failed)
+        keep = [i for i in range(len(ready)) if i not in failed]
+        vectors = finalize(raw[keep], self.dimensions) if keep else np.zeros((0, self.dimensions), np.float32)
+        return WindowResult(
+            rows=[ready[i][0] for i in keep], vectors=vectors, errors=[(ready[i][0], failed[i]) for i in failed]
+        )
+
+    def embed(self, rows: list[Row]) -> WindowResult:
+        ready, errors = self.prepare(rows)
+        result = self.forward(ready)
+        result.errors = sorted(errors + result.errors, key=lambda e: e[0].row)
+        return result

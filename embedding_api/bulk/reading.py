@@ -1,0 +1,208 @@
+"""Input files -> a stream of numbered rows, never the whole file in memory.
+
+INPUT is a JSONL, CSV or Parquet file, a directory (every such file under it, sorted by path) or a
+glob. Rows are numbered from 0 across the files in that order; the number is the default id and the
+position the output shards and the resume point are counted in. JSONL is read line by line, CSV with
+pyarrow's streaming reader (every column as a string), Parquet batch by batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+_READ_BATCH = 4096
+
+
+class InputError(Exception):
+    """The job's input cannot be read at all (no files, an unknown format, no text or image column)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    id: str = "id"
+    text: str = "text"
+    image: str = "image"
+    instruction: str = "instruction"
+
+
+@dataclass
+class Row:
+    """One input row: `row` is its number in the whole input; `problem` a reason it cannot be used."""
+
+    row: int
+    id: str
+    text: Any = None
+    image: Any = None
+    instruction: Any = None
+    base_dir: str = ""  # the input file's directory: relative image paths are looked up there first
+    problem: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Row":
+        return cls(**json.loads(text))
+
+
+def discover(spec: str) -> list[Path]:
+    """The input files, in the order their rows are numbered."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not files:
+        raise InputError(f"no input files found at {spec!r} (a .jsonl, .csv or .parquet file, a directory or a glob)")
+    for f in files:
+        if f.suffix.lower() not in SUFFIXES:
+            raise InputError(f"{f}: unknown format; use .jsonl, .csv or .parquet")
+    return [f.resolve() for f in files]
+
+
+def _kind(path: Path) -> str:
+    return SUFFIXES[path.suffix.lower()]
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _names(path: Path) -> list[str] | None:
+    """The column names of a CSV or Parquet file (None for JSONL, whose rows each have their own keys)."""
+    kind = _kind(path)
+    if kind == "csv":
+        return _csv_header(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).schema_arrow.names
+    return None
+
+
+def check_columns(files: list[Path], columns: Columns) -> None:
+    for f in files:
+        names = _names(f)
+        if names is not None and columns.text not in names and columns.image not in names:
+            raise InputError(f"{f}: has neither a {columns.text!r} nor an {columns.image!r} column (columns: {names})")
+
+
+def count_rows(files: list[Path]) -> int:
+    """Rows in the input, for the progress bar (exact for Parquet, lines for JSONL and CSV)."""
+    total = 0
+    for f in files:
+        kind = _kind(f)
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(f).metadata.num_rows
+            continue
+        lines, last = 0, b"\n"
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        lines += last != b"\n"
+        total += max(0, lines - (kind == "csv"))
+    return total
+
+
+def _jsonl_records(path: Path) -> Iterator[dict | str]:
+    """Each non-blank line: its object, or a string saying why it is not one."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                yield f"line {number} of {path.name} is not valid JSON"
+                continue
+            yield value if isinstance(value, dict) else f"line {number} of {path.name} is not a JSON object"
+
+
+def _table_records(path: Path, wanted: list[str]) -> Iterator[dict]:
+    import pyarrow as pa
+
+    if _kind(path) == "csv":
+        from pyarrow import csv as pacsv
+
+        names = _csv_header(path)
+        batches = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=1 << 20),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, include_columns=[n for n in wanted if n in names]
+            ),
+        )
+    else:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        present = [n for n in wanted if n in pf.schema_arrow.names]
+        batches = pf.iter_batches(batch_size=_READ_BATCH, columns=present)
+    for batch in batches:
+        yield from batch.to_pylist()
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def iter_rows(files: list[Path], columns: Columns, start_row: int = 0) -> Iterator[Row]:
+    """Every row from `start_row` on, numbered across the files."""
+    wanted = [columns.id, columns.text, columns.image, columns.instruction]
+    number = 0
+    for path in files:
+        kind = _kind(path)
+        if kind == "parquet" and start_row > number:
+            import pyarrow.parquet as pq
+
+            n = pq.ParquetFile(path).metadata.num_rows
+            if number + n <= start_row:  # the whole file is before the resume point
+                number += n
+                continue
+        records = _jsonl_records(path) if kind == "jsonl" else _table_records(path, wanted)
+        base_dir = str(path.parent)
+        for record in records:
+            if number >= start_row:
+                yield _row(number, record, columns, base_dir)
+            number += 1
+
+
+def _row(number: int, record: dict | str, columns: Columns, base_dir: str) -> Row:
+    if isinstance(record, str):
+        return Row(number, str(number), base_dir=base_dir, problem=record)
+    raw_id = record.get(columns.id)
+    row = Row(
+        row=number,
+        id=str(number) if _blank(raw_id) else str(raw_id),
+        text=None if _blank(record.get(columns.text)) else record.get(columns.text),
+        image=None if _blank(record.get(columns.image)) else record.get(columns.image),
+        instruction=None if _blank(record.get(columns.instruction)) else record.get(columns.instruction),
+        base_dir=base_dir,
+    )
+    if row.text is None and row.image is None:
+        row.problem = f"empty text: the row has no {columns.text!r} and no {columns.image!r}"
+    return row
+
+
+def windows(rows: Iterator[Row], size: int, shard_rows: int) -> Iterator[list[Row]]:
+    """Consecutive rows in lists of at most `size`, never crossing a shard boundary."""
+    window: list[Row] = []
+    for row in rows:
+        if window and (len(window) >= size or row.row // shard_rows != window[0].row // shard_rows):
+            yield window
+            window = []
+        window.append(row)
+    if window:
+        yield window
