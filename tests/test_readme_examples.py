@@ -14,9 +14,10 @@ HOW A BLOCK RUNS
   name are read from the Makefile's `demo` target; no API_KEY; ALLOW_PRIVATE_IMAGE_URLS=true only so
   that the local image server below can stand in for the internet.
 - The text is rewritten first, by REWRITES below: `localhost:6008` -> this server,
-  `https://example.com/` -> a local HTTP server that serves cat.jpg and cat.png, `.venv/bin/python`
+  `https://example.com/` -> a local HTTP server that serves cat.jpg, cat.png, clip.mp4, clip.webm
+  and f1..f3.jpg, `.venv/bin/python`
   -> the Python running the tests (the checkout's .venv).
-- bash blocks: `bash -e -o pipefail`, in a temporary directory holding cat.png and cat.jpg, with
+- bash blocks: `bash -e -o pipefail`, in a temporary directory holding cat.png, cat.jpg and clip.mp4, with
   `URL` (the README's `$URL`) and `API_KEY` set. `curl` fails on an HTTP status >= 400 and prints the
   body (--fail-with-body); bare `python`, `python3` and `pip` fail, because a fresh clone has the
   packages only in .venv: examples must call `.venv/bin/python`.
@@ -42,6 +43,7 @@ import pytest
 
 from embedding_api.tools.checkpoint import write_checkpoint
 
+from . import videos
 from .util import ROOT, png_bytes, sample_image
 
 README = ROOT / "README.md"
@@ -130,6 +132,14 @@ def workdir(tmp_path_factory, image_server) -> Path:
     (work / "cat.jpg").write_bytes(jpg)
     image_server.add("/cat.png", png, "image/png")
     image_server.add("/cat.jpg", jpg, "image/jpeg")
+    # The video examples: clip.mp4 here and served, clip.webm and frames f1..f3.jpg served.
+    clip = videos.frames(8, seed=5)
+    mp4 = videos.encode(clip, fps=4)
+    (work / "clip.mp4").write_bytes(mp4)
+    image_server.add("/clip.mp4", mp4, "video/mp4")
+    image_server.add("/clip.webm", videos.encode(clip, fps=4, container="webm", codec="libvpx-vp9"), "video/webm")
+    for k in range(1, 4):
+        image_server.add(f"/f{k}.jpg", png_bytes(sample_image(96, 64, seed=10 + k), "JPEG"), "image/jpeg")
     shims = work / "bin"
     shims.mkdir()
     real_curl = shutil.which("curl")
