@@ -36,8 +36,10 @@ from pydantic import ValidationError
 
 from .api.errors import UnhandledErrors, install_handlers
 from .api import router
-from .runners import ModelLoadError, Runner, check_startup, load_runner
+from .runners import ModelLoadError, Runner, check_startup, detect_kind, load_runner
 from .api.schemas import complete_openapi
+from .engine.registry import ModelEntry, Registry, model_settings
+from .engine.rerank import RerankService
 from .engine.service import Service
 from .settings import Settings
 
@@ -212,7 +214,10 @@ def create_app(
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
         try:
-            check_startup(settings)
+            for entry in app.state.models.entries:
+                config, _, _ = check_startup(entry.settings)
+                entry.kind, entry.kind_reason = detect_kind(
+                    entry.settings.model_path, config, entry.settings.model_kind)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             raise
@@ -226,35 +231,48 @@ def create_app(
         finally:
             load_task.cancel()
             app.state.status = "stopping"
-            if app.state.service is not None:
-                await app.state.service.close()
+            for entry in app.state.models.entries:
+                if entry.service is not None:
+                    await entry.service.close()
 
-    async def _load(app: FastAPI) -> None:
+    async def _load_one(app: FastAPI, entry: ModelEntry):
         started = time.perf_counter()
         try:
-            runner = await _load_in_thread(loader, settings)
-            service = Service(settings, runner)
+            runner = await _load_in_thread(loader, entry.settings)
+            kind = runner.info().kind
+            service = (RerankService if kind == "reranker" else Service)(entry.settings, runner)
         except ModelLoadError as exc:
             on_fatal(str(exc))
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - any load failure ends the process with one message
             log.exception("model load failed")
-            on_fatal(f"Could not load the model from {settings.model_path!r}: {exc.__class__.__name__}: {exc}")
-            return
-        if app.state.status != "loading":  # shutting down already: serve nothing
-            await service.close()
-            return
+            on_fatal(f"Could not load the model from {entry.settings.model_path!r}: {exc.__class__.__name__}: {exc}")
+            return None
+        entry.kind = kind
+        info = service.info
+        log.info(
+            "model %s (%s %s, %d dims, %s, %s; kind: %s) ready in %.1f s",
+            entry.name, info.family, kind, info.dimension, info.device, info.dtype, entry.kind_reason or kind,
+            time.perf_counter() - started,
+        )
+        return service
+
+    async def _load(app: FastAPI) -> None:
+        for entry in app.state.models.entries:
+            service = await _load_one(app, entry)
+            if service is None:
+                return
+            if app.state.status != "loading":  # shutting down already: serve nothing
+                await service.close()
+                return
+            entry.service = service
+        service = app.state.models.default.service
         app.state.service = service
         # The ~400k long-lived objects torch and transformers created are never garbage; moving them
         # out of the collector's sight stops 150-300 ms full collections under load.
         gc.collect()
         gc.freeze()
         app.state.status = "ok"
-        info = service.info
-        log.info(
-            "model %s (%s, %d dims, %s, %s) ready in %.1f s",
-            settings.model_name, info.family, info.dimension, info.device, info.dtype, time.perf_counter() - started,
-        )
 
     app = FastAPI(
         title="embedding_api",
@@ -263,7 +281,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.service = None
+    app.state.models = Registry([
+        ModelEntry(name=s.model_name, ids=s.model_ids, settings=s) for s in model_settings(settings)
+    ])
+    app.state.service = None  # the default (first) model's service once every model is loaded
     app.state.status = "loading"
     app.state.created = int(time.time())
     app.state.inflight = set()  # embedding tasks, cancelled when the shutdown grace runs out

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from ..inputs import parse_request
 from .auth import check_api_key
-from .common import read_json, ready_service, run_watched
+from .common import read_json, ready_model, ready_service, run_watched
 from .schemas import EmbeddingResponse, ErrorResponse, embedding_response, request_body_openapi
 
 router = APIRouter()
@@ -24,10 +24,11 @@ async def create_embeddings(request: Request) -> Response:
     # Checked inline rather than as a dependency: FastAPI runs a sync dependency in a thread pool,
     # a hop that cost ~30% of throughput on the hot path.
     check_api_key(request)
-    service = ready_service(request)
-    settings = service.settings
+    settings = ready_service(request).settings
     body = await read_json(request, settings.max_request_bytes)
-    parsed = parse_request(body, service.rules, settings.model_ids)
+    entry = ready_model(request, body, "embedding")
+    service = entry.service
+    parsed = parse_request(body, service.rules, entry.ids)
     vectors, tokens = await run_watched(request, service.embed(parsed), settings.request_timeout)
-    return embedding_response(vectors, parsed.encoding_format, settings.model_name, tokens)
+    return embedding_response(vectors, parsed.encoding_format, entry.name, tokens)
 

@@ -18,8 +18,11 @@ router = APIRouter()
 )
 async def health(request: Request) -> Response:
     state = request.app.state
-    settings = state.settings
+    settings = state.models.default.settings
     body = {"status": state.status, "model": settings.model_name, "model_path": settings.model_path}
+    entries = state.models.entries
+    if len(entries) > 1 or entries[0].kind != "embedding":
+        body["models"] = [_model_status(e) for e in entries]
     if state.service is None or state.status != "ok":
         return json_response(body, 503)
     info = state.service.info
@@ -41,6 +44,16 @@ async def health(request: Request) -> Response:
         uptime_s=round(time.time() - state.created, 1),
     )
     return json_response(body)
+
+
+def _model_status(entry) -> dict:
+    status = {"name": entry.name, "kind": entry.kind, "path": entry.settings.model_path,
+              "status": "ok" if entry.service is not None else "loading"}
+    service = entry.service
+    if service is not None:
+        status.update(family=service.info.family, takes_images=service.info.takes_images,
+                      queued=service.batcher.queued, batches_run=service.batcher.batches_run)
+    return status
 
 
 def _cuda_available() -> bool:

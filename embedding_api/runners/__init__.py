@@ -9,8 +9,24 @@ import torch
 from ..settings import Settings
 from .base import VISION_TOKENS, InputTooLong, ModelInfo, PreparedInput, Runner
 from .loading import ModelLoadError, check_startup, hidden_size, read_config
+from .kinds import EMBEDDING, RERANKER, detect_kind
 from .qwen3_text import TextRunner
 from .qwen3_vl import VLRunner
+from .rerank_text import TextRerankRunner
+from .rerank_vl import VLRerankRunner
+
+_RUNNERS = {
+    ("qwen3_vl", EMBEDDING): VLRunner,
+    ("qwen3", EMBEDDING): TextRunner,
+    ("qwen3_vl", RERANKER): VLRerankRunner,
+    ("qwen3", RERANKER): TextRerankRunner,
+}
+
+
+def model_kind(settings: Settings, config: dict | None = None) -> str:
+    """The kind of the model at MODEL_PATH: MODEL_KIND, or read from the checkpoint (runners/kinds.py)."""
+    config = config if config is not None else read_config(settings.model_path)
+    return detect_kind(settings.model_path, config, settings.model_kind)[0]
 
 
 def load_runner(settings: Settings) -> "Runner":
@@ -18,12 +34,12 @@ def load_runner(settings: Settings) -> "Runner":
     threads = settings.torch_threads or max(1, os.cpu_count() or 1)
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    runner_cls = VLRunner if config["model_type"] == "qwen3_vl" else TextRunner
+    runner_cls = _RUNNERS[(config["model_type"], model_kind(settings, config))]
     return runner_cls(settings, config, device, dtype)
-
 
 
 __all__ = [
     "VISION_TOKENS", "InputTooLong", "ModelInfo", "ModelLoadError", "PreparedInput", "Runner",
-    "TextRunner", "VLRunner", "check_startup", "hidden_size", "load_runner", "read_config",
+    "TextRunner", "VLRunner", "TextRerankRunner", "VLRerankRunner", "EMBEDDING", "RERANKER",
+    "check_startup", "detect_kind", "hidden_size", "load_runner", "model_kind", "read_config",
 ]

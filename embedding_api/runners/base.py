@@ -45,6 +45,7 @@ class ModelInfo:
     device: str
     dtype: str
     default_query_instruction: str
+    kind: str = "embedding"
 
 
 class Runner:
@@ -53,6 +54,7 @@ class Runner:
     family: str
     takes_images: bool
     default_query_instruction: str
+    kind = "embedding"
 
     def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
         from transformers import AutoTokenizer
@@ -91,6 +93,7 @@ class Runner:
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
             default_query_instruction=self.default_query_instruction,
+            kind=self.kind,
         )
 
     def reserved_token_ids(self) -> frozenset[int]:
