@@ -7,6 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PATH ?= $(shell sed -n 's/^MODEL_PATH=//p' .env 2>/dev/null | tail -n 1)
 MODEL_PATH := $(or $(MODEL_PATH),./models/Qwen3-VL-Embedding-2B)
 DEMO_PATH ?= ./models/demo-random-tiny
+DEMO_RERANKER_PATH ?= ./models/demo-random-tiny-reranker
 
 .PHONY: install run demo test bench bench-quick clean
 
@@ -28,8 +29,11 @@ run: install
 
 demo: install
 	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size tiny
-	@echo "Serving a RANDOM-WEIGHT demo checkpoint: the API is real, the vectors are meaningless."
-	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B $(BIN)/python -m embedding_api
+	@test -f $(DEMO_RERANKER_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_RERANKER_PATH) --family qwen3_vl --size tiny --kind reranker
+	@echo "Serving RANDOM-WEIGHT demo checkpoints (an embedder and a reranker): the API is real, the numbers are meaningless."
+	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B \
+	  MODELS='[{"name": "Qwen3-VL-Reranker-2B", "path": "$(DEMO_RERANKER_PATH)", "kind": "reranker"}]' \
+	  $(BIN)/python -m embedding_api
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -214,6 +214,9 @@ def create_app(
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
         try:
+            if app.state.models.duplicates:
+                raise ModelLoadError(f"MODELS: the model id {app.state.models.duplicates[0]!r} is used twice "
+                                     "(MODEL_NAME, MODEL_ALIASES and every name and alias in MODELS must differ).")
             for entry in app.state.models.entries:
                 config, _, _ = check_startup(entry.settings)
                 entry.kind, entry.kind_reason = detect_kind(

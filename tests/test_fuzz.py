@@ -295,7 +295,8 @@ def test_openapi_document_is_complete(api_schema, fuzz_client):
     assert refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
     assert "EmbeddingRequest" in refs
     labels = sorted(r.ok().label for r in api_schema.get_all_operations())
-    assert labels == ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/embeddings"]
+    assert labels == ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/embeddings",
+                      "POST /v1/rerank", "POST /v1/score"]
 
 
 @pytest.mark.parametrize("label, mode, n_examples", [

@@ -350,3 +350,16 @@ def test_kind_detection(tmp_path, tiny_vl, tiny_text, tiny_text_reranker, tiny_v
 def test_models_setting_is_validated(value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_models(value)
+
+
+def test_single_reranker_model(start_server, tiny_text_reranker, official_text):
+    """MODEL_PATH alone, its kind read from the checkpoint: the rerank routes serve it, embeddings refuse it."""
+    server = start_server({"MODEL_PATH": str(tiny_text_reranker), "MODEL_NAME": "Qwen3-Reranker-0.6B",
+                           "TORCH_THREADS": "1"})
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        got = _by_index(c.post("/v1/rerank", json={"query": "capital", "documents": DOCS[:2]}))
+        assert np.abs(got - OfficialTextReranker(tiny_text_reranker, 8192).scores("capital", DOCS[:2])).max() <= 1e-4
+        response = c.post("/v1/embeddings", json={"input": "x"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+        health = c.get("/health").json()
+        assert health["model"] == "Qwen3-Reranker-0.6B" and health["models"][0]["kind"] == "reranker"

@@ -620,6 +620,11 @@ def _startup_cases(tiny_vl: Path, tmp: Path):
         "dimension": ({"MODEL_PATH": str(tiny_vl), "EMBEDDING_DIMENSION": "100"},
                       ["EMBEDDING_DIMENSION=100", "own size 64", "1 to 64"]),
         "bad_setting": ({"MODEL_PATH": str(tiny_vl), "DEVICE": "tpu"}, ["DEVICE='tpu'", "auto, cpu, cuda"]),
+        "models_json": ({"MODELS": "[{"}, ["MODELS='[{'", "JSON list"]),
+        "models_twice": ({"MODEL_PATH": str(tiny_vl), "MODELS": json.dumps([{"name": "Qwen3-VL-Embedding-2B",
+                                                                              "path": str(tiny_vl)}])},
+                         ["'Qwen3-VL-Embedding-2B' is used twice"]),
+        "models_missing": ({"MODELS": json.dumps([{"name": "b", "path": str(missing)}])}, [str(missing), "does not exist"]),
     }
 
 

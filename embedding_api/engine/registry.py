@@ -46,7 +46,13 @@ def model_settings(settings: Settings) -> list[Settings]:
 class Registry:
     def __init__(self, entries: list[ModelEntry]):
         self.entries = entries
-        self._by_id = {model_id: e for e in entries for model_id in e.ids}
+        self._by_id: dict[str, ModelEntry] = {}
+        self.duplicates = []  # ids claimed by two models (MODEL_NAME/MODEL_ALIASES against MODELS)
+        for entry in entries:
+            for model_id in entry.ids:
+                if model_id in self._by_id:
+                    self.duplicates.append(model_id)
+                self._by_id.setdefault(model_id, entry)
 
     @property
     def default(self) -> ModelEntry:
