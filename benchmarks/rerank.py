@@ -101,11 +101,11 @@ def run_load(server: Server, clients: int, warmup: float, duration: float) -> di
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rerank")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--size", default="cpu", choices=("tiny", "cpu", "0.6b"))
+    parser.add_argument("--size", default="tiny", choices=("tiny", "cpu", "0.6b"))
     parser.add_argument("--limit-serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.limit_serve:
