@@ -669,7 +669,7 @@ def _check_failure(where: str, rc, out: str, needles: list[str]) -> None:
 def test_startup_failures_exit_at_once_with_one_message(background):
     background.failures_thread.join(120)
     results = background.failures
-    assert len(results) == 6, results.keys()
+    assert len(results) == 9, results.keys()
     for (case, kind), (rc, elapsed, out, needles) in results.items():
         where = f"{case} via {kind}: rc={rc} in {elapsed:.1f}s\n{out}"
         _check_failure(where, rc, out, needles)
