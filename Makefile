@@ -15,6 +15,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 MODEL_PATH ?= $(shell sed -n 's/^MODEL_PATH=//p' .env 2>/dev/null | tail -n 1)
 MODEL_PATH := $(or $(MODEL_PATH),./models/Qwen3-VL-Embedding-2B)
 DEMO_PATH ?= ./models/demo-random
+DEMO_RERANKER_PATH ?= ./models/demo-random-tiny-reranker
 
 # `run` and `demo` exec the server in place of the recipe's shell: make's own child is then the server
 # itself, so a SIGTERM to make (which GNU make passes on to its children) reaches it, and it drains.
@@ -41,8 +42,11 @@ run: install
 
 demo: install
 	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size demo
-	@echo "Serving a RANDOM-WEIGHT demo checkpoint (2048-dim output, like the 2B): the API is real, the vectors are meaningless."
-	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B exec $(BIN)/python -m embedding_api
+	@test -f $(DEMO_RERANKER_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_RERANKER_PATH) --family qwen3_vl --size tiny --kind reranker
+	@echo "Serving RANDOM-WEIGHT demo checkpoints (an embedder with the 2B's 2048-dim output, and a reranker): the API is real, the numbers are meaningless."
+	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B \
+	  MODELS='[{"name": "Qwen3-VL-Reranker-2B", "path": "$(DEMO_RERANKER_PATH)", "kind": "reranker"}]' \
+	  exec $(BIN)/python -m embedding_api
 
 test: install
 	$(BIN)/python -m pytest -q

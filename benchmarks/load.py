@@ -10,6 +10,8 @@ The spec (JSON on stdin):
     host, port, path          where to send
     bodies                    list of JSON request bodies (strings); worker i starts at body i
     inputs                    for each body, how many embeddings its response must hold
+    mark                      optional: the string counted in a response instead of '"object":"embedding"'
+                              (e.g. '"relevance_score"' for /v1/rerank)
     clients                   number of workers (= connections = requests in flight)
     warmup, duration          seconds: run `warmup`, then record completions for `duration`
     requests                  instead of warmup/duration: send exactly this many requests, record all
@@ -39,6 +41,7 @@ class _State:
         self.done: list[tuple[float, float, int]] = []  # (started, finished, inputs) within the window
         self.errors = 0
         self.first_error: str | None = None
+        self.mark = spec["mark"].encode() if spec.get("mark") else EMBEDDING_MARK
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -95,8 +98,8 @@ async def _worker(index: int, state: _State, requests: list[bytes], inputs: list
             done = time.perf_counter()
             if status != 200:
                 state.error(f"HTTP {status}: {body[:300]!r}")
-            elif body.count(EMBEDDING_MARK) != expected:
-                state.error(f"expected {expected} embeddings, got {body.count(EMBEDDING_MARK)}")
+            elif body.count(state.mark) != expected:
+                state.error(f"expected {expected} results, got {body.count(state.mark)}")
             elif state.start <= done <= state.end:
                 state.done.append((started, done, expected))
             if close:

@@ -42,8 +42,10 @@ from .api.routes import router
 from .api.docs import install_docs
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
 from .observability.startup import report_loading, summary
-from .runners import ModelLoadError, Runner, check_startup, load_runners
+from .runners import ModelLoadError, Runner, check_startup, detect_kind, load_runners
 from .api.schemas import complete_openapi
+from .engine.registry import ModelEntry, Registry, model_settings
+from .engine.rerank import RerankService
 from .engine.service import Service
 from .settings import Settings
 
@@ -212,7 +214,13 @@ def create_app(
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level, settings.log_format)
         try:
-            check_startup(settings)
+            if app.state.models.duplicates:
+                raise ModelLoadError(f"MODELS: the model id {app.state.models.duplicates[0]!r} is used twice "
+                                     "(MODEL_NAME, MODEL_ALIASES and every name and alias in MODELS must differ).")
+            for entry in app.state.models.entries:
+                config, _, _ = check_startup(entry.settings)
+                entry.kind, entry.kind_reason = detect_kind(
+                    entry.settings.model_path, config, entry.settings.model_kind)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             raise
@@ -238,40 +246,57 @@ def create_app(
                 metrics_server.shutdown()
                 metrics_server.server_close()
             app.state.status = "stopping"
-            if app.state.service is not None:
-                await app.state.service.close()
+            for entry in app.state.models.entries:
+                if entry.service is not None:
+                    await entry.service.close()
 
-    async def _load(app: FastAPI) -> None:
+    async def _load_one(app: FastAPI, entry: ModelEntry):
         started = time.perf_counter()
-        progress = asyncio.create_task(report_loading(settings.model_path))
+        progress = asyncio.create_task(report_loading(entry.settings.model_path))
         metrics = app.state.metrics
         try:
-            runner = await _load_in_thread(loader, settings)
-            service = Service(settings, runner, on_batch=metrics.batch_observer(), on_fetch=metrics.observe_fetch)
+            loaded = await _load_in_thread(loader, entry.settings)
+            runners = loaded if isinstance(loaded, (list, tuple)) else [loaded]
+            kind = runners[0].info().kind
+            service = (RerankService if kind == "reranker" else Service)(
+                entry.settings, runners,
+                on_batch=[metrics.batch_observer(entry.name) for _ in runners],  # one per model worker
+                on_fetch=metrics.observe_fetch,
+            )
         except ModelLoadError as exc:
             on_fatal(str(exc))
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - any load failure ends the process with one message
             log.exception("model load failed")
-            on_fatal(f"Could not load the model from {settings.model_path!r}: {exc.__class__.__name__}: {exc}")
-            return
+            on_fatal(f"Could not load the model from {entry.settings.model_path!r}: {exc.__class__.__name__}: {exc}")
+            return None
         finally:
             progress.cancel()
-        if app.state.status != "loading":  # shutting down already: serve nothing
-            await service.close()
-            return
-        app.state.service = service
+        entry.kind = kind
+        info = service.info
+        log.info(
+            "model %s (%s %s, %d dims, %s, %s; kind: %s) ready in %.1f s",
+            entry.name, info.family, kind, info.dimension, info.device, info.dtype, entry.kind_reason or kind,
+            time.perf_counter() - started,
+        )
+        log.info("%s", summary(entry.settings, info, service.rules.default_dimension))
+        return service
+
+    async def _load(app: FastAPI) -> None:
+        for entry in app.state.models.entries:
+            service = await _load_one(app, entry)
+            if service is None:
+                return
+            if app.state.status != "loading":  # shutting down already: serve nothing
+                await service.close()
+                return
+            entry.service = service
+        app.state.service = app.state.models.default.service
         # The ~400k long-lived objects torch and transformers created are never garbage; moving them
         # out of the collector's sight stops 150-300 ms full collections under load.
         gc.collect()
         gc.freeze()
         app.state.status = "ok"
-        info = service.info
-        log.info(
-            "model %s (%s, %d dims, %s, %s) ready in %.1f s",
-            settings.model_name, info.family, info.dimension, info.device, info.dtype, time.perf_counter() - started,
-        )
-        log.info("%s", summary(settings, info, service.rules.default_dimension))
 
     app = FastAPI(
         title="embedding_api",
@@ -282,13 +307,16 @@ def create_app(
         redoc_url=None,  # ReDoc loads from a CDN only
     )
     app.state.settings = settings
-    app.state.service = None
+    app.state.models = Registry([
+        ModelEntry(name=s.model_name, ids=s.model_ids, settings=s) for s in model_settings(settings)
+    ])
+    app.state.service = None  # the default (first) model's service once every model is loaded
     app.state.status = "loading"
     app.state.created = int(time.time())
     app.state.inflight = set()  # embedding tasks, cancelled when the shutdown grace runs out
     app.state.loop = None
     app.state.metrics = Metrics(settings.model_name)
-    app.state.metrics.watch(lambda: app.state.service)
+    app.state.metrics.watch(lambda: [(e.name, e.service) for e in app.state.models.entries if e.service is not None])
     install_handlers(app)
     app.add_middleware(UnhandledErrors, fastapi_app=app)
     if settings.cors_origins:

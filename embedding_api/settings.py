@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 
 from pydantic import Field, field_validator, model_validator
@@ -13,6 +14,49 @@ def _split_csv(value: str) -> tuple[str, ...]:
 
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+MODEL_KINDS = ("embedding", "reranker")
+_MODEL_KEYS = ("name", "path", "kind", "aliases", "dimension")
+
+
+def parse_models(value: str) -> list[dict]:
+    """MODELS: a JSON list of {"name", "path", "kind"?, "aliases"?, "dimension"?}; ValueError says what is wrong."""
+    if not value.strip():
+        return []
+    try:
+        items = json.loads(value)
+    except ValueError:
+        raise ValueError("MODELS must be a JSON list of objects") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError("MODELS must be a non-empty JSON list of objects")
+    specs, seen = [], set()
+    for i, item in enumerate(items):
+        where = f"MODELS[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an object")
+        unknown = sorted(set(item) - set(_MODEL_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has unknown key {unknown[0]!r} (allowed: {', '.join(_MODEL_KEYS)})")
+        for key in ("name", "path"):
+            if not isinstance(item.get(key), str) or not item[key].strip():
+                raise ValueError(f"{where}.{key} must be a non-empty string")
+        kind = item.get("kind") or "auto"
+        if kind not in MODEL_KINDS + ("auto",):
+            raise ValueError(f"{where}.kind must be embedding or reranker")
+        aliases = item.get("aliases") or []
+        if isinstance(aliases, str):
+            aliases = list(_split_csv(aliases))
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+            raise ValueError(f"{where}.aliases must be a list of strings")
+        dimension = item.get("dimension")
+        if dimension is not None and (not isinstance(dimension, int) or isinstance(dimension, bool) or dimension < 1):
+            raise ValueError(f"{where}.dimension must be a positive integer")
+        ids = [item["name"].strip(), *(a.strip() for a in aliases)]
+        for model_id in ids:
+            if model_id in seen:
+                raise ValueError(f"{where}: the id {model_id!r} is used twice")
+            seen.add(model_id)
+        specs.append({"name": ids[0], "path": item["path"], "kind": kind, "aliases": ids[1:], "dimension": dimension})
+    return specs
 
 
 class Settings(BaseSettings):
@@ -106,6 +150,25 @@ class Settings(BaseSettings):
     @cached_property
     def cors_origins(self) -> tuple[str, ...]:
         return _split_csv(self.cors_allow_origins)
+    # Reranking and several models in one process
+    model_kind: str = "auto"  # auto | embedding | reranker: the kind of MODEL_PATH's model
+    models: str = ""  # JSON list of {"name", "path", "kind"?, "aliases"?, "dimension"?}
+    max_rerank_documents: int = Field(1000, ge=1)
+    max_rerank_tokens: int = Field(0, ge=0)  # 0 = the family's official length (8192 text, 10240 VL)
+
+    @field_validator("model_kind")
+    @classmethod
+    def _check_kind(cls, value: str) -> str:
+        value = value.strip().lower() or "auto"
+        if value in MODEL_KINDS + ("auto",):
+            return value
+        raise ValueError("MODEL_KIND must be auto, embedding or reranker")
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: str) -> str:
+        parse_models(value)  # raises ValueError with the reason
+        return value
 
     @field_validator("device")
     @classmethod

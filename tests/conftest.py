@@ -23,6 +23,18 @@ def tiny_text(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_text_reranker(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-text-reranker", family="qwen3", size="tiny",
+                            seed=0, kind="reranker")
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_reranker(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vl-reranker", family="qwen3_vl", size="tiny",
+                            seed=0, kind="reranker")
+
+
+@pytest.fixture(scope="session")
 def image_server():
     server = ImageServer()
     yield server

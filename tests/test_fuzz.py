@@ -296,7 +296,7 @@ def test_openapi_document_is_complete(api_schema, fuzz_client):
     assert "EmbeddingRequest" in refs
     labels = sorted(r.ok().label for r in api_schema.get_all_operations())
     assert labels == ["GET /health", "GET /health/live", "GET /health/ready", "GET /v1/models",
-                      "GET /v1/models/{model_id}", "POST /v1/embeddings"]
+                      "GET /v1/models/{model_id}", "POST /v1/embeddings", "POST /v1/rerank", "POST /v1/score"]
 
 
 @pytest.mark.parametrize("label, mode, n_examples", [

@@ -628,6 +628,11 @@ def _startup_cases(tiny_vl: Path, tmp: Path):
         "dimension": ({"MODEL_PATH": str(tiny_vl), "EMBEDDING_DIMENSION": "100"},
                       ["EMBEDDING_DIMENSION=100", "own size 64", "1 to 64"]),
         "bad_setting": ({"MODEL_PATH": str(tiny_vl), "DEVICE": "tpu"}, ["DEVICE='tpu'", "auto, cpu, cuda"]),
+        "models_json": ({"MODELS": "[{"}, ["MODELS='[{'", "JSON list"]),
+        "models_twice": ({"MODEL_PATH": str(tiny_vl), "MODELS": json.dumps([{"name": "Qwen3-VL-Embedding-2B",
+                                                                              "path": str(tiny_vl)}])},
+                         ["'Qwen3-VL-Embedding-2B' is used twice"]),
+        "models_missing": ({"MODELS": json.dumps([{"name": "b", "path": str(missing)}])}, [str(missing), "does not exist"]),
     }
 
 
@@ -672,7 +677,7 @@ def _check_failure(where: str, rc, out: str, needles: list[str]) -> None:
 def test_startup_failures_exit_at_once_with_one_message(background):
     background.failures_thread.join(120)
     results = background.failures
-    assert len(results) == 6, results.keys()
+    assert len(results) == 9, results.keys()
     for (case, kind), (rc, elapsed, out, needles) in results.items():
         where = f"{case} via {kind}: rc={rc} in {elapsed:.1f}s\n{out}"
         _check_failure(where, rc, out, needles)

@@ -37,6 +37,13 @@ def ready_service(request: Request) -> Service:
     return service
 
 
+def ready_model(request: Request, body, kind: str):
+    """The loaded model a request names in `model` (else the first of `kind`): 404 unknown, 400 wrong kind."""
+    ready_service(request)
+    model = body.get("model") if isinstance(body, dict) else None
+    return request.app.state.models.pick(model, kind)
+
+
 async def read_json(request: Request, limit: int):
     too_large = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     length = request.headers.get("content-length")

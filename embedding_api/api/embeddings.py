@@ -9,7 +9,7 @@ from ..engine.timing import StageTimes
 from ..inputs import parse_request
 from ..observability import record_of
 from .auth import check_api_key
-from .common import read_json, ready_service, run_watched
+from .common import read_json, ready_model, ready_service, run_watched
 from .schemas import EmbeddingResponse, ErrorResponse, embedding_response, request_body_openapi
 
 router = APIRouter()
@@ -26,17 +26,18 @@ async def create_embeddings(request: Request) -> Response:
     # Checked inline rather than as a dependency: FastAPI runs a sync dependency in a thread pool,
     # a hop that cost ~30% of throughput on the hot path.
     check_api_key(request)
-    service = ready_service(request)
-    settings = service.settings
+    settings = ready_service(request).settings
     body = await read_json(request, settings.max_request_bytes)
-    parsed = parse_request(body, service.rules, settings.model_ids)
+    entry = ready_model(request, body, "embedding")
+    service = entry.service
+    parsed = parse_request(body, service.rules, entry.ids)
     times = StageTimes()
     record = record_of(request.scope)
     if record is not None:
         kinds: dict[str, int] = {}
         for item in parsed.inputs:
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
-        record.kinds, record.times = kinds, times
+        record.model, record.kinds, record.times = entry.name, kinds, times
     vectors, tokens = await run_watched(request, service.embed(parsed, times), settings.request_timeout)
     headers = {
         "x-queue-time": f"{times.queue_s * 1e3:.2f}",
@@ -48,5 +49,5 @@ async def create_embeddings(request: Request) -> Response:
     if record is not None:
         record.tokens = tokens
         headers["x-total-time"] = f"{record.elapsed_ms():.2f}"
-    return embedding_response(vectors, parsed.encoding_format, settings.model_name, tokens, headers)
+    return embedding_response(vectors, parsed.encoding_format, entry.name, tokens, headers)
 

@@ -23,8 +23,11 @@ router = APIRouter()
 )
 async def health(request: Request) -> Response:
     state = request.app.state
-    settings = state.settings
+    settings = state.models.default.settings
     body = {"status": state.status, "model": settings.model_name, "model_path": settings.model_path}
+    entries = state.models.entries
+    if len(entries) > 1 or entries[0].kind != "embedding":
+        body["models"] = [_model_status(e) for e in entries]
     if state.service is None or state.status != "ok":
         return json_response(body, 503)
     info = state.service.info
@@ -69,6 +72,14 @@ async def ready(request: Request) -> Response:
     state = request.app.state
     ok = state.service is not None and state.status == "ok"
     return json_response({"status": "ready" if ok else state.status}, 200 if ok else 503)
+def _model_status(entry) -> dict:
+    status = {"name": entry.name, "kind": entry.kind, "path": entry.settings.model_path,
+              "status": "ok" if entry.service is not None else "loading"}
+    service = entry.service
+    if service is not None:
+        status.update(family=service.info.family, takes_images=service.info.takes_images,
+                      queued=service.batcher.queued, batches_run=service.batcher.batches_run)
+    return status
 
 
 def _cuda_available() -> bool:

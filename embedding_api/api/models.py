@@ -13,22 +13,22 @@ from .schemas import ErrorResponse
 router = APIRouter()
 
 
-def _model_card(request: Request, model_id: str) -> dict:
+def _model_card(request: Request, model_id: str, entry=None) -> dict:
     card = {"id": model_id, "object": "model", "created": request.app.state.created, "owned_by": "embedding_api"}
-    service = request.app.state.service
+    entry = entry or request.app.state.models.find(model_id)
+    card["kind"] = entry.kind
+    service = entry.service
     if service is not None:
-        card.update(
-            family=service.info.family,
-            embedding_dimension=service.info.dimension,
-            modalities=service.modalities,
-        )
+        card.update(family=service.info.family, modalities=service.modalities)
+        if entry.kind == "embedding":
+            card["embedding_dimension"] = service.info.dimension
     return card
 
 
 @router.get("/v1/models", dependencies=[Depends(check_api_key)], responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> Response:
-    settings = request.app.state.settings
-    return json_response({"object": "list", "data": [_model_card(request, settings.model_name)]})
+    entries = request.app.state.models.entries
+    return json_response({"object": "list", "data": [_model_card(request, e.name, e) for e in entries]})
 
 
 @router.get(
@@ -37,8 +37,7 @@ async def list_models(request: Request) -> Response:
     responses={status: {"model": ErrorResponse} for status in (401, 404)},
 )
 async def get_model(request: Request, model_id: str) -> Response:
-    settings = request.app.state.settings
-    if model_id not in settings.model_ids:
+    if request.app.state.models.find(model_id) is None:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return json_response(_model_card(request, model_id))
 

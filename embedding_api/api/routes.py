@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import embeddings, health, models
+from . import embeddings, health, models, rerank
 
 router = APIRouter()
-for _module in (embeddings, models, health):
+for _module in (embeddings, rerank, models, health):
     router.include_router(_module.router)

@@ -102,7 +102,7 @@ class Batcher:
         max_queued: int,
         on_oom: Callable[[], None] | None = None,
         devices: Sequence[str] | None = None,
-        on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[int, int, float], None] | Sequence | None = None,
     ):
         self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
         if not self._forwards:
@@ -114,7 +114,9 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queued = max_queued
         self._on_oom = on_oom
-        self._on_batch = on_batch  # (inputs, padded tokens, forward seconds) per batch run
+        # (inputs, padded tokens, forward seconds) per batch run: one callable, or one per worker
+        # (each worker then writes only its own).
+        self._on_batch = list(on_batch) if isinstance(on_batch, (list, tuple)) else [on_batch] * len(self._forwards)
         self._pending: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._running = False
@@ -288,8 +290,9 @@ class Batcher:
                 times.ready = ended
         log.debug("batch of %d in %.1f ms (worker %d)", len(batch), took * 1e3, k)
         self._send(batch, [(e.future, vectors[i], False) for i, e in enumerate(batch)])
-        if self._on_batch is not None:
-            self._on_batch(len(batch), len(batch) * max(e.prepared.n_tokens for e in batch), took)
+        on_batch = self._on_batch[k]
+        if on_batch is not None:
+            on_batch(len(batch), len(batch) * max(e.prepared.n_tokens for e in batch), took)
 
     @staticmethod
     def _send(batch: list[_Entry], pairs: list[tuple[asyncio.Future, object, bool]]) -> None:

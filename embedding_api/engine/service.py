@@ -65,7 +65,8 @@ def input_rules(settings: Settings, runner: Runner) -> InputRules:
         reserved_strings=VISION_TOKENS,
         default_instruction=settings.default_instruction if info.family == "qwen3_vl" else None,
         query_instruction=settings.query_instruction or info.default_query_instruction,
-        takes_videos=hasattr(runner, "video_plan"),
+        # Rerankers score text and images; video pairs are not prepared for them.
+        takes_videos=hasattr(runner, "video_plan") and info.kind == "embedding",
     )
 
 
@@ -81,7 +82,7 @@ class Service:
         self,
         settings: Settings,
         runner: Union[Runner, Sequence[Runner]],
-        on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[int, int, float], None] | Sequence | None = None,
         on_fetch: Callable[[float, str | None], None] | None = None,
     ):
         self.settings = settings

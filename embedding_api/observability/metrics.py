@@ -10,6 +10,7 @@ model_info) is read only when Prometheus scrapes.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -74,11 +75,8 @@ class Metrics:
         self._fetch_failures = Family(PREFIX + "image_fetch_failures", "Image URL fetches that failed, by reason",
                                       ["reason"])
         self._failure_cache: dict = {}
-        self.prepare_seconds = self._prepare.child(model)
-        self.queue_seconds = self._queue.child(model)
-        self.prompt_tokens = self._prompt_tokens.child(model)
-        self.truncated = self._truncated.child(model)
-        self.inputs = {kind: self._inputs.child(model, kind) for kind in INPUT_KINDS}
+        self._per_model: dict[str, _ModelSeries] = {}
+        self._model_series(model)  # the default model's series exist (at zero) from the start
         self.fetch_seconds = self._fetch.child()
         registry.register(FamiliesCollector([
             self._requests, self._request_seconds, self._prepare, self._queue, self._forward, self._batch_size,
@@ -100,19 +98,34 @@ class Metrics:
         children[0].value += 1
         children[1].observe(seconds)
 
-    def observe_embedding(self, kinds: dict[str, int], tokens: int, times) -> None:
-        """An answered /v1/embeddings request: `times` is its engine.timing.StageTimes."""
-        for kind, count in kinds.items():
-            self.inputs[kind].value += count
-        self.prompt_tokens.value += tokens
-        self.prepare_seconds.observe(times.prepare_s)
-        self.queue_seconds.observe(times.queue_s)
-        if times.truncated:
-            self.truncated.value += times.truncated
+    def _model_series(self, model: str) -> "_ModelSeries":
+        series = self._per_model.get(model)
+        if series is None:
+            series = self._per_model[model] = _ModelSeries(
+                prepare_seconds=self._prepare.child(model),
+                queue_seconds=self._queue.child(model),
+                prompt_tokens=self._prompt_tokens.child(model),
+                truncated=self._truncated.child(model),
+                inputs={kind: self._inputs.child(model, kind) for kind in INPUT_KINDS},
+            )
+        return series
 
-    def batch_observer(self) -> Callable[[int, int, float], None]:
+    def observe_embedding(self, kinds: dict[str, int], tokens: int, times, model: str | None = None) -> None:
+        """An answered /v1/embeddings request for `model` (default: the default model): `times` is its
+        engine.timing.StageTimes."""
+        series = self._model_series(model or self.model)
+        for kind, count in kinds.items():
+            series.inputs[kind].value += count
+        series.prompt_tokens.value += tokens
+        series.prepare_seconds.observe(times.prepare_s)
+        series.queue_seconds.observe(times.queue_s)
+        if times.truncated:
+            series.truncated.value += times.truncated
+
+    def batch_observer(self, model: str | None = None) -> Callable[[int, int, float], None]:
         """`observe(inputs, padded_tokens, forward_seconds)` for ONE model-worker thread (its own series)."""
-        size, tokens, forward = (f.child(self.model) for f in (self._batch_size, self._batch_tokens, self._forward))
+        model = model or self.model
+        size, tokens, forward = (f.child(model) for f in (self._batch_size, self._batch_tokens, self._forward))
 
         def observe(inputs: int, padded_tokens: int, seconds: float) -> None:
             size.observe(inputs)
@@ -129,10 +142,10 @@ class Metrics:
                 counter = self._failure_cache[failure] = self._fetch_failures.child(failure)
             counter.value += 1
 
-    def watch(self, service: Callable[[], object | None]) -> None:
-        """Where the scrape-time gauges read the served model's state: a callable returning the
-        engine Service, or None while the model loads."""
-        self._state.service = service
+    def watch(self, services: Callable[[], list]) -> None:
+        """Where the scrape-time gauges read the served models' state: a callable returning
+        (model name, engine Service) for each loaded model."""
+        self._state.services = services
 
     # ------------------------------------------------------------------ exposition
 
@@ -140,23 +153,33 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+@dataclass
+class _ModelSeries:
+    """The per-request series of one model (written by the event loop only)."""
+
+    prepare_seconds: object
+    queue_seconds: object
+    prompt_tokens: object
+    truncated: object
+    inputs: dict
+
+
 class _StateCollector:
     """Levels read at scrape time: nothing is recorded for them on the request path."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
-        self.service: Callable[[], object | None] = lambda: None
-        self._busy_last: dict[str, tuple[float, float, float]] = {}  # worker: (time, busy s, share)
+        self.services: Callable[[], list] = lambda: []
+        self._busy_last: dict[tuple[str, str], tuple[float, float, float]] = {}  # (model, worker): (time, busy s, share)
 
     def describe(self) -> Iterable:
         return []  # collected afresh each scrape: no fixed description
 
     def collect(self) -> Iterable:
-        model = self.metrics.model
         in_flight = GaugeMetricFamily(PREFIX + "requests_in_flight", "HTTP requests being answered now")
         in_flight.add_metric([], self.metrics.inflight)
         yield in_flight
-        service = self.service()
+        services = self.services()
         queued = GaugeMetricFamily(PREFIX + "queued_inputs", "Inputs waiting for the model", labels=["model"])
         busy_share = GaugeMetricFamily(
             PREFIX + "model_worker_busy_ratio",
@@ -172,14 +195,14 @@ class _StateCollector:
             PREFIX + "model_info", "The served model (value 1)",
             labels=["model", "family", "device", "dtype", "dimension"],
         )
-        if service is not None:
-            now = time.perf_counter()
+        now = time.perf_counter()
+        for model, service in services:
             batcher = service.batcher
             for stats in batcher.workers:  # one model worker per device
                 worker = str(stats.index)
                 busy = stats.busy_total()
                 busy_total.add_metric([model, worker], busy)
-                busy_share.add_metric([model, worker], self._share(worker, batcher, now, busy))
+                busy_share.add_metric([model, worker], self._share((model, worker), batcher, now, busy))
             queued.add_metric([model], batcher.queued)
             model_info = service.info
             info.add_metric(
@@ -190,7 +213,7 @@ class _StateCollector:
         yield busy_total
         yield info
 
-    def _share(self, worker: str, batcher, now: float, busy: float) -> float:
+    def _share(self, worker: tuple[str, str], batcher, now: float, busy: float) -> float:
         last = self._busy_last.get(worker)
         if last is None:
             since = getattr(batcher, "started_at", now)

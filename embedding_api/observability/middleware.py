@@ -23,12 +23,13 @@ QUIET_ROUTES = frozenset({"/health", "/health/live", "/health/ready", "/metrics"
 
 
 class RequestRecord:
-    __slots__ = ("request_id", "started", "error_code", "kinds", "tokens", "times")
+    __slots__ = ("request_id", "started", "error_code", "model", "kinds", "tokens", "times")
 
     def __init__(self, request_id: str, started: float):
         self.request_id = request_id
         self.started = started
         self.error_code: str | None = None
+        self.model: str | None = None  # the model that answered, once the request is parsed
         self.kinds: dict[str, int] | None = None  # inputs by kind, once the request is parsed
         self.tokens = 0
         self.times = None  # engine.timing.StageTimes of an embedding request
@@ -101,7 +102,7 @@ class ObservabilityMiddleware:
         self.metrics.observe_request(route, status, seconds)
         times = record.times
         if status == 200 and times is not None:
-            self.metrics.observe_embedding(record.kinds or {}, record.tokens, times)
+            self.metrics.observe_embedding(record.kinds or {}, record.tokens, times, record.model)
         level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
         if not access_log.isEnabledFor(level):
             return

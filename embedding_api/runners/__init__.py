@@ -8,9 +8,25 @@ import torch
 
 from ..settings import Settings
 from .base import VISION_TOKENS, InputTooLong, ModelInfo, PreparedInput, Runner
+from .kinds import EMBEDDING, RERANKER, detect_kind
 from .loading import ModelLoadError, check_startup, hidden_size, read_config, resolve_devices, resolve_dtype
 from .qwen3_text import TextRunner
 from .qwen3_vl import VLRunner
+from .rerank_text import TextRerankRunner
+from .rerank_vl import VLRerankRunner
+
+_RUNNERS = {
+    ("qwen3_vl", EMBEDDING): VLRunner,
+    ("qwen3", EMBEDDING): TextRunner,
+    ("qwen3_vl", RERANKER): VLRerankRunner,
+    ("qwen3", RERANKER): TextRerankRunner,
+}
+
+
+def model_kind(settings: Settings, config: dict | None = None) -> str:
+    """The kind of the model at MODEL_PATH: MODEL_KIND, or read from the checkpoint (runners/kinds.py)."""
+    config = config if config is not None else read_config(settings.model_path)
+    return detect_kind(settings.model_path, config, settings.model_kind)[0]
 
 
 def load_runner(settings: Settings) -> "Runner":
@@ -30,13 +46,12 @@ def _load(settings: Settings, limit: int | None) -> list["Runner"]:
     if cpu_workers:
         # TORCH_THREADS is per worker; 0 shares the cores among the CPU workers.
         torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_workers))
-    runner_cls = VLRunner if config["model_type"] == "qwen3_vl" else TextRunner
+    runner_cls = _RUNNERS[(config["model_type"], model_kind(settings, config))]
     return [runner_cls(settings, config, d, resolve_dtype(settings.dtype, d)) for d in devices]
-
 
 
 __all__ = [
     "VISION_TOKENS", "InputTooLong", "ModelInfo", "ModelLoadError", "PreparedInput", "Runner",
-    "TextRunner", "VLRunner", "check_startup", "hidden_size", "load_runner", "load_runners",
-    "read_config",
+    "TextRunner", "VLRunner", "TextRerankRunner", "VLRerankRunner", "EMBEDDING", "RERANKER",
+    "check_startup", "detect_kind", "hidden_size", "load_runner", "load_runners", "model_kind", "read_config",
 ]

@@ -49,6 +49,7 @@ class ModelInfo:
     device: str
     dtype: str
     default_query_instruction: str
+    kind: str = "embedding"
 
 
 class Runner:
@@ -57,6 +58,7 @@ class Runner:
     family: str
     takes_images: bool
     default_query_instruction: str
+    kind = "embedding"
 
     def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
         from transformers import AutoTokenizer
@@ -95,6 +97,7 @@ class Runner:
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
             default_query_instruction=self.default_query_instruction,
+            kind=self.kind,
         )
 
     def reserved_token_ids(self) -> frozenset[int]:

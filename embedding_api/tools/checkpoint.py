@@ -15,7 +15,14 @@ Only the shapes, the data flow and the cost are realistic.
 Usage::
 
     python -m embedding_api.tools.checkpoint OUT_DIR [--family qwen3_vl|qwen3]
-        [--size tiny|cpu|demo|2b|0.6b] [--seed N] [--overwrite] [--append-eos|--no-append-eos]
+        [--size tiny|cpu|demo|2b|0.6b] [--kind embedding|reranker] [--seed N] [--overwrite]
+        [--append-eos|--no-append-eos]
+
+``--kind reranker`` writes the layout of Qwen3-VL-Reranker / Qwen3-Reranker
+instead: the same configs plus the causal LM head (``lm_head.weight``, untied),
+``model.``-prefixed text weights for the text family (saved from
+``Qwen3ForCausalLM``), and a tokenizer whose post-processor adds nothing and
+whose vocabulary has the single tokens "yes" and "no" that the score is read from.
 
 Differences from the real checkpoints (by design):
 
@@ -367,6 +374,10 @@ _SPECS: dict[tuple[str, str], _Spec] = {
 }
 
 _REAL_NAMES = {"qwen3_vl": "Qwen/Qwen3-VL-Embedding-2B", "qwen3": "Qwen/Qwen3-Embedding-0.6B"}
+_REAL_RERANKER_NAMES = {"qwen3_vl": "Qwen/Qwen3-VL-Reranker-2B", "qwen3": "Qwen/Qwen3-Reranker-0.6B"}
+KINDS = ("embedding", "reranker")
+# Extra training lines for a reranker's vocabulary: "yes" and "no" become single tokens.
+_RERANKER_LINES = ["yes\n", "no\n"] * 60
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -381,7 +392,8 @@ def _pretokenize_regex() -> str:
         return _QWEN_PRETOKENIZE_REGEX
 
 
-def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024, append_eos: bool | None = None):
+def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024, kind: str = "embedding",
+                    append_eos: bool | None = None):
     """Build the raw ``tokenizers.Tokenizer`` (byte-level BPE + Qwen special tokens).
 
     The pipeline mirrors the real Qwen tokenizer.json: NFC normaliser, Qwen's
@@ -416,10 +428,11 @@ def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024, append
     lines = [line for line in _CORPUS.splitlines() if line.strip()]
     # Repeat the corpus a few times (with line breaks) so that frequent pairs
     # clear min_frequency and "\n" sequences are learnt too.
-    tok.train_from_iterator([line + "\n" for line in lines] * 3, trainer=trainer, length=len(lines) * 3)
+    corpus = [line + "\n" for line in lines] * 3 + (_RERANKER_LINES if kind == "reranker" else [])
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     if append_eos is None:
-        append_eos = family == "qwen3"
+        append_eos = family == "qwen3" and kind == "embedding"
     if append_eos:
         eot = "<|endoftext|>"
         tok.post_processor = processors.TemplateProcessing(
@@ -432,14 +445,14 @@ def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024, append
     return tok
 
 
-def _save_tokenizer(tok, family: str, out: Path) -> Any:
+def _save_tokenizer(tok, family: str, out: Path, kind: str = "embedding") -> Any:
     """Save ``tok`` through transformers, then make tokenizer_config.json look like the real one."""
     from transformers import PreTrainedTokenizerFast
 
     is_vl = family == "qwen3_vl"
     kwargs: dict[str, Any] = dict(
         tokenizer_object=tok,
-        eos_token="<|im_end|>" if is_vl else "<|endoftext|>",
+        eos_token="<|im_end|>" if is_vl or kind == "reranker" else "<|endoftext|>",
         pad_token="<|endoftext|>",
         padding_side="right" if is_vl else "left",
         model_max_length=262144 if is_vl else 131072,
@@ -487,7 +500,8 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _build_config(spec: _Spec, ids: dict[str, int], vocab_size: int):
+def _build_config(spec: _Spec, ids: dict[str, int], vocab_size: int, kind: str = "embedding"):
+    tied = kind == "embedding"  # a reranker keeps its LM head (two of its rows make the score)
     if spec.family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
@@ -497,7 +511,7 @@ def _build_config(spec: _Spec, ids: dict[str, int], vocab_size: int):
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
+            tie_word_embeddings=tied,
             rms_norm_eps=1e-6,
             hidden_act="silu",
             attention_bias=False,
@@ -512,7 +526,7 @@ def _build_config(spec: _Spec, ids: dict[str, int], vocab_size: int):
             video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=True,
+            tie_word_embeddings=tied,
         )
         config.architectures = ["Qwen3VLForConditionalGeneration"]
     else:
@@ -523,7 +537,7 @@ def _build_config(spec: _Spec, ids: dict[str, int], vocab_size: int):
             vocab_size=vocab_size,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
+            tie_word_embeddings=tied,
             rms_norm_eps=1e-6,
             hidden_act="silu",
             attention_bias=False,
@@ -573,11 +587,13 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def _build_model(spec: _Spec, config, seed: int):
+def _build_model(spec: _Spec, config, seed: int, kind: str = "embedding"):
     import torch
 
     if spec.family == "qwen3_vl":
         from transformers import Qwen3VLForConditionalGeneration as cls
+    elif kind == "reranker":
+        from transformers import Qwen3ForCausalLM as cls
     else:
         from transformers import Qwen3Model as cls
 
@@ -587,6 +603,10 @@ def _build_model(spec: _Spec, config, seed: int):
     # tensors, no "meta" device), which keeps the 2B model at ~4.3 GB of RAM.
     with _default_dtype(dtype), torch.no_grad():
         model = cls(config)
+        if kind == "reranker":
+            # A wider LM head than the default init, so that random scores spread over (0, 1)
+            # instead of all sitting near 0.5: tests that compare scores then tell pairs apart.
+            model.lm_head.weight.normal_(0.0, 0.3)
     model.eval()
     for p in model.parameters():
         if not torch.isfinite(p).all():  # pragma: no cover - sanity
@@ -701,7 +721,7 @@ def write_checkpoint(
     size: str = "tiny",
     seed: int = 0,
     overwrite: bool = False,
-    *,
+    kind: str = "embedding",
     append_eos: bool | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of ``family``/``size`` into ``out_dir``; return its path.
@@ -711,12 +731,15 @@ def write_checkpoint(
     seed gives the same weights, byte for byte. ``append_eos`` gives the tokenizer a post-processor
     that appends ``<|endoftext|>`` (true) or none (false); default: the family's real one.
     """
-    return _write_checkpoint(out_dir, family, size, seed, overwrite, append_eos)[0]
+    return _write_checkpoint(out_dir, family, size, seed, overwrite, kind, append_eos)[0]
 
 
 def _write_checkpoint(
-    out_dir: str | Path, family: str, size: str, seed: int, overwrite: bool, append_eos: bool | None = None
+    out_dir: str | Path, family: str, size: str, seed: int, overwrite: bool, kind: str = "embedding",
+    append_eos: bool | None = None,
 ) -> tuple[Path, int]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if size not in SIZES[family]:
@@ -735,14 +758,14 @@ def _write_checkpoint(
     # place, so that a reader never sees a half-written checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
     try:
-        tok = build_tokenizer(family, spec.bpe_vocab_size, append_eos)
-        fast = _save_tokenizer(tok, family, tmp)
+        tok = build_tokenizer(family, spec.bpe_vocab_size, kind, append_eos)
+        fast = _save_tokenizer(tok, family, tmp, kind)
         ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         vocab_size = spec.vocab_size or _round_up(len(fast), 64)
         if vocab_size < len(fast):
             raise ValueError("config vocab_size is smaller than the tokenizer")
-        config = _build_config(spec, ids, vocab_size)
-        model = _build_model(spec, config, seed)
+        config = _build_config(spec, ids, vocab_size, kind)
+        model = _build_model(spec, config, seed, kind)
         n_params = _unique_parameter_count(model)
         _save_model(model, tmp, list(config.architectures))
         del model
@@ -751,7 +774,7 @@ def _write_checkpoint(
             _write_json(tmp / "video_preprocessor_config.json", _video_preprocessor_config())
         (tmp / "RANDOM_WEIGHTS.txt").write_text(
             _RANDOM_NOTE.format(
-                real=_REAL_NAMES[family],
+                real=(_REAL_RERANKER_NAMES if kind == "reranker" else _REAL_NAMES)[family],
                 template=", chat template" if family == "qwen3_vl" else "",
                 seed=seed,
                 family=family,
@@ -793,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny (tests), cpu (CPU benchmarks), demo (qwen3_vl, `make demo`: 2048-wide output, 16384 ids), "
         "2b (qwen3_vl, real shape, bf16), 0.6b (qwen3, real shape, bf16)",
     )
+    parser.add_argument("--kind", choices=KINDS, default="embedding",
+                        help="embedding (Qwen3-VL-Embedding / Qwen3-Embedding) or reranker (Qwen3-VL-Reranker / Qwen3-Reranker)")
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
                         help="tokenizer post-processor that appends <|endoftext|> (default: the family's own)")
     parser.add_argument("--seed", type=int, default=0)
@@ -802,12 +827,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"size {args.size!r} is not available for family {args.family!r} (choose from {SIZES[args.family]})")
     try:
         path, n_params = _write_checkpoint(args.out_dir, args.family, args.size, args.seed, args.overwrite,
-                                           args.append_eos)
+                                           args.kind, args.append_eos)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(path)
-    print(f"parameters: {n_params} ({n_params / 1e6:.2f}M), family {args.family}, size {args.size}, seed {args.seed}")
+    print(f"parameters: {n_params} ({n_params / 1e6:.2f}M), family {args.family}, size {args.size}, "
+          f"kind {args.kind}, seed {args.seed}")
     return 0
 
 

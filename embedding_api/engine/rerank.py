@@ -1,0 +1,76 @@
+"""The rerank path once a request is validated: images -> prepared pairs -> batches -> scores.
+
+A reranker's pairs from all requests go through its own Batcher, exactly as embedding inputs do;
+the runner's forward returns one relevance score per pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..api.errors import APIError, invalid
+from ..rerank_inputs import RerankRequest
+from ..runners import InputTooLong, PreparedInput
+from .batcher import InputFailed, QueueFull
+from .service import Service
+
+
+@dataclass
+class _Side:
+    """A query or a document with its images decoded."""
+
+    texts: list[str]
+    images: list
+
+
+class RerankService(Service):
+    def _prepare_pairs(self, request: RerankRequest, sides: list[_Side]) -> list[PreparedInput]:
+        cache: dict = {}
+        n_queries = len(request.queries)
+        prepared = []
+        for qi, di in request.pairs:
+            doc = request.documents[di]
+            try:
+                prepared.append(self.runner.prepare_pair(
+                    sides[qi], sides[n_queries + di], request.instruction, request.truncate, cache))
+            except InputTooLong as exc:
+                raise invalid(f"{doc.param}: {exc}; send shorter texts or \"truncate\": true.", doc.param,
+                              "input_too_long") from None
+            except ValueError as exc:  # e.g. an aspect ratio the model refuses
+                raise invalid(f"{doc.param}: {exc}.", doc.param, "invalid_image") from None
+        return prepared
+
+    async def score(self, request: RerankRequest) -> tuple[np.ndarray, int]:
+        """One score per pair of `request.pairs`, in order, and the tokens fed to the model."""
+        items = request.queries + request.documents
+        images = await asyncio.gather(*(self._load_images(item) if item.images else _none() for item in items))
+        sides = [_Side(item.texts, imgs) for item, imgs in zip(items, images)]
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.prep_pool, self._prepare_pairs, request, sides)
+        try:
+            futures = self.batcher.submit(prepared)
+        except QueueFull:
+            raise APIError(429, "The server is at capacity; retry shortly.", code="server_overloaded",
+                           headers={"Retry-After": "1"}) from None
+        try:
+            await asyncio.wait(futures)
+            outcomes = [f.exception() for f in futures]
+            for (_, di), error in zip(request.pairs, outcomes):
+                if isinstance(error, InputFailed):
+                    param = request.documents[di].param
+                    raise invalid(f"{param}: {error}.", param, "input_too_large") from None
+            for error in outcomes:
+                if error is not None:
+                    raise error
+            scores = np.array([float(f.result()) for f in futures], dtype=np.float64)
+        finally:
+            for future in futures:
+                future.cancel()
+        return scores, sum(p.n_tokens for p in prepared)
+
+
+async def _none() -> list:
+    return []

@@ -1,0 +1,101 @@
+"""Rerank and score request JSON -> validated pairs.
+
+The query and every document take the input forms of /v1/embeddings (strings, image
+references, typed objects, content parts, fused text+image), parsed by inputs.py; token id
+lists are not a form of a query or a document. Every refusal names its field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .api.errors import invalid
+from .inputs import EmbedInput, InputRules, _check_item, _instruction, _is_int, _parse_element
+
+
+@dataclass
+class RerankRequest:
+    queries: list[EmbedInput]
+    documents: list[EmbedInput]
+    pairs: list[tuple[int, int]]  # (query index, document index), one score each
+    instruction: str | None
+    truncate: bool
+    top_n: int | None = None
+    return_documents: bool = False
+    raw_documents: list[Any] | None = None
+
+
+def _side(value: Any, param: str, rules: InputRules) -> EmbedInput:
+    if value is None:
+        raise invalid(f"{param} is required.", param, "missing_required_parameter")
+    if isinstance(value, list):
+        raise invalid(f"{param} must be a string or an object (text, image, or both).", param, "invalid_type")
+    item = _parse_element(value, param, rules)
+    _check_item(item, rules)
+    return item
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"{key} must be true or false.", key, "invalid_type")
+    return value
+
+
+def _documents(value: Any, param: str, rules: InputRules, limit: int) -> list[EmbedInput]:
+    if value is None:
+        raise invalid(f"{param} is required.", param, "missing_required_parameter")
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise invalid(f"{param} must not be an empty list.", param, "empty_input")
+    if len(value) > limit:
+        raise invalid(f"{param} has {len(value)} items; at most {limit} are allowed per request.", param,
+                      "too_many_documents")
+    return [_side(v, f"{param}[{i}]", rules) for i, v in enumerate(value)]
+
+
+def _common(body: Any) -> tuple[str | None, bool]:
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", None, "invalid_json")
+    return _instruction(body.get("instruction"), "instruction"), _bool(body, "truncate", True)
+
+
+def parse_rerank(body: Any, rules: InputRules, max_documents: int) -> RerankRequest:
+    """Cohere / Jina shape: {query, documents, top_n?, return_documents?, instruction?, truncate?}."""
+    instruction, truncate = _common(body)
+    query = _side(body.get("query"), "query", rules)
+    documents = _documents(body.get("documents"), "documents", rules, max_documents)
+    top_n = body.get("top_n")
+    if top_n is not None and (not _is_int(top_n) or top_n < 1):
+        raise invalid("top_n must be an integer of at least 1.", "top_n", "invalid_value")
+    raw = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
+    return RerankRequest(
+        queries=[query], documents=documents, pairs=[(0, i) for i in range(len(documents))],
+        instruction=instruction or query.instruction, truncate=truncate, top_n=top_n,
+        return_documents=_bool(body, "return_documents", False), raw_documents=raw,
+    )
+
+
+def parse_score(body: Any, rules: InputRules, max_documents: int) -> RerankRequest:
+    """vLLM shape: {text_1, text_2}: one to one (equal lists) or one to many (one text_1)."""
+    instruction, truncate = _common(body)
+    firsts = body.get("text_1")
+    if isinstance(firsts, list) and len(firsts) == 1:
+        firsts = firsts[0]
+    if isinstance(firsts, list):
+        queries = _documents(firsts, "text_1", rules, max_documents)
+        documents = _documents(body.get("text_2"), "text_2", rules, max_documents)
+        if len(queries) != len(documents):
+            raise invalid(f"text_1 has {len(queries)} items and text_2 {len(documents)}; send one text_1, "
+                          "or as many as text_2.", "text_2", "invalid_value")
+        pairs = [(i, i) for i in range(len(documents))]
+    else:
+        queries = [_side(firsts, "text_1", rules)]
+        documents = _documents(body.get("text_2"), "text_2", rules, max_documents)
+        pairs = [(0, i) for i in range(len(documents))]
+    return RerankRequest(queries=queries, documents=documents, pairs=pairs, instruction=instruction,
+                         truncate=truncate)

@@ -1,0 +1,62 @@
+"""Qwen3-Reranker (text): the model card's procedure.
+
+prompt = prefix + `<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}` + suffix, where
+the middle part is tokenized on its own (with the tokenizer's own special tokens) and truncated at
+the end so that the whole prompt fits in the maximum length (8192 by default); the score is
+P("yes") from the softmax over the last position's ("no", "yes") logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..settings import Settings
+from .base import InputTooLong, PreparedInput, Runner
+from .loading import load_weights
+from .scoring import ScoringMixin, read_head_rows
+
+TEXT_RERANK_SYSTEM = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+TEXT_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+TEXT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+TEXT_RERANK_MAX_TOKENS = 8192
+
+
+class TextRerankRunner(ScoringMixin, Runner):
+    family = "qwen3"
+    takes_images = False
+    default_query_instruction = TEXT_RERANK_INSTRUCTION
+
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
+        super().__init__(settings, config, device, dtype)
+        self.max_tokens = settings.max_rerank_tokens or TEXT_RERANK_MAX_TOKENS
+        vocab = self.tokenizer.get_vocab()
+        self.score_rows = read_head_rows(settings.model_path, config, [vocab["no"], vocab["yes"]]).to(device)
+        self._prefix = self.encode(TEXT_RERANK_SYSTEM)
+        self._suffix = self.encode(TEXT_RERANK_SUFFIX)
+        # What the tokenizer's post-processor adds around the middle part (Qwen3-Reranker: nothing).
+        plain, full = self.encode("a"), self.encode("a", special=True)
+        start = full.index(plain[0]) if plain and plain[0] in full else 0
+        self._special = (full[:start], full[start + len(plain):])
+
+    def _load_model(self):
+        from transformers import AutoModel
+
+        return load_weights(AutoModel, self.settings.model_path, self.dtype, self.device)
+
+    def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:
+        body = self.encode(
+            f"<Instruct>: {instruction or TEXT_RERANK_INSTRUCTION}\n<Query>: {''.join(query.texts)}"
+            f"\n<Document>: {''.join(document.texts)}"
+        )
+        head, tail = self._special
+        room = self.max_tokens - len(self._prefix) - len(self._suffix) - len(head) - len(tail)
+        if len(body) > room and not truncate:
+            raise InputTooLong(f"the pair is {len(body) - room} tokens longer than the model's {self.max_tokens}")
+        return PreparedInput(input_ids=self._prefix + head + body[:room] + tail + self._suffix)
+
+    def _scores(self, last: torch.Tensor) -> torch.Tensor:
+        logits = last @ self.score_rows.T  # (n, 2): "no", "yes"
+        return torch.log_softmax(logits, dim=1)[:, 1].exp()

@@ -1,0 +1,87 @@
+"""What both rerankers share: the two LM-head rows read straight from the safetensors, left
+padding, and the relevance score of the last position. Full-vocabulary logits are never made,
+and the LM head itself is never loaded (the base model is loaded without it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import PreparedInput
+from .loading import WEIGHTS_HINT, ModelLoadError
+
+
+def read_head_rows(model_path: str, config: dict, token_ids: list[int]) -> torch.Tensor:
+    """Rows `token_ids` of the LM head, (len(token_ids), hidden) in float32.
+
+    The head is `lm_head.weight`; a checkpoint with tied embeddings stores none and its head is
+    the input embedding matrix (`...embed_tokens.weight`).
+    """
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text()).get("weight_map", {}) if index.exists() else {}
+    candidates = ["lm_head.weight"]
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings"))
+    if tied:
+        candidates += ["model.language_model.embed_tokens.weight", "model.embed_tokens.weight", "embed_tokens.weight"]
+    for key in candidates:
+        for file in ([path / weight_map[key]] if key in weight_map else files):
+            with safe_open(str(file), framework="pt") as fh:
+                if key not in fh.keys():
+                    continue
+                rows = fh.get_slice(key)
+                return torch.stack([rows[i: i + 1][0] for i in token_ids]).float()
+    raise ModelLoadError(
+        f"The weights in {model_path!r} have no lm_head.weight (and no tied embeddings) to score with. {WEIGHTS_HINT}"
+    )
+
+
+def truncate_keep_special(ids: list[int], max_length: int, special: frozenset[int]) -> list[int]:
+    """Keep every special token and the first non-special ones, `max_length` tokens in all."""
+    if len(ids) <= max_length:
+        return ids
+    budget = max_length - sum(1 for t in ids if t in special)
+    kept: list[int] = []
+    for t in ids:
+        if t in special:
+            kept.append(t)
+        elif budget > 0:
+            kept.append(t)
+            budget -= 1
+    return kept
+
+
+class ScoringMixin:
+    """forward() for a reranker: one relevance score per pair, in float32."""
+
+    kind = "reranker"
+    score_rows: torch.Tensor  # on the device, in float32
+
+    def _collate_left(self, batch: list[PreparedInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(p.n_tokens for p in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - p.n_tokens:] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[row, width - p.n_tokens:] = 1
+        return ids, mask
+
+    def _scores(self, last: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def forward(self, batch: list[PreparedInput]) -> np.ndarray:
+        ids, mask = self._collate_left(batch)
+        out = self.model(
+            input_ids=ids.to(self.device, non_blocking=True),
+            attention_mask=mask.to(self.device, non_blocking=True),
+            use_cache=False,
+            **self._vision_inputs(batch, ids),
+        )
+        return self._scores(out.last_hidden_state[:, -1].float()).cpu().numpy()
