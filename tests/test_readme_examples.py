@@ -10,12 +10,12 @@ WHICH BLOCKS RUN (the extraction rule; keep it this simple):
 - Other fences (```json, plain ```) are output, not examples.
 
 HOW A BLOCK RUNS
-- Against ONE server started here the way `make demo` starts it: the checkpoint size and the model
-  name are read from the Makefile's `demo` target; no API_KEY; ALLOW_PRIVATE_IMAGE_URLS=true only so
+- Against ONE server started here the way `make demo` starts it (an embedder and a reranker): the
+  embedder's checkpoint size, its model name and the reranker's name are read from the Makefile's `demo` target; no API_KEY; ALLOW_PRIVATE_IMAGE_URLS=true only so
   that the local image server below can stand in for the internet.
 - The text is rewritten first, by REWRITES below: `localhost:6008` -> this server,
-  `https://example.com/` -> a local HTTP server that serves cat.jpg, cat.png, clip.mp4, clip.webm
-  and f1..f3.jpg, `.venv/bin/python`
+  `https://example.com/` -> a local HTTP server that serves cat.jpg, cat.png, sofa.jpg,
+  clip.mp4, clip.webm and f1..f3.jpg, `.venv/bin/python`
   -> the Python running the tests (the checkout's .venv).
 - bash blocks: `bash -e -o pipefail`, in a temporary directory holding cat.png, cat.jpg and clip.mp4, with
   `URL` (the README's `$URL`) and `API_KEY` set. `curl` fails on an HTTP status >= 400 and prints the
@@ -105,22 +105,26 @@ def test_markers_are_known_and_give_a_reason():
 # --------------------------------------------------------------------------- the demo server
 
 
-def _make_demo_target() -> tuple[str, str]:
-    """The checkpoint size and the model name that `make demo` uses."""
+def _make_demo_target() -> tuple[str, str, str]:
+    """The embedder's checkpoint size, its model name and the reranker's name that `make demo` uses."""
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     size = re.search(r"--family qwen3_vl --size (\w+)", recipe)
     name = re.search(r"MODEL_NAME=(\S+)", recipe)
-    assert size and name, recipe
-    return size.group(1), name.group(1)
+    reranker = re.search(r'"name": "([^"]+)", "path": "\$\(DEMO_RERANKER_PATH\)"', recipe)
+    assert size and name and reranker, recipe
+    return size.group(1), name.group(1), reranker.group(1)
 
 
 @pytest.fixture(scope="module")
 def demo(start_server, tmp_path_factory):
-    size, name = _make_demo_target()
+    size, name, reranker_name = _make_demo_target()
     path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo", family="qwen3_vl", size=size)
-    return start_server({"MODEL_PATH": str(path), "MODEL_NAME": name, "ALLOW_PRIVATE_IMAGE_URLS": "true",
-                         "TORCH_THREADS": "1"})
+    reranker = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo-reranker", family="qwen3_vl", size="tiny",
+                                kind="reranker")
+    models = f'[{{"name": "{reranker_name}", "path": "{reranker}", "kind": "reranker"}}]'
+    return start_server({"MODEL_PATH": str(path), "MODEL_NAME": name, "MODELS": models,
+                         "ALLOW_PRIVATE_IMAGE_URLS": "true", "TORCH_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +136,7 @@ def workdir(tmp_path_factory, image_server) -> Path:
     (work / "cat.jpg").write_bytes(jpg)
     image_server.add("/cat.png", png, "image/png")
     image_server.add("/cat.jpg", jpg, "image/jpeg")
+    image_server.add("/sofa.jpg", png_bytes(sample_image(80, 60, seed=6), "JPEG"), "image/jpeg")
     # The video examples: clip.mp4 here and served, clip.webm and frames f1..f3.jpg served.
     clip = videos.frames(8, seed=5)
     mp4 = videos.encode(clip, fps=4)

@@ -308,7 +308,7 @@ def test_models_route_by_kind(http):
     assert response.status_code == 200 and response.json()["model"] == "rr-text"
     cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
     assert {k: (c["kind"], c["modalities"]) for k, c in cards.items()} == {
-        "emb": ("embedding", ["text", "image"]), "rr-text": ("reranker", ["text"]),
+        "emb": ("embedding", ["text", "image", "video"]), "rr-text": ("reranker", ["text"]),
         "rr-vl": ("reranker", ["text", "image"])}
     assert "embedding_dimension" in cards["emb"] and "embedding_dimension" not in cards["rr-text"]
     assert http.get("/v1/models/Qwen/Qwen3-Reranker-0.6B").json()["kind"] == "reranker"
