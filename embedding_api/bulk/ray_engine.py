@@ -96,9 +96,6 @@ def run_ray(settings: Settings, options: JobOptions, output: Output, files: list
             _source([str(f) for f in files], options.columns, start_row, args.window, output.shard_rows),
             override_num_blocks=1, num_cpus=0,  # reading is light; the replicas hold the CPUs
         )
-        # Ray merges what a read task yields into large blocks; cut them back into windows (streaming),
-        # so that every replica of the pool gets work and results come back window by window.
-        ds = ds.repartition(target_num_rows_per_block=args.window)
         ds = ds.map_batches(
             Replica, fn_constructor_kwargs={"settings": replica_settings, "options": options},
             batch_size=args.window, batch_format="pyarrow",
