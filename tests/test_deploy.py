@@ -44,9 +44,10 @@ def _manifests() -> dict[str, dict]:
 def metric_names() -> set[str]:
     """Every sample name the server exposes once a model serves (histograms with _bucket/_sum/_count)."""
     metrics = Metrics("m")
-    batcher = SimpleNamespace(queued=0, busy_seconds=lambda: 0.0, started_at=0.0)
+    worker = SimpleNamespace(index=0, busy_total=lambda: 0.0)
+    batcher = SimpleNamespace(queued=0, workers=[worker], started_at=0.0)
     info = SimpleNamespace(family="qwen3_vl", device="cpu", dtype="float32", dimension=64)
-    metrics.watch(lambda: SimpleNamespace(batcher=batcher, info=info))
+    metrics.watch(lambda: [("m", SimpleNamespace(batcher=batcher, info=info))])
     metrics.observe_fetch(0.1, "timeout")
     metrics.batch_observer()(2, 16, 0.01)
     metrics.observe_request("/v1/embeddings", 200, 0.01)

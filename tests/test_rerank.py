@@ -22,6 +22,7 @@ import shutil
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from embedding_api.runners import detect_kind
@@ -316,6 +317,24 @@ def test_models_route_by_kind(http):
     assert health["status"] == "ok" and health["model"] == "emb"
     assert [(m["name"], m["kind"], m["status"]) for m in health["models"]] == [
         ("emb", "embedding", "ok"), ("rr-text", "reranker", "ok"), ("rr-vl", "reranker", "ok")]
+
+
+def test_metrics_carry_each_models_label(http):
+    """Every per-model series is labelled with the model that did the work."""
+    assert http.post("/v1/embeddings", json={"model": "emb", "input": ["x", "y"]}).status_code == 200
+    assert http.post("/v1/rerank", json={"model": "rr-text", "query": "q", "documents": ["a", "b"]}).status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    info = {dict(labels)["model"] for (name, labels) in samples if name == "embedding_api_model_info"}
+    assert info == {"emb", "rr-text", "rr-vl"}
+    forward = {dict(labels)["model"]: v for (name, labels), v in samples.items()
+               if name == "embedding_api_forward_seconds_count"}
+    assert forward["emb"] >= 1 and forward["rr-text"] >= 1
+    assert samples[("embedding_api_inputs_total", (("kind", "text"), ("model", "emb")))] >= 2
+    busy = {dict(labels)["model"] for (name, labels) in samples if name == "embedding_api_model_worker_busy_seconds_total"}
+    assert busy == {"emb", "rr-text", "rr-vl"}
 
 
 def test_kind_detection(tmp_path, tiny_vl, tiny_text, tiny_text_reranker, tiny_vl_reranker):
