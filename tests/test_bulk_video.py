@@ -32,7 +32,7 @@ def test_video_rows_match_the_server_and_bad_videos_fail_alone(tmp_path, tiny_vl
         ({"id": "v1", "video": "clips/local.mp4"}, {"video": _uri(MP4, "video/mp4")}),
         ({"id": "v2", "text": "a moving gradient", "video": "clips/local.mp4"},
          {"text": "a moving gradient", "video": _uri(MP4, "video/mp4")}),
-        ({"id": "e1", "video": "clips/corrupt.mp4"}, "video"),
+        ({"id": "e1", "video": "clips/corrupt.mp4"}, "corrupt or truncated"),
         ({"id": "v3", "video": {"data": base64.b64encode(WEBM).decode(), "fps": 2, "max_frames": 4}},
          {"video": {"data": _uri(WEBM, "video/webm"), "fps": 2, "max_frames": 4}}),
         ({"id": "v4", "video": url, "instruction": "Find the clip"}, {"video": url, "instruction": "Find the clip"}),
