@@ -120,7 +120,7 @@ def test_help_lists_the_options():
     result = subprocess.run([sys.executable, "-m", "embedding_api.bulk", "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert result.returncode == 0
-    for option in ("INPUT", "OUTPUT_DIR", "--engine", "--text-column", "--image-column", "--id-column",
+    for option in ("INPUT", "OUTPUT_DIR", "--engine", "--text-column", "--image-column", "--video-column", "--id-column",
                    "--dimensions", "--input-type", "--instruction", "--max-errors", "--concurrency", "--model-path"):
         assert option in result.stdout
 

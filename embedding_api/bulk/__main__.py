@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     cols.add_argument("--text-column", default="text", help="text (default: text)")
     cols.add_argument("--image-column", default="image",
                       help="image: a local path, an http(s) URL, a data URI or base64 (default: image)")
+    cols.add_argument("--video-column", default="video",
+                      help="video: a local path, an http(s) URL, a data URI or base64; in JSONL also a list of "
+                      "frames or an object as the API takes ({\"data\" | \"frames\", \"fps\", \"max_frames\"}) "
+                      "(default: video)")
     cols.add_argument("--instruction-column", default="instruction", help="per-row instruction (default: instruction)")
     emb = p.add_argument_group("embedding")
     emb.add_argument("--dimensions", type=int, help="output size (default: EMBEDDING_DIMENSION or the model's)")
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from .writing import Output, OutputError, TooManyErrors
 
     columns = Columns(id=args.id_column, text=args.text_column, image=args.image_column,
-                      instruction=args.instruction_column)
+                      instruction=args.instruction_column, video=args.video_column)
     try:
         native = hidden_size(read_config(settings.model_path))
         files = discover(args.input)

@@ -1,9 +1,10 @@
 """A window of rows -> vectors, through the server's own path.
 
-Each row becomes an object input (`{"text", "image", "instruction"}`) checked by `inputs.parse_item`
-under the server's rules; images are loaded by the server's media code (http(s) URLs through the
-SSRF-safe fetcher under the same policy settings, data URIs and base64 through the same decoder) or,
-bulk jobs only, read from a local file; then `Runner.prepare`, `Runner.forward` on batches sorted by
+Each row becomes an object input (`{"text", "image", "video", "instruction"}`) checked by
+`inputs.parse_item` under the server's rules; images and videos are loaded by the server's media code
+(http(s) URLs through the SSRF-safe fetcher under the same policy settings, data URIs and base64
+through the same decoders, videos by `engine.service.load_video`) or, bulk jobs only, read from a
+local file; then `Runner.prepare`, `Runner.forward` on batches sorted by
 length, and `normalize.finalize`. Rows that cannot be embedded come back as errors with a reason.
 Both engines use this class: the local one in its own process, the Ray one inside each actor.
 """
@@ -19,9 +20,10 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from ..api.errors import APIError
-from ..engine.service import input_rules, media_policy
+from ..engine.service import input_rules, load_video, media_policy, video_limits
 from ..inputs import parse_item
 from ..media import ImageLoader, MediaError, decode_image_bytes
+from ..media.video import VideoLoader
 from ..media.encoded import _SCHEME_RE
 from ..normalize import finalize
 from ..runners import InputTooLong, PreparedInput, load_runner
@@ -84,10 +86,12 @@ class WindowEmbedder:
             )
         self.policy = media_policy(settings)
         self.images = ImageLoader(self.policy)
+        self.videos = VideoLoader(self.policy, video_limits(settings))
         self.loop = asyncio.new_event_loop()
 
     def close(self) -> None:
         self.loop.run_until_complete(self.images.aclose())
+        self.loop.run_until_complete(self.videos.aclose())
         self.loop.close()
 
     # -- rows -> prepared inputs -------------------------------------------------------------
@@ -95,7 +99,8 @@ class WindowEmbedder:
     def _column(self, message: str) -> str:
         """Name the user's columns in the reasons, as the API names its fields."""
         cols = self.options.columns
-        for key, name in (("text", cols.text), ("image", cols.image), ("instruction", cols.instruction)):
+        for key, name in (("text", cols.text), ("image", cols.image), ("video", cols.video),
+                          ("instruction", cols.instruction)):
             message = message.replace(f"row.{key}", name)
         return message.replace("row: ", "").replace("row ", "")
 
@@ -105,6 +110,8 @@ class WindowEmbedder:
             obj["text"] = row.text
         if row.image is not None:
             obj["image"] = row.image
+        if row.video is not None:
+            obj["video"] = row.video
         return parse_item(obj, "row", self.rules, self.options.instruction, self.options.input_type)
 
     async def _load(self, ref: str, base_dir: str):
@@ -117,17 +124,37 @@ class WindowEmbedder:
             raise MediaError(f"image file is larger than {self.policy.max_image_bytes} bytes: {path}")
         return await asyncio.to_thread(lambda: decode_image_bytes(path.read_bytes(), self.policy))
 
-    async def _images(self, row: Row, refs: list[str]) -> list:
-        return list(await asyncio.gather(*(self._load(ref, row.base_dir) for ref in refs)))
+    async def _video_bytes(self, ref: str, base_dir: str) -> bytes:
+        path = _local_path(ref, base_dir)
+        if path is None:
+            return await self.videos.load_bytes(ref)
+        if not path.is_file():
+            raise MediaError(f"video file not found: {path}")
+        if path.stat().st_size > self.videos.limits.max_bytes:
+            raise MediaError(f"video file is larger than {self.videos.limits.max_bytes} bytes: {path}")
+        return await asyncio.to_thread(path.read_bytes)
 
-    async def _all_images(self, items: list) -> list:
+    async def _media(self, row: Row, item) -> tuple[list, list] | str:
+        """The row's images and videos, loaded; or the reason they cannot be, naming the column."""
+        cols = self.options.columns
+        try:
+            images = list(await asyncio.gather(*(self._load(ref, row.base_dir) for ref in item.images)))
+        except MediaError as exc:
+            return f"{cols.image}: {exc.message}"
+        try:
+            videos = list(await asyncio.gather(*(
+                load_video(v, self.runner, lambda ref: self._video_bytes(ref, row.base_dir),
+                           lambda ref: self._load(ref, row.base_dir), self.videos.limits)
+                for v in item.videos)))
+        except MediaError as exc:
+            return f"{cols.video}: {exc.message}"
+        except (InputTooLong, ValueError) as exc:
+            return f"{cols.video}: {exc}"
+        return images, videos
+
+    async def _all_media(self, items: list) -> list:
         async def one(row, item):
-            if item is None or not item.images:
-                return []
-            try:
-                return await self._images(row, item.images)
-            except MediaError as exc:
-                return exc
+            return await self._media(row, item) if item.images or item.videos else ([], [])
 
         return list(await asyncio.gather(*(one(row, item) for row, item in items)))
 
@@ -142,15 +169,18 @@ class WindowEmbedder:
                 items.append((row, self._item(row)))
             except APIError as exc:
                 errors.append((row, self._column(exc.message)))
-        loaded = self.loop.run_until_complete(self._all_images(items)) if any(i.images for _, i in items) else None
+        media = any(i.images or i.videos for _, i in items)
+        loaded = self.loop.run_until_complete(self._all_media(items)) if media else None
         ready = []
         for k, (row, item) in enumerate(items):
-            images = loaded[k] if loaded is not None else []
-            if isinstance(images, MediaError):
-                errors.append((row, f"{self.options.columns.image}: {images.message}"))
+            media = loaded[k] if loaded is not None else ([], [])
+            if isinstance(media, str):
+                errors.append((row, media))
                 continue
+            images, videos = media
             try:
-                ready.append((row, self.runner.prepare(item.texts, images, item.token_ids, item.instruction)))
+                ready.append((row, self.runner.prepare(item.texts, images, item.token_ids, item.instruction,
+                                                       videos=videos)))
             except InputTooLong as exc:
                 errors.append((row, f"{exc}"))
             except ValueError as exc:  # e.g. an aspect ratio the model refuses

@@ -20,7 +20,7 @@ _READ_BATCH = 4096
 
 
 class InputError(Exception):
-    """The job's input cannot be read at all (no files, an unknown format, no text or image column)."""
+    """The job's input cannot be read at all (no files, an unknown format, no text, image or video column)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Columns:
     text: str = "text"
     image: str = "image"
     instruction: str = "instruction"
+    video: str = "video"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Row:
     instruction: Any = None
     base_dir: str = ""  # the input file's directory: relative image paths are looked up there first
     problem: str | None = None
+    video: Any = None  # a reference string, or (JSONL) a list of frames or an object as the API takes
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, ensure_ascii=False)
@@ -92,8 +94,9 @@ def _names(path: Path) -> list[str] | None:
 def check_columns(files: list[Path], columns: Columns) -> None:
     for f in files:
         names = _names(f)
-        if names is not None and columns.text not in names and columns.image not in names:
-            raise InputError(f"{f}: has neither a {columns.text!r} nor an {columns.image!r} column (columns: {names})")
+        if names is not None and not {columns.text, columns.image, columns.video} & set(names):
+            raise InputError(f"{f}: has no {columns.text!r}, {columns.image!r} or {columns.video!r} column "
+                             f"(columns: {names})")
 
 
 def count_rows(files: list[Path]) -> int:
@@ -160,7 +163,7 @@ def _blank(value: Any) -> bool:
 
 def iter_rows(files: list[Path], columns: Columns, start_row: int = 0) -> Iterator[Row]:
     """Every row from `start_row` on, numbered across the files."""
-    wanted = [columns.id, columns.text, columns.image, columns.instruction]
+    wanted = [columns.id, columns.text, columns.image, columns.instruction, columns.video]
     number = 0
     for path in files:
         kind = _kind(path)
@@ -190,9 +193,10 @@ def _row(number: int, record: dict | str, columns: Columns, base_dir: str) -> Ro
         image=None if _blank(record.get(columns.image)) else record.get(columns.image),
         instruction=None if _blank(record.get(columns.instruction)) else record.get(columns.instruction),
         base_dir=base_dir,
+        video=None if _blank(record.get(columns.video)) else record.get(columns.video),
     )
-    if row.text is None and row.image is None:
-        row.problem = f"empty text: the row has no {columns.text!r} and no {columns.image!r}"
+    if row.text is None and row.image is None and row.video is None:
+        row.problem = f"empty text: the row has no {columns.text!r}, no {columns.image!r} and no {columns.video!r}"
     return row
 
 

@@ -9,7 +9,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Callable, Sequence, Union
+from typing import Awaitable, Callable, Sequence, Union
 
 import numpy as np
 
@@ -128,17 +128,9 @@ class Service:
     async def _load_video(self, item: EmbedInput, k: int, video: VideoRef):
         """One video, decoded (files) or loaded (frames) and sized for the model, off the event loop."""
         where = item.param if len(item.videos) == 1 else f"{item.param} (video {k})"
-        loop = asyncio.get_running_loop()
         try:
-            if video.frames is not None:
-                if len(video.frames) > self.settings.max_video_frames:
-                    raise MediaError(f"a video may have at most {self.settings.max_video_frames} frames")
-                keep = self.runner.frame_indices(len(video.frames), video.max_frames)
-                images = await asyncio.gather(*(self.images.load(video.frames[i]) for i in keep))
-                return await loop.run_in_executor(self.prep_pool, self.runner.clip_from_frames, images, video.fps)
-            data = await self.videos.load_bytes(video.data)
-            plan = partial(_plan, self.runner, video)
-            return await loop.run_in_executor(self.prep_pool, decode_video, data, self.videos.limits, plan)
+            return await load_video(video, self.runner, self.videos.load_bytes, self.images.load,
+                                    self.videos.limits, self.prep_pool)
         except InputTooLong as exc:
             raise invalid(f"{where}: {exc}.", item.param, "input_too_long") from None
         except (MediaError, ValueError) as exc:
@@ -203,6 +195,25 @@ class Service:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue
         vectors = finalize(np.stack(rows), request.dimensions)
         return vectors, sum(p.n_tokens for p in prepared)
+
+
+async def load_video(video: VideoRef, runner: Runner, load_bytes: Callable[[str], Awaitable[bytes]],
+                     load_image: Callable[[str], Awaitable], limits: VideoLimits, pool=None):
+    """One video, decoded (files) or loaded (frames) and sized for the model, off the event loop.
+
+    Shared with the bulk jobs, which pass loaders that also read local files. Raises MediaError,
+    InputTooLong or ValueError (a video the model refuses).
+    """
+    loop = asyncio.get_running_loop()
+    if video.frames is not None:
+        if len(video.frames) > limits.max_frames:
+            raise MediaError(f"a video may have at most {limits.max_frames} frames")
+        keep = runner.frame_indices(len(video.frames), video.max_frames)
+        images = await asyncio.gather(*(load_image(video.frames[i]) for i in keep))
+        return await loop.run_in_executor(pool, runner.clip_from_frames, images, video.fps)
+    data = await load_bytes(video.data)
+    plan = partial(_plan, runner, video)
+    return await loop.run_in_executor(pool, decode_video, data, limits, plan)
 
 
 def _plan(runner: Runner, video: VideoRef, header):
