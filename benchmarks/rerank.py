@@ -31,7 +31,7 @@ import orjson
 from embedding_api.tools import checkpoint as checkpoint_module
 from embedding_api.tools.checkpoint import write_checkpoint
 
-from .server import Server, clean_env
+from .server import Server, clean_env, drive
 from .workload import short_texts
 
 HERE = Path(__file__).resolve().parent
@@ -86,16 +86,8 @@ def limit_serve() -> None:
 
 def run_load(server: Server, clients: int, warmup: float, duration: float) -> dict:
     bodies = [orjson.dumps({"query": q, "documents": docs}).decode() for q, docs in workload()]
-    spec = {"host": "127.0.0.1", "port": server.port, "path": "/v1/rerank", "bodies": bodies,
-            "inputs": [DOCS_PER_REQUEST] * len(bodies), "mark": '"relevance_score"', "clients": clients,
-            "warmup": warmup, "duration": duration}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.load"], input=json.dumps(spec),
-                          capture_output=True, text=True, cwd=str(HERE.parent))
-    if proc.returncode:
-        raise RuntimeError(f"load generator failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout)
-    server.wait_idle()
-    return result
+    return drive(server, {"path": "/v1/rerank", "bodies": bodies, "inputs": [DOCS_PER_REQUEST] * len(bodies),
+                          "mark": '"relevance_score"', "clients": clients, "warmup": warmup, "duration": duration})
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 import embedding_api.tools.checkpoint as checkpoint_module
 from embedding_api.tools.checkpoint import SIZES, write_checkpoint
 
-from .server import Server, clean_env, start_profile, summarise_profile
+from .server import Server, clean_env, drive, start_profile, summarise_profile
 from .workload import KINDS, request_bodies
 
 HERE = Path(__file__).resolve().parent
@@ -158,14 +158,8 @@ def run_load(server: Server, kind: str, clients: int, encoding: str, warmup: flo
              duration: float = 0.0, requests: int | None = None) -> dict:
     """One scenario from a separate load-generator process: `warmup` then `duration` seconds, or `requests`."""
     bodies, inputs = request_bodies(kind, encoding)
-    spec = {"host": "127.0.0.1", "port": server.port, "bodies": bodies, "inputs": inputs, "clients": clients,
-            "warmup": warmup, "duration": duration, "requests": requests}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.load"], input=json.dumps(spec),
-                          capture_output=True, text=True, cwd=str(HERE.parent))
-    if proc.returncode:
-        raise RuntimeError(f"load generator failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout)
-    server.wait_idle()
+    result = drive(server, {"bodies": bodies, "inputs": inputs, "clients": clients, "warmup": warmup,
+                            "duration": duration, "requests": requests})
     result["peak_rss_mb"] = round(server.take_peak_rss(), 1)
     if result["errors"]:
         log(f"  {result['errors']} failed requests; first: {result['first_error']}")

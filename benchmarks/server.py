@@ -46,6 +46,19 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def drive(server: "Server", spec: dict) -> dict:
+    """Run one load scenario (`spec`, see benchmarks/load.py) from a separate load-generator process
+    against `server`; returns its result once the server is idle again."""
+    spec = {"host": "127.0.0.1", "port": server.port, **spec}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.load"], input=json.dumps(spec),
+                          capture_output=True, text=True, cwd=str(ROOT))
+    if proc.returncode:
+        raise RuntimeError(f"load generator failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout)
+    server.wait_idle()
+    return result
+
+
 class Server:
     """Context manager: start, wait until /health says ok, sample RSS every 0.1 s, stop."""
 
