@@ -46,6 +46,28 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (the server's model processes)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of the server and of its model processes together."""
+    total = rss_mb(pid)
+    for child in children(pid):
+        mb = rss_mb(child)
+        if mb == mb:  # not NaN: the child may end while it is read
+            total += mb
+    return total
+
+
 def drive(server: "Server", spec: dict) -> dict:
     """Run one load scenario (`spec`, see benchmarks/load.py) from a separate load-generator process
     against `server`; returns its result once the server is idle again."""
@@ -153,11 +175,12 @@ class Server:
 
     def _sample(self) -> None:
         while self._sampling:
-            self._peak = max(self._peak, rss_mb(self.pid))
+            self._peak = max(self._peak, tree_rss_mb(self.pid))
             time.sleep(0.1)
 
     def rss_mb(self) -> float:
-        return rss_mb(self.pid)
+        """The server's and its model processes' resident memory, together (MB)."""
+        return tree_rss_mb(self.pid)
 
     def take_peak_rss(self) -> float:
         """Peak RSS since the last call (MB), then start a new window."""
@@ -175,13 +198,14 @@ def py_spy() -> str | None:
 
 
 def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
-    """Sample every thread of the server with py-spy (raw collapsed stacks); None without py-spy."""
+    """Sample every thread of the server and of its model processes with py-spy (raw collapsed
+    stacks); None without py-spy."""
     exe = py_spy()
     if exe is None:
         return None
     return subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250",
-         "--format", "raw", "--threads", "--nonblocking", "--output", str(out)],
+         "--format", "raw", "--threads", "--subprocesses", "--nonblocking", "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 

@@ -40,12 +40,14 @@ from .api.errors import UnhandledErrors, install_handlers
 from .api import metrics as metrics_route
 from .api.routes import router
 from .api.docs import install_docs
+from .api.hot import hot_routes
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
 from .observability.startup import report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, detect_kind, load_runners
 from .api.schemas import complete_openapi
 from .engine.registry import ModelEntry, Registry, model_settings
 from .engine.rerank import RerankService
+from .engine.model_process import load_for_serving
 from .engine.service import Service
 from .settings import Settings
 
@@ -203,9 +205,24 @@ def _load_in_thread(loader: Callable[[Settings], Runner], settings: Settings) ->
     return future
 
 
+class App(FastAPI):
+    """FastAPI, with the hot routes (api/hot.py) answered before its middleware stack."""
+
+    hot: dict = {}  # (method, path) -> ASGI app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.hot:
+            hot = self.hot.get((scope["method"], scope["path"]))
+            if hot is not None:
+                scope["app"] = self
+                await hot(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
-    loader: Callable[[Settings], Runner | list[Runner]] = load_runners,
+    loader: Callable[[Settings], Runner | list[Runner]] = load_for_serving,
     on_fatal: Callable[[str], None] = _exit_process,
 ) -> FastAPI:
     settings = settings or load_settings()
@@ -298,7 +315,7 @@ def create_app(
         gc.freeze()
         app.state.status = "ok"
 
-    app = FastAPI(
+    app = App(
         title="embedding_api",
         description="OpenAI-compatible embeddings for Qwen3-VL-Embedding and Qwen3-Embedding.",
         version="1.0.0",
@@ -335,6 +352,8 @@ def create_app(
         app.include_router(metrics_route.router)
     install_docs(app)
     complete_openapi(app)
+    if not settings.cors_origins:  # CORS headers come from a middleware: then every route takes the stack
+        app.hot = hot_routes(app, app.state.metrics)
     return app
 
 

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     embedding_dimension: int | None = Field(None, ge=1)
     torch_threads: int = Field(0, ge=0)  # 0 = one per physical core
+    # Each model copy runs its forward passes in a child process of its own (engine/model_process.py),
+    # off the HTTP process's GIL; false keeps them on a thread of the HTTP process.
+    model_process: bool = True
 
     # Prompting
     default_instruction: str = "Represent the user's input."

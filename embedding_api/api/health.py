@@ -1,8 +1,10 @@
 """GET /health: never behind auth; 200 when the model serves, 503 while loading or draining.
 
 The Kubernetes probes: /health/live answers 200 as long as the process serves HTTP (also while the
-model loads and while draining: restarting would not help); /health/ready answers 200 only when the
-model is loaded and the server is not draining (take this pod out of the Service otherwise).
+model loads and while draining: restarting would not help) and its models can run (a model process
+or model worker that has ended answers 503 "failed": only a restart helps); /health/ready answers
+200 only when the model is loaded, runs, and the server is not draining (take this pod out of the
+Service otherwise).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ async def health(request: Request) -> Response:
     if len(entries) > 1 or entries[0].kind != "embedding":
         body["models"] = [_model_status(e) for e in entries]
     if state.service is None or state.status != "ok":
+        return json_response(body, 503)
+    failed = _failed(state)
+    if failed:
+        body.update(status="failed", failed_models=failed)
         return json_response(body, 503)
     info = state.service.info
     body.update(
@@ -61,6 +67,8 @@ async def health(request: Request) -> Response:
 
 @router.get("/health/live", responses={200: {"description": "The process serves HTTP"}})
 async def live(request: Request) -> Response:
+    if _failed(request.app.state):
+        return json_response({"status": "failed"}, 503)
     return json_response({"status": "alive"})
 
 
@@ -71,7 +79,14 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state = request.app.state
     ok = state.service is not None and state.status == "ok"
+    if ok and _failed(state):
+        return json_response({"status": "failed"}, 503)
     return json_response({"status": "ready" if ok else state.status}, 200 if ok else 503)
+def _failed(state) -> list[str]:
+    """The models whose model process or model worker has ended."""
+    return [e.name for e in state.models.entries if e.service is not None and not e.service.alive()]
+
+
 def _model_status(entry) -> dict:
     status = {"name": entry.name, "kind": entry.kind, "path": entry.settings.model_path,
               "status": "ok" if entry.service is not None else "loading"}

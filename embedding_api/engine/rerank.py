@@ -15,7 +15,7 @@ from ..api.errors import APIError, invalid
 from ..rerank_inputs import RerankRequest
 from ..runners import InputTooLong, PreparedInput
 from .batcher import InputFailed, QueueFull
-from .service import Service
+from .service import Service, model_failure
 
 
 @dataclass
@@ -64,7 +64,7 @@ class RerankService(Service):
                     raise invalid(f"{param}: {error}.", param, "input_too_large") from None
             for error in outcomes:
                 if error is not None:
-                    raise error
+                    raise model_failure(error)
             scores = np.array([float(f.result()) for f in futures], dtype=np.float64)
         finally:
             for future in futures:

@@ -14,6 +14,7 @@ from typing import Awaitable, Callable, Sequence, Union
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull
+from .model_process import ModelProcessEnded
 from .timing import StageTimes
 from ..api.errors import APIError, invalid
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
@@ -24,6 +25,10 @@ from ..runners import VISION_TOKENS, InputTooLong, PreparedInput, Runner
 from ..settings import Settings
 
 log = logging.getLogger("embedding_api")
+
+# Text-only requests up to this many characters (token ids count one each) are tokenized on the
+# event loop, under ~0.5 ms; longer ones in a preparation thread.
+INLINE_PREPARE_CHARS = 1024
 
 
 def media_policy(settings: Settings) -> MediaPolicy:
@@ -103,14 +108,24 @@ class Service:
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_queued=settings.max_queued_inputs,
-            on_oom=_empty_cuda_cache if any(r.device.type == "cuda" for r in self.runners) else None,
+            # A model process empties its own CUDA cache; a model worker thread needs it done here.
+            on_oom=_empty_cuda_cache if any(r.device.type == "cuda" and getattr(r, "process", None) is None
+                                            for r in self.runners) else None,
             devices=[str(r.device) for r in self.runners],
             on_batch=on_batch,
         )
         self.batcher.start()
 
+    def alive(self) -> bool:
+        """Every model worker thread, and every model process, still running."""
+        return self.batcher.alive() and all(
+            r.process.alive() for r in self.runners if getattr(r, "process", None) is not None)
+
     async def close(self) -> None:
         self.batcher.stop()
+        for runner in self.runners:
+            if getattr(runner, "process", None) is not None:
+                await asyncio.to_thread(runner.process.close)
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
         await self.images.aclose()
         await self.videos.aclose()
@@ -154,7 +169,11 @@ class Service:
     async def _prepare_all(self, items: list[EmbedInput]) -> list[PreparedInput]:
         if any(item.images or item.videos for item in items):
             return list(await asyncio.gather(*(self._prepare_one(item) for item in items)))
-        # Text only: one hop to a preparation thread for the whole request.
+        # Text only. A short request is tokenized right here: that costs less than the two thread
+        # hops that handing it to a preparation thread takes. Longer ones take one hop, all inputs together.
+        size = sum(len(t) for item in items for t in item.texts) + sum(len(i.token_ids or ()) for i in items)
+        if size <= INLINE_PREPARE_CHARS:
+            return [self._prepare(item, []) for item in items]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.prep_pool, lambda: [self._prepare(i, []) for i in items])
 
@@ -188,13 +207,21 @@ class Service:
                     raise invalid(f"{item.param}: {error}.", item.param, "input_too_large") from None
             for _, error in outcomes:
                 if error is not None:
-                    raise error
+                    raise model_failure(error)
             rows = [f.result() for f in futures]
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue
         vectors = finalize(np.stack(rows), request.dimensions)
         return vectors, sum(p.n_tokens for p in prepared)
+
+
+def model_failure(error: BaseException) -> BaseException:
+    """What a failed forward pass answers: 503 once the model process has ended (the health
+    endpoints say so too, and an orchestrator restarts the server); otherwise the error itself."""
+    if isinstance(error, ModelProcessEnded):
+        return APIError(503, "The model is not running; retry on another replica.", code="model_unavailable")
+    return error
 
 
 async def load_video(video: VideoRef, runner: Runner, load_bytes: Callable[[str], Awaitable[bytes]],

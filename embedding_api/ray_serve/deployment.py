@@ -61,7 +61,7 @@ class Embedder:
         if self.fatal is not None:
             raise RuntimeError(self.fatal)
         service = self.fastapi.state.service if self.fastapi is not None else None
-        if service is not None and self.fastapi.state.status == "ok" and not service.batcher.alive():
+        if service is not None and self.fastapi.state.status == "ok" and not service.alive():
             raise RuntimeError("the replica's model workers have stopped")
 
 

@@ -42,16 +42,31 @@ def load_runners(settings: Settings) -> list["Runner"]:
 def _load(settings: Settings, limit: int | None) -> list["Runner"]:
     config, _, _ = check_startup(settings)
     devices = resolve_devices(settings.device)[:limit]
-    cpu_workers = sum(d.type == "cpu" for d in devices)
-    if cpu_workers:
-        # TORCH_THREADS is per worker; 0 shares the cores among the CPU workers.
-        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_workers))
-    runner_cls = _RUNNERS[(config["model_type"], model_kind(settings, config))]
+    if any(d.type == "cpu" for d in devices):
+        torch.set_num_threads(torch_threads(settings, devices))
+    runner_cls = runner_class(settings, config)
     return [runner_cls(settings, config, d, resolve_dtype(settings.dtype, d)) for d in devices]
+
+
+def torch_threads(settings: Settings, devices: list[torch.device]) -> int:
+    """Intra-op threads of each CPU model worker: TORCH_THREADS, or 0 = the cores shared among them."""
+    cpu_workers = max(1, sum(d.type == "cpu" for d in devices))
+    return settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_workers)
+
+
+def runner_class(settings: Settings, config: dict) -> type["Runner"]:
+    return _RUNNERS[(config["model_type"], model_kind(settings, config))]
+
+
+def load_runner_on(settings: Settings, device: torch.device, weights: bool = True) -> "Runner":
+    """One model copy on `device` (or, with weights=False, everything but the weights)."""
+    config, _, _ = check_startup(settings)
+    return runner_class(settings, config)(settings, config, device, resolve_dtype(settings.dtype, device), weights)
 
 
 __all__ = [
     "VISION_TOKENS", "InputTooLong", "ModelInfo", "ModelLoadError", "PreparedInput", "Runner",
     "TextRunner", "VLRunner", "TextRerankRunner", "VLRerankRunner", "EMBEDDING", "RERANKER",
-    "check_startup", "detect_kind", "hidden_size", "load_runner", "load_runners", "model_kind", "read_config",
+    "check_startup", "detect_kind", "hidden_size", "load_runner", "load_runner_on", "load_runners", "runner_class",
+    "torch_threads", "model_kind", "read_config",
 ]

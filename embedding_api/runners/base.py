@@ -60,7 +60,10 @@ class Runner:
     default_query_instruction: str
     kind = "embedding"
 
-    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype,
+                 weights: bool = True):
+        """`weights=False` builds everything but the model itself: a runner that prepares inputs for a
+        model process (engine/model_process.py) that holds the weights and runs `forward`."""
         from transformers import AutoTokenizer
 
         self.settings = settings
@@ -81,7 +84,11 @@ class Runner:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        self.model = self._load_model()
+        self.model = self._load_model() if weights else None
+        # Where small tensors the runner keeps (e.g. a reranker's score rows) live: never a GPU in a
+        # process without the model, so that it creates no CUDA context.
+        self.home = device if weights else torch.device("cpu")
+        self.process = None  # the model process running this runner's forward passes, if any
         self.dimension = hidden_size(config)
         self.vocab_size = int(config.get("text_config", config)["vocab_size"])
 
@@ -106,14 +113,8 @@ class Runner:
 
     def _collate_ids(self, batch: list[PreparedInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-pad token ids; returns ids, attention mask and the index of each last real token."""
-        lengths = [p.n_tokens for p in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, : p.n_tokens] = torch.tensor(p.input_ids, dtype=torch.long)
-            mask[row, : p.n_tokens] = 1
-        return ids, mask, torch.tensor(lengths) - 1
+        ids, mask, lengths = _padded(batch, self.pad_id, left=False)
+        return ids, mask, lengths - 1
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=special).ids
@@ -149,6 +150,15 @@ class Runner:
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
         return {}
 
+    def serve_from(self, process) -> None:
+        """Run this runner's forward passes in `process`, a model process that holds the weights."""
+        self.process = process
+        self.forward = process.forward  # shadows the class's forward, for every family and kind
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
+
     @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
         """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
@@ -164,3 +174,19 @@ class Runner:
         return self._pool(out.last_hidden_state, last)
 
 
+
+
+def _padded(batch: list[PreparedInput], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids padded to the longest (on the right, or on the left), the attention mask and the
+    lengths, built in numpy: one tensor op per batch rather than three per row."""
+    lengths = np.fromiter((p.n_tokens for p in batch), dtype=np.int64, count=len(batch))
+    width = int(lengths.max())
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    for row, p in enumerate(batch):
+        if left:
+            ids[row, width - len(p.input_ids):] = p.input_ids
+        else:
+            ids[row, : len(p.input_ids)] = p.input_ids
+    columns = np.arange(width)
+    mask = columns >= (width - lengths)[:, None] if left else columns < lengths[:, None]
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(lengths)

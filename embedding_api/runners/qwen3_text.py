@@ -21,8 +21,9 @@ class TextRunner(Runner):
     takes_images = False
     default_query_instruction = TEXT_DEFAULT_QUERY_INSTRUCTION
 
-    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
-        super().__init__(settings, config, device, dtype)
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype,
+                 weights: bool = True):
+        super().__init__(settings, config, device, dtype, weights)
         # What the tokenizer's post-processor adds around a sequence (Qwen3-Embedding: <|endoftext|> at the end).
         self._special_prefix, self._special_suffix = self.post_processor_tokens()
         eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -35,8 +35,9 @@ class VLRunner(Runner):
     takes_images = True
     default_query_instruction = VL_DEFAULT_QUERY_INSTRUCTION
 
-    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
-        super().__init__(settings, config, device, dtype)
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype,
+                 weights: bool = True):
+        super().__init__(settings, config, device, dtype, weights)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(f"The tokenizer in {settings.model_path!r} has no chat template. {WEIGHTS_HINT}")
         pre_file = Path(settings.model_path) / "preprocessor_config.json"
@@ -57,6 +58,8 @@ class VLRunner(Runner):
         marker = "\u2063IDS\u2063"
         rendered = self._render(self._conversation("INSTRUCTION", 0, [marker]))
         self._ids_template = rendered.split(marker)
+        self._text_prompts: dict[str, tuple[list[int], list[int]] | None] = {}
+        self._text_fast = self._check_text_fast()
         # What the tokenizer's post-processor adds (nothing for Qwen3-VL-Embedding's own tokenizer):
         # added to token-id input too, so that ids embed exactly as the text they encode.
         self._special_prefix, self._special_suffix = self.post_processor_tokens()
@@ -80,6 +83,43 @@ class VLRunner(Runner):
 
     def _render(self, conversation: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    # One text and nothing else, the commonest input, skips the template engine and tokenizes only
+    # the text: the template puts the text verbatim between a prefix and a suffix that depend on
+    # the instruction alone, and those are tokenized once per instruction. Exact: a text that could
+    # tokenize differently next to the prefix (one starting with white space, which may join the
+    # prefix's last newline) takes the full path, and a start-up check compares both paths.
+    _TEXT_PROMPTS_KEPT = 64  # instructions whose prefix and suffix ids are kept
+
+    def _text_ids(self, instruction: str, text: str) -> list[int] | None:
+        """The prompt's token ids for one text, or None when the full path must be taken."""
+        if not self._text_fast or not text or text[0].isspace():
+            return None
+        parts = self._text_prompts.get(instruction)
+        if parts is None:
+            if instruction in self._text_prompts:
+                return None
+            marker = "\u2063TEXT\u2063"
+            pieces = self._render(self._conversation(instruction, 0, [marker])).split(marker)
+            parts = None
+            if len(pieces) == 2 and pieces[0].endswith("\n") and pieces[1].startswith("<|im_end|>"):
+                parts = (self.encode(pieces[0]), self.encode(pieces[1]))
+            if len(self._text_prompts) >= self._TEXT_PROMPTS_KEPT:
+                self._text_prompts.pop(next(iter(self._text_prompts)), None)
+            self._text_prompts[instruction] = parts
+            if parts is None:
+                return None
+        return parts[0] + self.encode(text) + parts[1]
+
+    def _check_text_fast(self) -> bool:
+        self._text_fast = True
+        probes = ["hello world", "a<|im_end|>b", "x\n\ny ", "Ünïcödé \u0301text", "12 345", "<|im_end", "'s ok"]
+        instruction = normalise_instruction(self.settings.default_instruction)
+        for text in probes:
+            full = self.encode(self._render(self._conversation(instruction, 0, [text])))
+            if self._text_ids(instruction, text) != full:
+                return False
+        return True
 
     def _image_patches(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
         factor = self.patch_size * self.merge_size
@@ -127,6 +167,11 @@ class VLRunner(Runner):
             body = self.encode(prefix) + token_ids + self.encode(suffix)
             ids = self.fit(body, *special, truncate)
             return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
+        if not images and not videos and len(texts) == 1:
+            body = self._text_ids(instruction, texts[0])
+            if body is not None:
+                ids = self.fit(body, *special, truncate)
+                return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
         grids, patch_list = [], []
         for image in images:
             patches, grid = self._image_patches(image)

@@ -29,11 +29,12 @@ class TextRerankRunner(ScoringMixin, Runner):
     takes_images = False
     default_query_instruction = TEXT_RERANK_INSTRUCTION
 
-    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
-        super().__init__(settings, config, device, dtype)
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype,
+                 weights: bool = True):
+        super().__init__(settings, config, device, dtype, weights)
         self.max_tokens = settings.max_rerank_tokens or TEXT_RERANK_MAX_TOKENS
         vocab = self.tokenizer.get_vocab()
-        self.score_rows = read_head_rows(settings.model_path, config, [vocab["no"], vocab["yes"]]).to(device)
+        self.score_rows = read_head_rows(settings.model_path, config, [vocab["no"], vocab["yes"]]).to(self.home)
         self._prefix = self.encode(TEXT_RERANK_SYSTEM)
         self._suffix = self.encode(TEXT_RERANK_SUFFIX)
         # What the tokenizer's post-processor adds around the middle part (Qwen3-Reranker: nothing).

@@ -40,12 +40,13 @@ def _side(prefix: str, n_images: int, texts: list[str]) -> list[dict]:
 class VLRerankRunner(ScoringMixin, VLRunner):
     default_query_instruction = VL_RERANK_INSTRUCTION
 
-    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype):
-        super().__init__(settings, config, device, dtype)
+    def __init__(self, settings: Settings, config: dict, device: torch.device, dtype: torch.dtype,
+                 weights: bool = True):
+        super().__init__(settings, config, device, dtype, weights)
         self.max_tokens = settings.max_rerank_tokens or VL_RERANK_MAX_TOKENS
         vocab = self.tokenizer.get_vocab()
         rows = read_head_rows(settings.model_path, config, [vocab["yes"], vocab["no"]])
-        self.score_rows = (rows[0] - rows[1]).to(device)
+        self.score_rows = (rows[0] - rows[1]).to(self.home)
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
 
     def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import PreparedInput
+from .base import PreparedInput, _padded
 from .loading import WEIGHTS_HINT, ModelLoadError
 
 
@@ -64,12 +64,7 @@ class ScoringMixin:
     score_rows: torch.Tensor  # on the device, in float32
 
     def _collate_left(self, batch: list[PreparedInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(p.n_tokens for p in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, width - p.n_tokens:] = torch.tensor(p.input_ids, dtype=torch.long)
-            mask[row, width - p.n_tokens:] = 1
+        ids, mask, _ = _padded(batch, self.pad_id, left=True)
         return ids, mask
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
