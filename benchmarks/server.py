@@ -216,6 +216,7 @@ _THREADS = (("model-worker", "model worker"), ("prepare", "prepare pool"), ("any
 # Where a sample of the event loop is spent: the innermost frame that matches, searched from the leaf.
 _STAGES = (
     ("embedding_api/api/schemas.py", "response encoding"),
+    ("embedding_api/engine/model_process.py", "model process I/O"),
     ("embedding_api/inputs.py", "request validation"),
     ("embedding_api/api/", "route handler"),
     ("embedding_api/engine/batcher.py", "batcher"),
@@ -237,7 +238,7 @@ def _thread_kind(root: str) -> str:
 
 
 def _stage(kind: str, frames: list[str]) -> str:
-    if kind != "event loop":
+    if kind != "event loop":  # the model process and the other threads are stages of their own
         return kind
     for frame in reversed(frames):
         for marker, stage in _STAGES:
@@ -259,7 +260,14 @@ def summarise_profile(path: Path, top: int = 12) -> dict:
             continue
         n = int(count)
         frames = stack.split(";")
-        kind = _thread_kind(frames[0])
+        # With --subprocesses every stack starts with its process (the server, then a model process).
+        in_model_process = False
+        while frames and frames[0].startswith("process "):
+            in_model_process |= "model_process" in frames[0]
+            frames = frames[1:]
+        if not frames:
+            continue
+        kind = "model process" if in_model_process else _thread_kind(frames[0])
         total += n
         per_thread[kind] += n
         per_stage[_stage(kind, frames[1:])] += n
