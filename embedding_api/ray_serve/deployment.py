@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from ..main import configure_logging, create_app
-from ..runners import load_runners
+from ..engine.model_process import load_for_serving
 from ..settings import Settings
 
 APP_NAME = "embedding_api"
@@ -31,7 +31,9 @@ class Embedder:
         self.fatal: str | None = None
         self.fastapi: FastAPI | None = None
         # Loaded off the replica's event loop; the replica is not ready (gets no traffic) until done.
-        self.runners = await asyncio.to_thread(load_runners, self.settings)
+        # With MODEL_PROCESS (the default) the weights live in a child process of the replica, as in
+        # the plain server; it ends with the replica.
+        self.runners = await asyncio.to_thread(load_for_serving, self.settings)
 
     def _on_fatal(self, message: str) -> None:
         self.fatal = message
