@@ -134,18 +134,27 @@ def setup(venv: Path) -> int:
     subprocess.run(pip + [TORCH] + extra, check=True)
     log(f"installing {INFINITY} and {TRANSFORMERS}")
     subprocess.run(pip + [INFINITY, TRANSFORMERS, TORCH] + extra, check=True)
-    listed = subprocess.run([str(venv_python(venv)), "-m", "pip", "list", "--format", "json"],
-                            capture_output=True, text=True, check=True)
-    packages = {p["name"].lower(): p["version"] for p in json.loads(listed.stdout)}
+    packages = installed(venv)
     cuda = sorted(name for name in packages if name.startswith("nvidia-"))
     if cuda:
         print(f"pip installed CUDA packages into {venv}: {', '.join(cuda)}; remove the directory and run the setup "
               "on a host where the CPU build of torch is offered (see embedding_api/tools/torch_wheel.py)")
         return 1
-    versions = ", ".join(f"{n} {packages.get(n, '-')}" for n in ("infinity-emb", "torch", "transformers",
-                                                                  "sentence-transformers"))
+    versions = ", ".join(f"{n} {v}" for n, v in peer_versions(packages).items())
     print(f"Infinity is set up in {venv} ({versions}; no nvidia-* package) in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def installed(venv: Path) -> dict[str, str]:
+    """{normalised package name: version} of what pip lists in `venv`."""
+    listed = subprocess.run([str(venv_python(venv)), "-m", "pip", "list", "--format", "json"],
+                            capture_output=True, text=True, check=True)
+    return {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(listed.stdout)}
+
+
+def peer_versions(packages: dict[str, str]) -> dict[str, str]:
+    names = ("infinity-emb", "torch", "transformers", "sentence-transformers", "fastapi", "uvicorn")
+    return {n: packages.get(n, "-") for n in names}
 
 
 class PeerServer:
@@ -313,6 +322,8 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of both servers (default: all cores minus one, at least 1)")
+    p.add_argument("--peer-threads", type=int, default=None,
+                   help="Infinity's torch threads (OMP_NUM_THREADS) when they should differ from --threads")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of both servers")
     p.add_argument("--encoding", choices=("base64", "float"), default="base64",
                    help="encoding_format the clients ask for (base64 is the OpenAI SDK's default)")
@@ -321,6 +332,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 2) - 1)
+    if args.peer_threads is None:
+        args.peer_threads = args.threads
     args.venv = args.venv.resolve()
     return args
 
@@ -339,10 +352,10 @@ def main(argv=None) -> int:
     run_dir = cache / "runs" / ("peer-" + time.strftime("%Y%m%d-%H%M%S"))
     bodies, inputs = request_bodies("text", args.encoding)
     log(f"servers: embedding_api and Infinity on {model.name} (sentence-transformers wrapper {wrapper.name}), "
-        f"torch threads {args.threads}, batch size {args.batch_size}")
+        f"torch threads {args.threads} (Infinity {args.peer_threads}), batch size {args.batch_size}")
     rounds: list[dict] = []
     with Server(server_settings(model, args.threads, args.batch_size), run_dir, "peer-ours") as ours, \
-            PeerServer(args.venv, wrapper, args.threads, args.batch_size, run_dir) as peer:
+            PeerServer(args.venv, wrapper, args.peer_threads, args.batch_size, run_dir) as peer:
         command = peer.command()
         check = vector_check(ours, peer, short_texts(4, seed=1) + ["Paris is the capital of France."])
         log(f"vectors: cosine(embedding_api, Infinity) over {len(check['cosines'])} texts: "
@@ -359,9 +372,11 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "settings": {"model": str(model), "wrapper": str(wrapper), "clients": args.clients, "kind": "text",
                      "encoding_format": args.encoding, "torch_threads": args.threads,
+                     "infinity_torch_threads": args.peer_threads,
                      "batch_size": args.batch_size, "rounds": args.rounds, "warmup_s": args.warmup,
                      "duration_s": args.duration, "cpus": os.cpu_count(), "infinity": INFINITY,
-                     "infinity_command": ["infinity_emb"] + command[1:]},
+                     "infinity_command": ["infinity_emb"] + command[1:],
+                     "infinity_versions": peer_versions(installed(args.venv))},
         "vector_check": check,
         "rounds": rounds,
         "summary": summary,
@@ -369,7 +384,8 @@ def main(argv=None) -> int:
     results["elapsed_s"] = round(time.time() - started, 1)
     print()
     print(f"side by side: embedding_api vs Infinity (infinity-emb 0.0.78, torch engine), qwen3/tiny, {args.clients} "
-          f"clients sending single short texts, encoding_format={args.encoding}, torch threads {args.threads}, "
+          f"clients sending single short texts, encoding_format={args.encoding}, torch threads {args.threads}"
+          f"{'' if args.peer_threads == args.threads else f' (Infinity {args.peer_threads})'}, "
           f"batch size {args.batch_size}, {args.rounds} rounds x {args.duration:g} s per server, "
           f"{os.cpu_count()} CPUs")
     print(table(rounds, summary))
