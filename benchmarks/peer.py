@@ -57,15 +57,13 @@ QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages t
 def transformers4_config(config: dict) -> dict:
     """The checkpoint's config.json as transformers 4.x reads it: 5.x nests the RoPE base in
     `rope_parameters`; 4.x reads top-level `rope_theta` (default 10000 when missing, which would
-    silently change every vector) and `rope_scaling`, and `torch_dtype`."""
+    silently change every vector) and `rope_scaling`."""
     out = dict(config)
     rope = config.get("rope_parameters") or {}
     if "rope_theta" in rope and "rope_theta" not in out:
         out["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default" and "rope_scaling" not in out:
         out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if "dtype" in config and "torch_dtype" not in out:
-        out["torch_dtype"] = config["dtype"]
     return out
 
 

@@ -53,14 +53,13 @@ def test_config_carries_the_rope_base_where_transformers_4_reads_it(wrapper: Pat
     written = json.loads((wrapper / "config.json").read_text())
     assert not (wrapper / "config.json").is_symlink()
     assert written["rope_theta"] == original["rope_parameters"]["rope_theta"] == 1_000_000.0
-    assert written["torch_dtype"] == original["dtype"]
-    assert {k: v for k, v in written.items() if k not in ("rope_theta", "torch_dtype")} == original
+    assert {k: v for k, v in written.items() if k != "rope_theta"} == original
 
 
 def test_transformers4_config_maps_scaled_rope_and_keeps_explicit_fields():
-    config = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 4.0}, "dtype": "bfloat16"}
+    config = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 4.0}}
     out = peer.transformers4_config(config)
-    assert out["rope_theta"] == 5e5 and out["torch_dtype"] == "bfloat16"
+    assert out["rope_theta"] == 5e5
     assert out["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0}
     assert peer.transformers4_config({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}})["rope_theta"] == 1.0
 
