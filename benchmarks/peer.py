@@ -343,7 +343,9 @@ def main(argv=None) -> int:
     if not (args.venv / "bin" / "infinity_emb").exists():
         print(setup_hint(args.venv), file=sys.stderr)
         return 2
-    started = time.time()
+    started, loadavg_start = time.time(), os.getloadavg()
+    if loadavg_start[0] > 0.5:
+        log(f"load average {loadavg_start[0]:.2f}: other processes compete for the CPU; figures will be noisy")
     cache = args.cache.resolve()
     model = checkpoint(cache, "qwen3", "tiny")
     wrapper = write_st_wrapper(model)
@@ -380,6 +382,7 @@ def main(argv=None) -> int:
         "summary": summary,
     }
     results["elapsed_s"] = round(time.time() - started, 1)
+    results["loadavg"] = {"start": loadavg_start, "end": os.getloadavg()}
     print()
     print(f"side by side: embedding_api vs Infinity (infinity-emb 0.0.78, torch engine), qwen3/tiny, {args.clients} "
           f"clients sending single short texts, encoding_format={args.encoding}, torch threads {args.threads}"
