@@ -20,7 +20,7 @@ DEMO_RERANKER_PATH ?= ./models/demo-random-tiny-reranker
 # `run` and `demo` exec the server in place of the recipe's shell: make's own child is then the server
 # itself, so a SIGTERM to make (which GNU make passes on to its children) reaches it, and it drains.
 
-.PHONY: install run demo test bench bench-quick clean
+.PHONY: install run demo test bench bench-quick bench-peer bench-peer-setup clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,14 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+
+# Side by side with Infinity (benchmarks/peer.py): Infinity lives in its own virtual environment,
+# benchmarks/.peer-venv, created once by bench-peer-setup; never part of `make test`.
+bench-peer: install
+	$(BIN)/python -m benchmarks.peer
+
+bench-peer-setup: install
+	$(BIN)/python -m benchmarks.peer --setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
