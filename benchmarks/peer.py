@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from .run import checkpoint, log, server_settings
-from .server import Server, drive, free_port, rss_mb
+from .server import Server, drive, end_process, free_port, rss_mb
 from .workload import request_bodies, short_texts
 
 HERE = Path(__file__).resolve().parent
@@ -194,13 +194,7 @@ class PeerServer:
 
     def __exit__(self, *exc) -> None:
         self._sampling = False
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         self._log.close()
 
     def _wait_ready(self, timeout: float) -> None:

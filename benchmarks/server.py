@@ -68,6 +68,17 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
+def end_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not ended within `timeout` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def drive(server: "Server", spec: dict) -> dict:
     """Run one load scenario (`spec`, see benchmarks/load.py) from a separate load-generator process
     against `server`; returns its result once the server is idle again."""
@@ -117,13 +128,7 @@ class Server:
 
     def stop(self) -> None:
         self._sampling = False
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         self._log.close()
 
     @property
