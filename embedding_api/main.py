@@ -43,7 +43,7 @@ from .api.docs import install_docs
 from .api.hot import hot_routes
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
 from .observability.startup import report_loading, summary
-from .runners import ModelLoadError, Runner, check_startup, detect_kind, load_runners
+from .runners import ModelLoadError, Runner, check_startup, detect_kind
 from .api.schemas import complete_openapi
 from .engine.registry import ModelEntry, Registry, model_settings
 from .engine.rerank import RerankService

@@ -82,6 +82,8 @@ async def ready(request: Request) -> Response:
     if ok and _failed(state):
         return json_response({"status": "failed"}, 503)
     return json_response({"status": "ready" if ok else state.status}, 200 if ok else 503)
+
+
 def _failed(state) -> list[str]:
     """The models whose model process or model worker has ended."""
     return [e.name for e in state.models.entries if e.service is not None and not e.service.alive()]
