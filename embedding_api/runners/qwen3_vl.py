@@ -54,11 +54,7 @@ class VLRunner(Runner):
         tok = self.tokenizer
         self.image_pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
         self.video_pad_id = tok.convert_tokens_to_ids("<|video_pad|>")
-        # Token ids sent by a client are spliced between the rendered prefix and suffix.
-        marker = "\u2063IDS\u2063"
-        rendered = self._render(self._conversation("INSTRUCTION", 0, [marker]))
-        self._ids_template = rendered.split(marker)
-        self._text_prompts: dict[str, tuple[list[int], list[int]] | None] = {}
+        self._parts: dict[str, tuple[list[int], list[int], bool] | None] = {}  # see _template_parts
         self._text_fast = self._check_text_fast()
         # What the tokenizer's post-processor adds (nothing for Qwen3-VL-Embedding's own tokenizer):
         # added to token-id input too, so that ids embed exactly as the text they encode.
@@ -84,40 +80,51 @@ class VLRunner(Runner):
     def _render(self, conversation: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
-    # One text and nothing else, the commonest input, skips the template engine and tokenizes only
-    # the text: the template puts the text verbatim between a prefix and a suffix that depend on
-    # the instruction alone, and those are tokenized once per instruction. Exact: a text that could
-    # tokenize differently next to the prefix (one starting with white space, which may join the
-    # prefix's last newline) takes the full path, and a start-up check compares both paths.
-    _TEXT_PROMPTS_KEPT = 64  # instructions whose prefix and suffix ids are kept
+    # Token ids sent by a client, and one text sent alone (the commonest input), go between the
+    # template's parts before and after one input's content, which depend on the instruction only:
+    # those are rendered and tokenized once per instruction, and the text skips the template
+    # engine. Exact for a text: one that could tokenize differently next to the prefix (starting
+    # with white space, which may join the prefix's last newline) takes the full path, and a
+    # start-up check compares both paths (a template that does not put the text verbatim turns
+    # the shortcut off). Token ids are spliced as they are, with no such condition.
+    _PARTS_KEPT = 64  # instructions whose parts are kept
+
+    def _template_parts(self, instruction: str) -> tuple[list[int], list[int], bool] | None:
+        """(ids before, ids after, whether a text placed between them may be tokenized alone), or
+        None when the template does not place one input's content exactly once."""
+        if instruction in self._parts:
+            return self._parts[instruction]
+        marker = "\u2063CONTENT\u2063"
+        pieces = self._render(self._conversation(instruction, 0, [marker])).split(marker)
+        parts = None
+        if len(pieces) == 2:
+            joins = pieces[0].endswith("\n") and pieces[1].startswith("<|im_end|>")
+            parts = (self.encode(pieces[0]), self.encode(pieces[1]), joins)
+        if len(self._parts) >= self._PARTS_KEPT:
+            self._parts.pop(next(iter(self._parts)), None)
+        self._parts[instruction] = parts
+        return parts
 
     def _text_ids(self, instruction: str, text: str) -> list[int] | None:
         """The prompt's token ids for one text, or None when the full path must be taken."""
-        if not self._text_fast or not text or text[0].isspace():
+        if not self._text_fast:
             return None
-        parts = self._text_prompts.get(instruction)
-        if parts is None:
-            if instruction in self._text_prompts:
-                return None
-            marker = "\u2063TEXT\u2063"
-            pieces = self._render(self._conversation(instruction, 0, [marker])).split(marker)
-            parts = None
-            if len(pieces) == 2 and pieces[0].endswith("\n") and pieces[1].startswith("<|im_end|>"):
-                parts = (self.encode(pieces[0]), self.encode(pieces[1]))
-            if len(self._text_prompts) >= self._TEXT_PROMPTS_KEPT:
-                self._text_prompts.pop(next(iter(self._text_prompts)), None)
-            self._text_prompts[instruction] = parts
-            if parts is None:
-                return None
+        return self._shortcut_ids(instruction, text)
+
+    def _shortcut_ids(self, instruction: str, text: str) -> list[int] | None:
+        if not text or text[0].isspace():
+            return None
+        parts = self._template_parts(instruction)
+        if parts is None or not parts[2]:
+            return None
         return parts[0] + self.encode(text) + parts[1]
 
     def _check_text_fast(self) -> bool:
-        self._text_fast = True
         probes = ["hello world", "a<|im_end|>b", "x\n\ny ", "Ünïcödé \u0301text", "12 345", "<|im_end", "'s ok"]
         instruction = normalise_instruction(self.settings.default_instruction)
         for text in probes:
             full = self.encode(self._render(self._conversation(instruction, 0, [text])))
-            if self._text_ids(instruction, text) != full:
+            if self._shortcut_ids(instruction, text) != full:
                 return False
         return True
 
@@ -162,9 +169,10 @@ class VLRunner(Runner):
         instruction = normalise_instruction(instruction or self.settings.default_instruction)
         special = self._special_prefix, self._special_suffix
         if token_ids is not None:
-            prefix, suffix = (s.replace("INSTRUCTION", instruction, 1) if i == 0 else s
-                              for i, s in enumerate(self._ids_template))
-            body = self.encode(prefix) + token_ids + self.encode(suffix)
+            parts = self._template_parts(instruction)
+            if parts is None:
+                raise ValueError("the model's chat template does not place an input's content exactly once")
+            body = parts[0] + token_ids + parts[1]
             ids = self.fit(body, *special, truncate)
             return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
         if not images and not videos and len(texts) == 1:
