@@ -113,11 +113,10 @@ def load_for_serving(settings) -> list:
     """The server's loader: with MODEL_PROCESS (the default), one model process per device of DEVICE,
     all loading at once, and in this process runners without weights that prepare inputs and send
     the forward passes to them; otherwise the runners themselves, in this process."""
-    from ..runners import check_startup, load_runner_on, load_runners, resolve_devices, torch_threads
+    from ..runners import load_runner_on, load_runners, resolve_devices, torch_threads
 
     if not settings.model_process:
         return load_runners(settings)
-    check_startup(settings)
     devices = resolve_devices(settings.device)
     threads = torch_threads(settings, devices)
     processes = [ModelProcess(settings, str(d), threads) for d in devices]

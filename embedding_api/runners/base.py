@@ -155,10 +155,6 @@ class Runner:
         self.process = process
         self.forward = process.forward  # shadows the class's forward, for every family and kind
 
-    def close(self) -> None:
-        if self.process is not None:
-            self.process.close()
-
     @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
         """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
