@@ -10,7 +10,6 @@ truncate-then-L2-normalise. It shares no code with the server.
 from __future__ import annotations
 
 import base64
-import math
 import unicodedata
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .util import png_bytes, sample_image
+from .util import official_smart_resize, png_bytes, sample_image
 
 MIN_PIXELS = 4 * 32 * 32
 MAX_PIXELS = 1800 * 32 * 32
@@ -26,16 +25,7 @@ MAX_PIXELS = 1800 * 32 * 32
 
 def _official_resize(image: Image.Image, factor: int = 32) -> Image.Image:
     width, height = image.size
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > MAX_PIXELS:
-        beta = math.sqrt(height * width / MAX_PIXELS)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < MIN_PIXELS:
-        beta = math.sqrt(MIN_PIXELS / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
+    h_bar, w_bar = official_smart_resize(height, width, MIN_PIXELS, MAX_PIXELS, factor)
     return image.resize((w_bar, h_bar))
 
 

@@ -25,24 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
-from .util import API_KEY, png_bytes
+from .util import API_KEY, official_smart_resize, png_bytes
 from .videos import decode_all, encode, frames
 
 FACTOR = 32
-
-
-def _smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def _resize_video(video: torch.Tensor, total_pixels: float) -> torch.Tensor:
@@ -50,7 +36,7 @@ def _resize_video(video: torch.Tensor, total_pixels: float) -> torch.Tensor:
     n, _, height, width = video.shape
     min_pixels = 128 * FACTOR * FACTOR
     max_pixels = max(min(768 * FACTOR * FACTOR, total_pixels / n * 2), int(min_pixels * 1.05))
-    h, w = _smart_resize(height, width, min_pixels, max_pixels)
+    h, w = official_smart_resize(height, width, min_pixels, max_pixels)
     out = torch.nn.functional.interpolate(video.float(), size=(h, w), mode="bicubic", antialias=True,
                                           align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8).float()
@@ -74,7 +60,7 @@ def official_frames(images: list[Image.Image], max_frames: int = 64):
         images = [images[i] for i in np.linspace(0, len(images) - 1, max_frames, dtype=int).tolist()]
     sized = []
     for image in images:
-        h, w = _smart_resize(image.height, image.width, 4 * FACTOR * FACTOR, 16384 * FACTOR * FACTOR)
+        h, w = official_smart_resize(image.height, image.width, 4 * FACTOR * FACTOR, 16384 * FACTOR * FACTOR)
         sized.append(image.convert("RGB").resize((w, h)))
     n = math.ceil(len(sized) / 2) * 2
     sized += [sized[-1]] * (n - len(sized))
@@ -140,7 +126,7 @@ class OfficialVideoEmbedder:
                                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
             resized = []
             for image in item["images"]:
-                h, w = _smart_resize(image.height, image.width, 4 * 32 * 32, 1800 * 32 * 32)
+                h, w = official_smart_resize(image.height, image.width, 4 * 32 * 32, 1800 * 32 * 32)
                 resized.append(image.convert("RGB").resize((w, h)))
             vision = processor(images=resized, do_resize=False, return_tensors="pt")
             for grid in vision["image_grid_thw"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import socket
 import subprocess
@@ -17,6 +18,22 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
+
+
+def official_smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = 32):
+    """The official embedder's smart_resize, written out here so the tests do not check the server
+    against its own code: (height, width) rounded to `factor`, scaled into [min_pixels, max_pixels]."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
