@@ -435,10 +435,9 @@ def verdicts(results: dict) -> list[str]:
         out.append(f"target  tiny, {paired['clients']} clients, single texts, measured in turns with the limit: "
                    f"{paired['server_inputs_per_s']:.0f} inputs/s = {x:.2f} x limit ({paired['limit_inputs_per_s']:.0f}) "
                    f"(>= {TARGET_TINY_VS_LIMIT}: {'MET' if x >= TARGET_TINY_VS_LIMIT else 'NOT MET'})")
-    if tiny and "text@64" in tiny.get("batched", {}):
-        inside = tiny.get("in-process", {}).get("text@64")
-        if inside:
-            out.append(f"        the same with the model on a thread of the server process (MODEL_PROCESS=false): "
+    inside = (tiny or {}).get("in-process", {}).get("text@64")
+    if inside:
+        out.append(f"        the same with the model on a thread of the server process (MODEL_PROCESS=false): "
                        f"{inside['inputs_per_s']:.0f} inputs/s, p50 {inside['p50_ms']:.1f} ms, p99 {inside['p99_ms']:.1f} ms")
     prof = (tiny or {}).get("profile")
     if prof:

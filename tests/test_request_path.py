@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
+from benchmarks.server import children
 from embedding_api.runners import load_runner_on
 from embedding_api.runners.qwen3_vl import normalise_instruction
 from embedding_api.settings import Settings
@@ -89,15 +90,8 @@ def test_a_template_that_changes_the_text_turns_the_shortcut_off(tiny_vl, tmp_pa
 # ------------------------------------------------------------------ the model process
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        out += [int(x) for x in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return out
-
-
 def _model_processes(pid: int) -> list[int]:
-    return [c for c in _children(pid) if MODEL_PROCESS_MODULE in Path(f"/proc/{c}/cmdline").read_text()]
+    return [c for c in children(pid) if MODEL_PROCESS_MODULE in Path(f"/proc/{c}/cmdline").read_text()]
 
 
 def _gone(pid: int, timeout: float = 15.0) -> bool:
