@@ -339,10 +339,8 @@ NON_LOOPBACK = [
 
 @pytest.mark.parametrize("url", NON_LOOPBACK)
 def test_non_public_addresses_refused_instantly(url, no_connections):
-    t0 = time.monotonic()
-    msg = load_error(url)
+    msg = load_error(url)  # no_connections fails the test if any connection is attempted
     assert msg == "image URL host resolves to a non-public address (refused)"
-    assert time.monotonic() - t0 < 1.0
 
 
 def test_unspecified_and_multicast_refused_even_with_allow_private(srv, no_connections):
@@ -592,7 +590,9 @@ def test_slow_body_hits_overall_deadline(srv):
     msg = load_error(f"http://127.0.0.1:{srv.port}/slow", policy)
     elapsed = time.monotonic() - t0
     assert msg == "image fetch timed out after 1s"
-    assert 0.9 <= elapsed < 2.5
+    # The body drips for far longer than the deadline; a generous bound tells "cut at the deadline"
+    # from "read to the end" without depending on the machine's speed.
+    assert 0.9 <= elapsed < 30
 
 
 def test_connection_refused():
@@ -753,9 +753,7 @@ def test_base64_too_large_is_refused_before_decoding(monkeypatch):
     assert load_error("data:image/png;base64," + "A" * 1400, policy) == expected
     # a huge payload with the default policy is refused without any real work
     huge = "A" * (60 * 1024 * 1024)
-    t0 = time.monotonic()
-    assert "larger than" in load_error(huge)
-    assert time.monotonic() - t0 < 1.0
+    assert "larger than" in load_error(huge)  # refused from its length: no_decode is still in place
 
 
 # ---------------------------------------------------------------------------
@@ -898,14 +896,12 @@ def test_exif_orientation_with_big_jpeg_draft():
 def test_decompression_bomb_refused_without_allocating():
     pillow_limit = Image.MAX_IMAGE_PIXELS
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for width, height in ((100_000, 100_000), (10_000, 10_000), (9_000, 8_000)):
             with pytest.raises(MediaError) as info:
                 decode_image_bytes(crafted_png(width, height), P)
             assert "exceed the limit of 64000000 pixels" in info.value.message
-    assert time.monotonic() - t0 < 1.0
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert after - before < 100 * 1024  # KiB on Linux: < 100 MiB grown

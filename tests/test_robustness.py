@@ -239,9 +239,9 @@ def _chunked(body: bytes, size: int = 8192):
 def test_oversized_body_with_content_length_is_413_before_reading(limits_server):
     port = limits_server.port
     # Announce 10 MB, send 100 bytes: the answer comes from the header alone, the body is never awaited.
-    started = time.perf_counter()
-    status, _, body = _raw_post(port, {"Content-Length": str(10_000_000)}, [b'{"input": "' + b"x" * 89])
-    assert status == 413 and time.perf_counter() - started < 5
+    # A server that awaited the body would never answer: the read times out and the test fails.
+    status, _, body = _raw_post(port, {"Content-Length": str(10_000_000)}, [b'{"input": "' + b"x" * 89], 120)
+    assert status == 413
     assert_envelope(_Resp(status, body), 413, "request_too_large")
     # A real oversized body, sent in full.
     big = json.dumps({"input": ["y" * 1000] * 200}).encode()  # ~200 kB > 64 kB
@@ -317,14 +317,13 @@ def test_request_timeout_is_a_clean_503_and_drops_the_rest(runner, tiny_vl):
         _wait_ok(c)
         assert vectors(c.post("/v1/embeddings", json={"input": "small and quick"})).shape == (1, 64)
         before = embedded(base)
-        started = time.perf_counter()
         # 64 long inputs, one per forward pass: ~3 s of work against a 0.5 s deadline.
         response = c.post("/v1/embeddings", json={"input": [long_text(i) for i in range(64)]})
-        elapsed = time.perf_counter() - started
+        at_answer = embedded(base) - before
         err = assert_envelope(response, 503, "timeout")
         assert "0.5 s" in err["message"] and err["type"] == "service_unavailable_error"
         assert response.headers["retry-after"] == "1"
-        assert elapsed < 2.5, elapsed  # answered at the deadline, not after the ~3 s of work
+        assert at_answer < 64, at_answer  # answered at the deadline, not after all the work
         time.sleep(0.5)
         ran = embedded(base) - before
         time.sleep(0.3)
@@ -480,7 +479,7 @@ def test_health_while_loading_then_ok(runner, tiny_vl):
 
 def test_health_answers_during_a_long_forward_and_drain_grace(runner, tiny_vl):
     def slow(inner, batch):
-        time.sleep(1.5)
+        time.sleep(6)
         return inner.forward(batch)
 
     app = create_app(thread_settings(tiny_vl, shutdown_grace=0.5), loader=lambda s: Wrapped(runner, slow),
@@ -489,13 +488,13 @@ def test_health_answers_during_a_long_forward_and_drain_grace(runner, tiny_vl):
         _wait_ok(c)
         out: dict = {}
         long = _start_long_request(server.base_url, ["slow one"], out)
-        time.sleep(0.3)
-        for _ in range(5):
-            started = time.perf_counter()
+        deadline = time.monotonic() + 60
+        while c.get("/health").json()["requests_in_flight"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(5):  # each answered while the forward still runs: the event loop is free
             h = c.get("/health")
-            assert h.status_code == 200 and time.perf_counter() - started < 0.5
+            assert h.status_code == 200 and h.json()["requests_in_flight"] == 1
             time.sleep(0.1)
-        assert h.json()["requests_in_flight"] == 1
         long.join(10)
         assert vectors(out["response"]).shape == (1, 64)
 
@@ -658,7 +657,7 @@ def _run_startup_failures(tiny_vl: Path, tmp: Path, results: dict) -> None:
             procs.append((case, kind, needles, time.time(), proc))
         for case, kind, needles, started, proc in procs:
             try:
-                out, _ = proc.communicate(timeout=60)
+                out, _ = proc.communicate(timeout=240)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
@@ -680,10 +679,9 @@ def test_startup_failures_exit_at_once_with_one_message(background):
     assert len(results) == 9, results.keys()
     for (case, kind), (rc, elapsed, out, needles) in results.items():
         where = f"{case} via {kind}: rc={rc} in {elapsed:.1f}s\n{out}"
+        # A process that sat half-alive would not exit at all: it is killed after 240 s above, and
+        # its exit status is then not 1. No bound on the time itself: a busy machine takes longer.
         _check_failure(where, rc, out, needles)
-        # ~3 s alone, nearly all of it importing torch; generous for a busy 2-core machine. A
-        # process that sat half-alive would not exit at all (killed after 60 s above).
-        assert elapsed < 30, where
 
 
 @pytest.mark.parametrize("case", ["missing", "broken_config", "cuda", "dimension", "bad_setting"])
