@@ -160,8 +160,9 @@ def demo(start_server):
     path = _ensure_checkpoint(target.path, target.size, "embedding")
     reranker = _ensure_checkpoint(target.reranker_path, target.reranker_size, "reranker")
     models = f'[{{"name": "{target.reranker_name}", "path": "{reranker}", "kind": "reranker"}}]'
-    return start_server({"MODEL_PATH": str(path), "MODEL_NAME": target.name, "MODELS": models,
-                         "ALLOW_PRIVATE_IMAGE_URLS": "true", "TORCH_THREADS": "1"})
+    server = start_server({"MODEL_PATH": str(path), "MODEL_NAME": target.name, "MODELS": models,
+                           "ALLOW_PRIVATE_IMAGE_URLS": "true", "TORCH_THREADS": "1"}, wait=False)
+    return server.wait_ready(timeout=600)  # a hang guard only: two models load slowly on a busy host
 
 
 @pytest.fixture(scope="module")
