@@ -10,17 +10,21 @@ WHICH BLOCKS RUN (the extraction rule; keep it this simple):
 - Other fences (```json, plain ```) are output, not examples.
 
 HOW A BLOCK RUNS
-- Against ONE server started here the way `make demo` starts it (an embedder and a reranker): the
-  embedder's checkpoint size, its model name and the reranker's name are read from the Makefile's `demo` target; no API_KEY; ALLOW_PRIVATE_IMAGE_URLS=true only so
-  that the local image server below can stand in for the internet.
-- The text is rewritten first, by REWRITES below: `localhost:6008` -> this server,
-  `https://example.com/` -> a local HTTP server that serves cat.jpg, cat.png, sofa.jpg,
-  clip.mp4, clip.webm and f1..f3.jpg, `.venv/bin/python`
-  -> the Python running the tests (the checkout's .venv).
-- bash blocks: `bash -e -o pipefail`, in a temporary directory holding cat.png, cat.jpg and clip.mp4, with
-  `URL` (the README's `$URL`) and `API_KEY` set. `curl` fails on an HTTP status >= 400 and prints the
-  body (--fail-with-body); bare `python`, `python3` and `pip` fail, because a fresh clone has the
-  packages only in .venv: examples must call `.venv/bin/python`.
+- Against ONE server started here the way `make demo` starts it (an embedder and a reranker), from the
+  checkpoints `make demo` writes (DEMO_PATH and DEMO_RERANKER_PATH of the Makefile, written here the
+  same way when missing, so the bulk example finds ./models/demo-random as after `make demo`): the
+  sizes, the model name and the reranker's name are read from the Makefile's `demo` target; no
+  API_KEY; ALLOW_PRIVATE_IMAGE_URLS=true only so that the local file server below can stand in for
+  the internet.
+- In the repository's root, as a user of a fresh clone runs them: the sample media are the files of
+  examples/ (`$(base64 -w0 examples/ball.png)`), nothing is put there for the test.
+- The text is rewritten first, by REWRITES below, which change only hosts and ports: `localhost:6008`
+  -> this server, `https://example.com/` -> a local HTTP server that serves the files of examples/
+  under their names (so a URL example's file is the one a user has); and `.venv/bin/python` -> the
+  Python running the tests (the checkout's .venv, or the one a worktree shares).
+- bash blocks: `bash -e -o pipefail`, with `URL` (the README's `$URL`) and `API_KEY` set. `curl` fails
+  on an HTTP status >= 400 and prints the body (--fail-with-body); bare `python`, `python3` and `pip`
+  fail, because a fresh clone has the packages only in .venv: examples must call `.venv/bin/python`.
 - python blocks: run as a script by the tests' Python; an exception fails it.
 A block passes when it exits 0.
 
@@ -43,8 +47,7 @@ import pytest
 
 from embedding_api.tools.checkpoint import write_checkpoint
 
-from . import videos
-from .util import ROOT, png_bytes, sample_image
+from .util import ROOT
 
 README = ROOT / "README.md"
 MARKER_RE = re.compile(r"^\s*<!--\s*readme-test:\s*(\w+)\s*(?:\((.*)\))?\s*-->\s*$")
@@ -105,47 +108,70 @@ def test_markers_are_known_and_give_a_reason():
 # --------------------------------------------------------------------------- the demo server
 
 
-def _make_demo_target() -> tuple[str, str, str]:
-    """The embedder's checkpoint size, its model name and the reranker's name that `make demo` uses."""
+EXAMPLES = ROOT / "examples"
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".mp4": "video/mp4", ".jsonl": "application/json"}
+
+
+@dataclass
+class DemoTarget:
+    path: Path  # DEMO_PATH, relative paths from the repository's root
+    size: str
+    name: str
+    reranker_path: Path
+    reranker_size: str
+    reranker_name: str
+
+
+def _make_demo_target() -> DemoTarget:
+    """The checkpoints, sizes and names that `make demo` uses, read from the Makefile."""
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    size = re.search(r"--family qwen3_vl --size (\w+)", recipe)
+    path = re.search(r"^DEMO_PATH \?= (\S+)$", makefile, re.M)
+    reranker_path = re.search(r"^DEMO_RERANKER_PATH \?= (\S+)$", makefile, re.M)
+    size = re.search(r"\$\(DEMO_PATH\) --family qwen3_vl --size (\w+)", recipe)
+    reranker_size = re.search(r"\$\(DEMO_RERANKER_PATH\) --family qwen3_vl --size (\w+) --kind reranker", recipe)
     name = re.search(r"MODEL_NAME=(\S+)", recipe)
     reranker = re.search(r'"name": "([^"]+)", "path": "\$\(DEMO_RERANKER_PATH\)"', recipe)
-    assert size and name and reranker, recipe
-    return size.group(1), name.group(1), reranker.group(1)
+    assert path and reranker_path and size and reranker_size and name and reranker, recipe
+    return DemoTarget(ROOT / path.group(1), size.group(1), name.group(1),
+                      ROOT / reranker_path.group(1), reranker_size.group(1), reranker.group(1))
+
+
+def _ensure_checkpoint(path: Path, size: str, kind: str) -> Path:
+    """What `make demo` does: write the checkpoint when it has no config.json (into a temporary
+    directory beside it, renamed into place, so that a concurrent run never sees half of one)."""
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tmp, family="qwen3_vl", size=size, kind=kind)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # written meanwhile by another run
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert (path / "config.json").is_file(), path
+    return path
 
 
 @pytest.fixture(scope="module")
-def demo(start_server, tmp_path_factory):
-    size, name, reranker_name = _make_demo_target()
-    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo", family="qwen3_vl", size=size)
-    reranker = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo-reranker", family="qwen3_vl", size="tiny",
-                                kind="reranker")
-    models = f'[{{"name": "{reranker_name}", "path": "{reranker}", "kind": "reranker"}}]'
-    return start_server({"MODEL_PATH": str(path), "MODEL_NAME": name, "MODELS": models,
-                         "ALLOW_PRIVATE_IMAGE_URLS": "true", "TORCH_THREADS": "1"})
+def demo(start_server):
+    target = _make_demo_target()
+    path = _ensure_checkpoint(target.path, target.size, "embedding")
+    reranker = _ensure_checkpoint(target.reranker_path, target.reranker_size, "reranker")
+    models = f'[{{"name": "{target.reranker_name}", "path": "{reranker}", "kind": "reranker"}}]'
+    server = start_server({"MODEL_PATH": str(path), "MODEL_NAME": target.name, "MODELS": models,
+                           "ALLOW_PRIVATE_IMAGE_URLS": "true", "TORCH_THREADS": "1"}, wait=False)
+    return server.wait_ready(timeout=600)  # a hang guard only: two models load slowly on a busy host
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, image_server) -> Path:
-    """cat.png and cat.jpg here (for `base64 -w0 cat.png`) and on the local image server; shims on PATH."""
-    work = tmp_path_factory.mktemp("readme")
-    png, jpg = png_bytes(sample_image(96, 64, seed=3)), png_bytes(sample_image(96, 64, seed=4), "JPEG")
-    (work / "cat.png").write_bytes(png)
-    (work / "cat.jpg").write_bytes(jpg)
-    image_server.add("/cat.png", png, "image/png")
-    image_server.add("/cat.jpg", jpg, "image/jpeg")
-    image_server.add("/sofa.jpg", png_bytes(sample_image(80, 60, seed=6), "JPEG"), "image/jpeg")
-    # The video examples: clip.mp4 here and served, clip.webm and frames f1..f3.jpg served.
-    clip = videos.frames(8, seed=5)
-    mp4 = videos.encode(clip, fps=4)
-    (work / "clip.mp4").write_bytes(mp4)
-    image_server.add("/clip.mp4", mp4, "video/mp4")
-    image_server.add("/clip.webm", videos.encode(clip, fps=4, container="webm", codec="libvpx-vp9"), "video/webm")
-    for k in range(1, 4):
-        image_server.add(f"/f{k}.jpg", png_bytes(sample_image(96, 64, seed=10 + k), "JPEG"), "image/jpeg")
-    shims = work / "bin"
+def shims(tmp_path_factory, image_server) -> Path:
+    """The files of examples/ on the local file server; curl and python shims on PATH."""
+    for sample in sorted(EXAMPLES.iterdir()):
+        if sample.suffix in CONTENT_TYPES:
+            image_server.add(f"/{sample.name}", sample.read_bytes(), CONTENT_TYPES[sample.suffix])
+    shims = tmp_path_factory.mktemp("readme") / "bin"
     shims.mkdir()
     real_curl = shutil.which("curl")
     assert real_curl, "curl is needed to run the README's curl examples"
@@ -157,7 +183,7 @@ def workdir(tmp_path_factory, image_server) -> Path:
         )
     for shim in shims.iterdir():
         shim.chmod(0o755)
-    return work
+    return shims
 
 
 def rewrites(server_url: str, image_url: str) -> list[tuple[str, str]]:
@@ -171,18 +197,18 @@ def rewrites(server_url: str, image_url: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
-def test_readme_example_runs_against_the_demo(block: Block, demo, workdir, image_server):
+def test_readme_example_runs_against_the_demo(block: Block, demo, shims, image_server):
     code = block.code
     for old, new in rewrites(demo.base_url, f"http://127.0.0.1:{image_server.port}"):
         code = code.replace(old, new)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(URL=demo.base_url, API_KEY="unused-by-the-demo",
-               PATH=f"{workdir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{shims}{os.pathsep}{os.environ.get('PATH', '')}")
     if block.lang == "bash":
         args = ["bash", "-e", "-o", "pipefail", "-c", code]
     else:
         args = [sys.executable, "-c", code]
-    out = subprocess.run(args, cwd=str(workdir), env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    out = subprocess.run(args, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert out.returncode == 0, f"{block.id} failed ({out.returncode}):\n{code}\n--- output:\n{out.stdout}{out.stderr}"
 
 
@@ -210,3 +236,49 @@ def test_every_curl_and_python_example_is_run():
     skipped = [b for b in BLOCKS if b.marker]
     for block in skipped:
         assert "curl " not in block.code, f"{block.id}: curl examples must run"
+
+
+# --------------------------------------------------------------------------- links of README.md and docs/
+
+LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
+FENCED_RE = re.compile(r"^\s*```.*?^\s*```", re.S | re.M)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = FENCED_RE.sub("", path.read_text(encoding="utf-8"))
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")))
+def test_every_relative_link_resolves(doc):
+    """Each relative link points to a file or folder of the repository, and each #anchor to a heading."""
+    path = ROOT / doc
+    text = FENCED_RE.sub("", path.read_text(encoding="utf-8"))
+    assert not re.search(r"(?<![\w.])/(work|home|Users|tmp/bash)[/\w.-]*/", text), f"{doc}: a path of one machine"
+    links = [m.group(1) for m in LINK_RE.finditer(text)]
+    assert links or doc != "README.md"
+    broken = []
+    for link in links:
+        if re.match(r"^[a-z]+:", link):
+            continue  # http(s), mailto: not checked offline
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            broken.append(link)
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+            broken.append(link)
+    assert not broken, f"{doc}: broken links {broken}"
+
+
+def test_the_sample_media_are_small_and_named_by_the_readme():
+    samples = [p for p in (ROOT / "examples").iterdir() if p.suffix in CONTENT_TYPES]
+    assert sum(p.stat().st_size for p in samples) < 50_000
+    text = README.read_text(encoding="utf-8")
+    for name in ("ball.png", "ball.jpg", "ball.mp4", "ball-1.jpg", "corpus.jsonl"):
+        assert f"examples/{name}" in text and (ROOT / "examples" / name).is_file(), name
