@@ -468,18 +468,18 @@ def test_video_url_object_options_are_honoured(vclient, official, image_server):
     body = {"input": [
         {"type": "video_url", "video_url": {"url": url, "fps": 2, "max_frames": 6}},
         {"type": "video_url", "video_url": {"url": url, "fps": 2}, "fps": 2},  # both places, agreeing
-        {"text": "fused", "video_url": {"url": url, "max_frames": 4}},
+        {"text": "fused", "video_url": {"url": url, "fps": 4, "max_frames": 8}},
     ]}
     got = _vectors(vclient.post("/v1/embeddings", json=body))
     want = np.stack([
         official.embed({"videos": [official_file(WEBM, fps=2, max_frames=6)]}),
         official.embed({"videos": [official_file(WEBM, fps=2)]}),
-        official.embed({"videos": [official_file(WEBM, max_frames=4)], "text": "fused"}),
+        official.embed({"videos": [official_file(WEBM, fps=4, max_frames=8)], "text": "fused"}),
     ])
     cos = (got * want).sum(-1)
     assert np.all(cos >= 0.9999), cos
     default = official.embed({"videos": [official_file(WEBM)]})
-    assert float(got[0] @ default) < 0.9999  # the options changed the frames sampled
+    assert float(got[0] @ default) < 0.9999 and float(got[2] @ default) < 0.9999  # other frames sampled
 
 
 def test_video_forms_parse_to_one_input_each():
