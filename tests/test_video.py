@@ -378,6 +378,11 @@ def test_decode_limits_in_process():
 
 
 
+def _tail(ts: bytes) -> bytes:
+    """An MPEG-TS from a third of the way in (on a 188-byte packet boundary), as a capture starts."""
+    return ts[len(ts) // 3 // 188 * 188:]
+
+
 # Files a seek-and-take decoder gets wrong, each read as the official reader reads it (decode_all:
 # every frame in order, never seeking, turned upright by the display matrix).
 HOSTILE = {
@@ -388,6 +393,8 @@ HOSTILE = {
     "mpeg-ts, mpeg2 with B-frames": encode(frames(40, seed=7), fps=10, container="mpegts", codec="mpeg2video",
                                            gop=12, b_frames=2),
     "mpeg-ts, one keyframe": encode(frames(40, seed=8), fps=10, container="mpegts", gop=1000),
+    "mpeg-ts cut mid-GOP (starts without its keyframe)": _tail(encode(frames(80, seed=12), fps=10,
+                                                                     container="mpegts", gop=12)),
     "flv, Sorenson H.263": encode(frames(40, seed=9), fps=10, container="flv", codec="flv", gop=8),
     "flv, h264 with B-frames": encode(frames(40, seed=10), fps=10, container="flv", gop=8, b_frames=2),
     "ogg, vp8 (no declared frame rate)": encode(frames(40, seed=11), fps=10, container="ogg", codec="libvpx"),

@@ -6,6 +6,9 @@ thread) sniffs the container from its magic bytes (no format probing, so no play
 demuxer that could open other files), checks the stream header (frame size, duration), counts the
 frames from the packets without decoding them, asks `plan` which frames to keep and at what size,
 then seeks to those frames and decodes only what it must, under a frame budget and a time limit.
+Each frame is taken by its presentation time, never by where a seek happened to land (where one
+lands elsewhere the stream is decoded in order), and turned upright as the display matrix says,
+as the official reader (torchcodec) does.
 """
 
 from __future__ import annotations
@@ -128,25 +131,6 @@ class VideoLoader:
             raise _video_message(exc) from None
 
 
-def _header(container, stream, limits: VideoLimits) -> tuple[int, int]:
-    cc = stream.codec_context
-    width, height = int(cc.width or 0), int(cc.height or 0)
-    if width <= 0 or height <= 0:
-        raise MediaError("video stream declares no frame size")
-    if width * height > limits.max_frame_pixels:
-        raise MediaError(
-            f"video frames are {width}x{height}; at most {limits.max_frame_pixels} pixels per frame are allowed"
-        )
-    seconds = None
-    if stream.duration and stream.time_base:
-        seconds = float(stream.duration * stream.time_base)
-    elif container.duration:
-        seconds = container.duration / 1_000_000
-    if seconds is not None and seconds > limits.max_seconds:
-        raise MediaError(f"video is {seconds:.1f} s long; at most {limits.max_seconds:g} s are allowed")
-    return width, height
-
-
 def decode_video(data: bytes, limits: VideoLimits, plan: Callable[[VideoHeader], FramePlan]) -> VideoClip:
     """Decode the frames `plan` picks, upright and resized to its size. Blocking; raises MediaError."""
     if not data:
@@ -267,11 +251,14 @@ def _packet_times(container, stream, limits: VideoLimits, deadline: float) -> _T
             keys.append(t)
         end = max(end, t + packet.duration) if end is not None and packet.duration else None
         _check(len(times), limits, deadline, "counted from its packets")
-    if not times:
-        raise MediaError("video has no frames")
     if len(set(times)) != len(times):
         raise MediaError("video frames share timestamps; the file is damaged")
-    return _Times(sorted(times), sorted(keys), end, Fraction(stream.time_base or 0))
+    keys.sort()
+    if keys:  # a stream cut mid-GOP: the pictures before its first keyframe lack their references
+        times = [t for t in times if t >= keys[0]]
+    if not times:
+        raise MediaError("video has no frames")
+    return _Times(sorted(times), keys, end, Fraction(stream.time_base or 0))
 
 
 def _frame_rate(stream, times: _Times) -> float:
