@@ -189,6 +189,26 @@ def _video_options(obj: dict, param: str, fps: Any = None, max_frames: Any = Non
     return fps, max_frames
 
 
+VIDEO_URL_FIELDS = ("url", "fps", "max_frames")
+
+
+def _video_url_options(ref: dict, param: str, fps: Any, max_frames: Any) -> tuple[float | None, int | None]:
+    """`fps` and `max_frames` inside a `video_url` object (where qwen-vl-utils' video element has them);
+    given beside it as well, both must agree. Any other field is refused, never silently ignored."""
+    for key in ref:
+        if key not in VIDEO_URL_FIELDS:
+            raise invalid(f"{param}.{key} is not a video_url field (they are: {', '.join(VIDEO_URL_FIELDS)}).",
+                          f"{param}.{key}", "invalid_value")
+    inner = _video_options(ref, param)
+    merged = []
+    for key, outer, value in zip(("fps", "max_frames"), (fps, max_frames), inner):
+        if value is not None and outer is not None and value != outer:
+            raise invalid(f"{param}.{key} is {value:g} but {key} beside it is {outer:g}; give it once.",
+                          f"{param}.{key}", "invalid_value")
+        merged.append(value if value is not None else outer)
+    return merged[0], merged[1]
+
+
 def _frame_refs(value: Any, param: str) -> list[str]:
     if not isinstance(value, list) or not value:
         raise invalid(f"{param} must be a non-empty list of image references.", param, "empty_input")
@@ -209,6 +229,7 @@ def _video(value: Any, param: str, fps: Any = None, max_frames: Any = None) -> V
     if "video_url" in value:
         ref = value["video_url"]
         if isinstance(ref, dict):
+            fps, max_frames = _video_url_options(ref, f"{param}.video_url", fps, max_frames)
             ref = _nonempty_str(ref.get("url"), f"{param}.video_url.url", "video URL")
         else:
             ref = _nonempty_str(ref, f"{param}.video_url", "video URL")

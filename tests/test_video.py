@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import struct
 import unicodedata
@@ -272,6 +273,11 @@ def test_zero_length_and_malformed_references(vclient, image_server):
         ({"type": "video", "data": "x", "max_frames": 1}, "input.max_frames"),
         ({"text": "t", "video": "x", "max_frames": "8"}, "input.max_frames"),
         ({"type": "video"}, "input"),
+        ({"type": "video_url", "video_url": {"url": "x", "nframes": 4}}, "input.video_url.nframes"),
+        ({"type": "video_url", "video_url": {"url": "x", "fps": 0}}, "input.video_url.fps"),
+        ({"type": "video_url", "video_url": {"url": "x", "max_frames": 8}, "max_frames": 6},
+         "input.video_url.max_frames"),
+        ({"text": "t", "video_url": {"url": "x", "video_start": 1.0}}, "input.video_url.video_start"),
     ]:
         assert _error(vclient.post("/v1/embeddings", json={"input": element}))["param"] == param
 
@@ -370,6 +376,117 @@ def test_decode_limits_in_process():
     with pytest.raises(MediaError, match="empty"):
         decode_video(b"", VideoLimits(), every_frame)
 
+
+
+def _tail(ts: bytes) -> bytes:
+    """An MPEG-TS from a third of the way in (on a 188-byte packet boundary), as a capture starts."""
+    return ts[len(ts) // 3 // 188 * 188:]
+
+
+# Files a seek-and-take decoder gets wrong, each read as the official reader reads it (decode_all:
+# every frame in order, never seeking, turned upright by the display matrix).
+HOSTILE = {
+    "mp4, display rotation -90 (a phone held upright)": encode(frames(12, 96, 64, seed=5), fps=4, rotation=-90),
+    "mp4, display rotation 90": encode(frames(12, 96, 64, seed=5), fps=4, rotation=90),
+    "mp4, display rotation 180": encode(frames(12, 96, 64, seed=5), fps=4, rotation=180),
+    "mpeg-ts, h264, keyframe every 12": encode(frames(40, seed=6), fps=10, container="mpegts", gop=12),
+    "mpeg-ts, mpeg2 with B-frames": encode(frames(40, seed=7), fps=10, container="mpegts", codec="mpeg2video",
+                                           gop=12, b_frames=2),
+    "mpeg-ts, one keyframe": encode(frames(40, seed=8), fps=10, container="mpegts", gop=1000),
+    "mpeg-ts cut mid-GOP (starts without its keyframe)": _tail(encode(frames(80, seed=12), fps=10,
+                                                                     container="mpegts", gop=12)),
+    "flv, Sorenson H.263": encode(frames(40, seed=9), fps=10, container="flv", codec="flv", gop=8),
+    "flv, h264 with B-frames": encode(frames(40, seed=10), fps=10, container="flv", gop=8, b_frames=2),
+    "ogg, vp8 (no declared frame rate)": encode(frames(40, seed=11), fps=10, container="ogg", codec="libvpx"),
+}
+
+
+def _official_indices(total: int, video_fps: float, fps: float = 1.0, max_frames: int = 64) -> list[int]:
+    n = min(min(max(total / video_fps * fps, 4), math.floor(max_frames / 2) * 2), total)
+    return torch.linspace(0, total - 1, math.floor(n / 2) * 2).round().long().tolist()
+
+
+def _decode_native(data: bytes):
+    """The server's decoder with the official plan, frames kept at their decoded (upright) size."""
+    from embedding_api.media.video import FramePlan, VideoLimits, decode_video
+    from embedding_api.runners.video import plan_file
+
+    def native(header):
+        return FramePlan(plan_file(header, 1.0, 64, FACTOR).indices, header.width, header.height)
+
+    return decode_video(data, VideoLimits(), native)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_decoder_delivers_the_official_frames(name, caplog):
+    caplog.set_level(logging.DEBUG, logger="embedding_api")
+    reference, video_fps = decode_all(HOSTILE[name])
+    clip = _decode_native(HOSTILE[name])
+    want = _official_indices(len(reference), video_fps)
+    assert clip.indices == want and clip.fps == pytest.approx(video_fps)
+    for k, (got, i) in enumerate(zip(clip.frames, want)):
+        assert np.array_equal(np.asarray(got), reference[i]), f"sampled frame {k} (frame {i}) differs"
+    if "rotation" in name and "180" not in name:
+        assert clip.frames[0].size == (64, 96)  # upright: stored 96x64, shown 64x96
+    if "h264, keyframe every 12" in name:  # FFmpeg's MPEG-TS seek lands past the frame: caught, decoded in order
+        assert "decoding the stream from its start" in caplog.text
+
+
+def test_seekable_files_are_not_decoded_in_full(caplog):
+    caplog.set_level(logging.DEBUG, logger="embedding_api")
+    reference, video_fps = decode_all(MP4)
+    clip = _decode_native(MP4)
+    assert clip.indices == _official_indices(40, video_fps) == [0, 13, 26, 39]
+    assert all(np.array_equal(np.asarray(a), reference[i]) for a, i in zip(clip.frames, clip.indices))
+    assert "decoding the stream from its start" not in caplog.text
+
+
+def test_a_frame_the_decoder_never_delivers_is_refused(monkeypatch):
+    """A packet index that lists a frame no decoding delivers (injected: FFmpeg reports the damaged
+    files tried here as errors instead) is refused, never replaced by a neighbour."""
+    from embedding_api.media import MediaError
+    from embedding_api.media import video as video_module
+
+    real = video_module._packet_times
+
+    def with_a_phantom(container, stream, limits, deadline):
+        times = real(container, stream, limits, deadline)
+        times.pts.insert(13, (times.pts[12] + times.pts[13]) // 2)  # between two real frames
+        return times
+
+    monkeypatch.setattr(video_module, "_packet_times", with_a_phantom)
+    data = encode(frames(40, seed=6), fps=10, gop=40)  # 41 listed: sampled frame 13 is the phantom
+    with pytest.raises(MediaError, match="cannot be decoded"):
+        _decode_native(data)
+
+
+def test_hostile_files_match_official(vclient, official):
+    names = ["mp4, display rotation -90 (a phone held upright)", "mpeg-ts, mpeg2 with B-frames",
+             "mpeg-ts, one keyframe", "flv, Sorenson H.263", "ogg, vp8 (no declared frame rate)"]
+    body = {"input": [{"type": "video", "data": _b64(HOSTILE[name])} for name in names]}
+    got = _vectors(vclient.post("/v1/embeddings", json=body))
+    want = np.stack([official.embed({"videos": [official_file(HOSTILE[name])]}) for name in names])
+    cos = (got * want).sum(-1)
+    assert np.all(cos >= 0.9999), dict(zip(names, cos))
+
+
+def test_video_url_object_options_are_honoured(vclient, official, image_server):
+    url = image_server.add("/options.webm", WEBM, "video/webm")
+    body = {"input": [
+        {"type": "video_url", "video_url": {"url": url, "fps": 2, "max_frames": 6}},
+        {"type": "video_url", "video_url": {"url": url, "fps": 2}, "fps": 2},  # both places, agreeing
+        {"text": "fused", "video_url": {"url": url, "fps": 4, "max_frames": 8}},
+    ]}
+    got = _vectors(vclient.post("/v1/embeddings", json=body))
+    want = np.stack([
+        official.embed({"videos": [official_file(WEBM, fps=2, max_frames=6)]}),
+        official.embed({"videos": [official_file(WEBM, fps=2)]}),
+        official.embed({"videos": [official_file(WEBM, fps=4, max_frames=8)], "text": "fused"}),
+    ])
+    cos = (got * want).sum(-1)
+    assert np.all(cos >= 0.9999), cos
+    default = official.embed({"videos": [official_file(WEBM)]})
+    assert float(got[0] @ default) < 0.9999 and float(got[2] @ default) < 0.9999  # other frames sampled
 
 
 def test_video_forms_parse_to_one_input_each():

@@ -21,7 +21,8 @@ def frames(n: int, width: int = 96, height: int = 64, seed: int = 0) -> list[np.
 
 
 def encode(images: list[np.ndarray], fps: int = 4, container: str = "mp4", codec: str = "libx264",
-           gop: int | None = None) -> bytes:
+           gop: int | None = None, b_frames: int | None = None, rotation: int | None = None) -> bytes:
+    """`rotation`: the display matrix, in degrees counterclockwise (a phone held upright records -90)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=fps)
@@ -29,6 +30,10 @@ def encode(images: list[np.ndarray], fps: int = 4, container: str = "mp4", codec
         stream.pix_fmt = "yuv420p"
         if gop is not None:
             stream.codec_context.gop_size = gop
+        if b_frames is not None:
+            stream.codec_context.max_b_frames = b_frames
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         for image in images:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 out.mux(packet)
@@ -38,8 +43,19 @@ def encode(images: list[np.ndarray], fps: int = 4, container: str = "mp4", codec
 
 
 def decode_all(data: bytes) -> tuple[list[np.ndarray], float]:
-    """Every frame in presentation order and the stream's average frame rate (the reference path)."""
+    """Every frame in presentation order, upright, and the frame rate (the reference path).
+
+    Decoded one after the other from the start, never seeking. As torchcodec (the official reader's
+    first choice) does: each frame is turned by the display matrix's rotation rounded to quarter turns
+    (90: counterclockwise, -90: clockwise); the rate is the stream's average rate, else the frame count
+    over the frames' time span.
+    """
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        images = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        return images, float(stream.average_rate)
+        decoded = list(container.decode(stream))
+        images = [np.ascontiguousarray(np.rot90(f.to_ndarray(format="rgb24"), k=round(f.rotation / 90)))
+                  for f in decoded]
+        if stream.average_rate:
+            return images, float(stream.average_rate)
+        span = (decoded[-1].pts - decoded[0].pts) * stream.time_base
+        return images, float((len(decoded) - 1) / span)
