@@ -129,8 +129,29 @@ class DrainingServer(uvicorn.Server):
         self.app = app
 
     def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGINT and self.should_exit and not self.force_exit:
+            # A second Ctrl-C: what is in flight is answered now (503 shutting_down, in the JSON
+            # envelope), then uvicorn stops waiting for connections.
+            self._captured_signals.append(sig)
+            loop = self.app.state.loop
+            if loop is not None and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._force_exit()))
+                    return
+            self.force_exit = True
+            return
         begin_draining(self.app)
         super().handle_exit(sig, frame)
+
+    async def _force_exit(self) -> None:
+        tasks = [t for t in self.app.state.inflight if not t.done()]
+        log.warning("second interrupt: answering %d request(s) in flight now and stopping", len(tasks))
+        for task in tasks:
+            task.cancel()  # the route answers 503 shutting_down
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await asyncio.sleep(0.1)  # the answers go out
+        self.force_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -176,6 +197,18 @@ def _drain_on_signals(app: FastAPI):
 
 
 # --------------------------------------------------------------------------- the app
+
+
+def _api_host(settings: Settings) -> str:
+    """The address the API listens on: HOST, or under plain `uvicorn --host ADDR` that ADDR (read from
+    the running uvicorn.Server, which owns the stop signals' handlers while the app starts)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in _STOP_SIGNALS:
+            server = getattr(signal.getsignal(sig), "__self__", None)
+            config = getattr(server, "config", None)
+            if isinstance(server, uvicorn.Server) and config is not None and not (config.uds or config.fd):
+                return config.host
+    return settings.host
 
 
 def _load_in_thread(loader: Callable[[Settings], Runner], settings: Settings) -> asyncio.Future:
@@ -245,12 +278,13 @@ def create_app(
             log.warning("API_KEY is empty: the API is open to anyone who can reach it")
         metrics_server = None
         if settings.metrics_port:
+            host = settings.metrics_host or _api_host(settings)
             try:
                 metrics_server, _ = start_http_server(
-                    settings.metrics_port, addr=settings.host, registry=app.state.metrics.registry
+                    settings.metrics_port, addr=host, registry=app.state.metrics.registry
                 )
             except OSError as exc:
-                on_fatal(f"METRICS_PORT={settings.metrics_port}: cannot listen on {settings.host} ({exc.strerror})")
+                on_fatal(f"METRICS_PORT={settings.metrics_port}: cannot listen on {host} ({exc.strerror})")
                 raise
         app.state.loop = asyncio.get_running_loop()
         load_task = asyncio.create_task(_load(app))
