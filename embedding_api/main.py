@@ -109,6 +109,30 @@ def _arm_grace(app: FastAPI) -> None:
     asyncio.get_running_loop().call_later(grace, _cancel_inflight, app)
 
 
+def answer_inflight_then(app: FastAPI, then: Callable[[], None]) -> bool:
+    """A second Ctrl-C while draining: answer what is in flight now (503 shutting_down, in the JSON
+    envelope), then call `then` (uvicorn's own handler, which stops at once). False: no loop to do it on."""
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if loop is None or loop.is_closed():
+        return False
+
+    async def answer() -> None:
+        tasks = [t for t in app.state.inflight if not t.done()]
+        log.warning("second interrupt: answering %d request(s) in flight now and stopping", len(tasks))
+        for task in tasks:
+            task.cancel()  # the route answers 503 shutting_down
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await asyncio.sleep(0.1)  # the answers go out
+        then()
+
+    try:
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(answer()))
+    except RuntimeError:  # the loop is closing
+        return False
+    return True
+
+
 def _cancel_inflight(app: FastAPI) -> None:
     tasks = [t for t in app.state.inflight if not t.done()]
     if tasks:
@@ -130,28 +154,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if sig == signal.SIGINT and self.should_exit and not self.force_exit:
-            # A second Ctrl-C: what is in flight is answered now (503 shutting_down, in the JSON
-            # envelope), then uvicorn stops waiting for connections.
-            self._captured_signals.append(sig)
-            loop = self.app.state.loop
-            if loop is not None and not loop.is_closed():
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._force_exit()))
-                    return
-            self.force_exit = True
-            return
+            if answer_inflight_then(self.app, lambda: super(DrainingServer, self).handle_exit(sig, frame)):
+                return
         begin_draining(self.app)
         super().handle_exit(sig, frame)
-
-    async def _force_exit(self) -> None:
-        tasks = [t for t in self.app.state.inflight if not t.done()]
-        log.warning("second interrupt: answering %d request(s) in flight now and stopping", len(tasks))
-        for task in tasks:
-            task.cancel()  # the route answers 503 shutting_down
-        if tasks:
-            await asyncio.wait(tasks, timeout=2)
-        await asyncio.sleep(0.1)  # the answers go out
-        self.force_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -184,6 +190,9 @@ def _drain_on_signals(app: FastAPI):
             continue
 
         def chained(signum, frame, _next=handler):
+            if signum == signal.SIGINT and app.state.status in ("draining", "stopping") and \
+                    answer_inflight_then(app, lambda: _next(signum, frame)):
+                return
             begin_draining(app)
             _next(signum, frame)
 

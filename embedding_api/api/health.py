@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .common import json_response
+from .errors import error_response
 
 router = APIRouter()
 
@@ -99,7 +100,9 @@ async def live(request: Request) -> Response:
 
 @router.get(
     "/health/ready",
-    responses={503: {"description": "The model is loading, or the server is draining ('status' says which)"}},
+    responses={503: {"description": "The models are loading, the server is draining, or no model serves "
+                                    "('status' says which; 'models' gives each model's state)"},
+               404: {"description": "`model` names no served model"}},
 )
 async def ready(request: Request, model: str | None = None) -> Response:
     state = request.app.state
@@ -107,7 +110,8 @@ async def ready(request: Request, model: str | None = None) -> Response:
     if model is not None:
         entry = state.models.find(model)
         if entry is None:
-            return json_response({"status": "unknown_model", "model": model}, 404)
+            return error_response(404, f"The model '{model}' does not exist; this server serves "
+                                  f"{state.models.names()}.", param="model", code="model_not_found")
         entries = [entry]
     if state.service is None or state.status != "ok":
         return json_response({"status": state.status}, 503)

@@ -84,6 +84,8 @@ class WorkerRecovery:
             try:
                 said = recover()
             except Exception as exc:  # noqa: BLE001 - a failed restart is counted and retried
+                if not self._running:
+                    return  # the server closed the new process while it loaded: stopping, not a fault
                 stats.failures += 1
                 log.error("model worker %d (%s): restart failed: %s", k, stats.device, exc)
                 continue

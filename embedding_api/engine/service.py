@@ -141,28 +141,27 @@ class Service:
     def _watch_stuck(self) -> None:
         """Logs a worker stuck in one forward pass; past STUCK_RESTART_SECONDS kills its model process
         (the worker then restarts it, and the batch goes to another worker)."""
-        said: dict[int, float] = {}  # worker -> busy_since of the forward reported stuck
+        reported: dict[int, float] = {}  # worker -> busy_since of the forward reported stuck
+        killed: set[float] = set()  # busy_since of the forwards whose process was killed
         kill_after = self.settings.stuck_restart_seconds
         while not self._closing.wait(1.0):
             for stats, runner in zip(self.batcher.workers, self.runners):
-                since, running = stats.busy_since, stats.running_for()
-                if said.get(stats.index) not in (None, since):
-                    log.warning("model worker %d (%s): the stuck forward pass has ended", stats.index, stats.device)
-                    said.pop(stats.index)
+                k, since, running, process = stats.index, stats.busy_since, stats.running_for(), _process(runner)
+                if k in reported and reported[k] != since and reported.pop(k) not in killed:
+                    log.warning("model worker %d (%s): the stuck forward pass has ended after all", k, stats.device)
                 if not stats.stuck:
                     continue
-                if said.get(stats.index) != since:
-                    said[stats.index] = since
+                if reported.get(k) != since:
+                    reported[k] = since
                     log.error("model worker %d (%s) is stuck: one forward pass has run %.0f s (limit %.0f s)%s",
-                              stats.index, stats.device, running, stats.stuck_limit(),
+                              k, stats.device, running, stats.stuck_limit(),
                               f"; its model process is killed at {kill_after:g} s"
-                              if kill_after and _process(runner) is not None else "")
-                process = _process(runner)
-                if kill_after and process is not None and running > kill_after and since == stats.busy_since:
+                              if kill_after and process is not None else "")
+                if kill_after and process is not None and running > kill_after and since not in killed:
+                    killed.add(since)
                     log.error("model worker %d (%s): killing its model process (pid %d), stuck for %.0f s",
-                              stats.index, stats.device, process.pid, running)
+                              k, stats.device, process.pid, running)
                     process.kill()
-                    said[stats.index] = -1.0
 
     async def close(self) -> None:
         self._closing.set()
