@@ -288,6 +288,8 @@ def create_app(
         metrics_server = None
         if settings.metrics_port:
             host = settings.metrics_host or _api_host(settings)
+            for entry in app.state.models.entries:  # the start-up summary names where it listens
+                entry.settings.metrics_host = host
             try:
                 metrics_server, _ = start_http_server(
                     settings.metrics_port, addr=host, registry=app.state.metrics.registry

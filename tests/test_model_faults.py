@@ -35,6 +35,7 @@ from .util import API_KEY, ServerProcess, free_port
 MODEL_PROCESS_MODULE = "embedding_api.engine.model_process"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GUARD = 240  # seconds: a hang guard, never a speed requirement
+BOOT_GUARD = 900  # three servers boot at once on a busy machine
 
 
 def model_processes(pid: int) -> list[int]:
@@ -124,17 +125,17 @@ def faults(tiny_vl, tiny_text_reranker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one(faults):
-    return faults["one"].wait_ready(GUARD)
+    return faults["one"].wait_ready(BOOT_GUARD)
 
 
 @pytest.fixture(scope="module")
 def two(faults):
-    return faults["two"].wait_ready(GUARD)
+    return faults["two"].wait_ready(BOOT_GUARD)
 
 
 @pytest.fixture(scope="module")
 def models(faults):
-    return faults["models"].wait_ready(GUARD)
+    return faults["models"].wait_ready(BOOT_GUARD)
 
 
 # --------------------------------------------------------------------------- dead model processes
