@@ -109,6 +109,30 @@ def _arm_grace(app: FastAPI) -> None:
     asyncio.get_running_loop().call_later(grace, _cancel_inflight, app)
 
 
+def answer_inflight_then(app: FastAPI, then: Callable[[], None]) -> bool:
+    """A second Ctrl-C while draining: answer what is in flight now (503 shutting_down, in the JSON
+    envelope), then call `then` (uvicorn's own handler, which stops at once). False: no loop to do it on."""
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if loop is None or loop.is_closed():
+        return False
+
+    async def answer() -> None:
+        tasks = [t for t in app.state.inflight if not t.done()]
+        log.warning("second interrupt: answering %d request(s) in flight now and stopping", len(tasks))
+        for task in tasks:
+            task.cancel()  # the route answers 503 shutting_down
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await asyncio.sleep(0.1)  # the answers go out
+        then()
+
+    try:
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(answer()))
+    except RuntimeError:  # the loop is closing
+        return False
+    return True
+
+
 def _cancel_inflight(app: FastAPI) -> None:
     tasks = [t for t in app.state.inflight if not t.done()]
     if tasks:
@@ -129,6 +153,9 @@ class DrainingServer(uvicorn.Server):
         self.app = app
 
     def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGINT and self.should_exit and not self.force_exit:
+            if answer_inflight_then(self.app, lambda: super(DrainingServer, self).handle_exit(sig, frame)):
+                return
         begin_draining(self.app)
         super().handle_exit(sig, frame)
 
@@ -163,6 +190,9 @@ def _drain_on_signals(app: FastAPI):
             continue
 
         def chained(signum, frame, _next=handler):
+            if signum == signal.SIGINT and app.state.status in ("draining", "stopping") and \
+                    answer_inflight_then(app, lambda: _next(signum, frame)):
+                return
             begin_draining(app)
             _next(signum, frame)
 
@@ -176,6 +206,18 @@ def _drain_on_signals(app: FastAPI):
 
 
 # --------------------------------------------------------------------------- the app
+
+
+def _api_host(settings: Settings) -> str:
+    """The address the API listens on: HOST, or under plain `uvicorn --host ADDR` that ADDR (read from
+    the running uvicorn.Server, which owns the stop signals' handlers while the app starts)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in _STOP_SIGNALS:
+            server = getattr(signal.getsignal(sig), "__self__", None)
+            config = getattr(server, "config", None)
+            if isinstance(server, uvicorn.Server) and config is not None and not (config.uds or config.fd):
+                return config.host
+    return settings.host
 
 
 def _load_in_thread(loader: Callable[[Settings], Runner], settings: Settings) -> asyncio.Future:
@@ -245,12 +287,15 @@ def create_app(
             log.warning("API_KEY is empty: the API is open to anyone who can reach it")
         metrics_server = None
         if settings.metrics_port:
+            host = settings.metrics_host or _api_host(settings)
+            for entry in app.state.models.entries:  # the start-up summary names where it listens
+                entry.settings.metrics_host = host
             try:
                 metrics_server, _ = start_http_server(
-                    settings.metrics_port, addr=settings.host, registry=app.state.metrics.registry
+                    settings.metrics_port, addr=host, registry=app.state.metrics.registry
                 )
             except OSError as exc:
-                on_fatal(f"METRICS_PORT={settings.metrics_port}: cannot listen on {settings.host} ({exc.strerror})")
+                on_fatal(f"METRICS_PORT={settings.metrics_port}: cannot listen on {host} ({exc.strerror})")
                 raise
         app.state.loop = asyncio.get_running_loop()
         load_task = asyncio.create_task(_load(app))

@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     request_timeout: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(30.0, ge=0)
+    # Model processes: a model process that ends is started again, at most this many failures in a
+    # row (0 = never); a forward running longer than STUCK_FORWARD_SECONDS (and 10x the longest one
+    # seen) marks its worker stuck (0 = never); past STUCK_RESTART_SECONDS its process is killed and
+    # restarted (0 = never).
+    model_restart_attempts: int = Field(5, ge=0)
+    stuck_forward_seconds: float = Field(60.0, ge=0)
+    stuck_restart_seconds: float = Field(300.0, ge=0)
 
     # Ray Serve replicas (`python -m embedding_api.ray_serve`; ignored by the plain server)
     ray_address: str = ""  # empty: start a local Ray; else join this cluster (host:6379 or ray://host:10001)
@@ -129,6 +136,7 @@ class Settings(BaseSettings):
     # Operating: log format, metrics, CORS
     log_format: str = "plain"  # plain | json (one JSON object per line)
     metrics_port: int | None = Field(None, ge=1, le=65535)  # empty = /metrics on PORT
+    metrics_host: str = ""  # where METRICS_PORT listens; empty = the API's address
     cors_allow_origins: str = ""  # comma-separated origins, or *; empty = CORS off
 
     @field_validator("log_format")

@@ -44,7 +44,7 @@ def _manifests() -> dict[str, dict]:
 def metric_names() -> set[str]:
     """Every sample name the server exposes once a model serves (histograms with _bucket/_sum/_count)."""
     metrics = Metrics("m")
-    worker = SimpleNamespace(index=0, busy_total=lambda: 0.0)
+    worker = SimpleNamespace(index=0, busy_total=lambda: 0.0, down=False, stuck=False, restarts=0, serving=True)
     batcher = SimpleNamespace(queued=0, workers=[worker], started_at=0.0)
     info = SimpleNamespace(family="qwen3_vl", device="cpu", dtype="float32", dimension=64)
     metrics.watch(lambda: [("m", SimpleNamespace(batcher=batcher, info=info))])

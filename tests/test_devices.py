@@ -144,7 +144,9 @@ def test_health_reports_each_worker(two_worker_server):
     body = httpx.get(two_worker_server.base_url + "/health").json()
     assert body["status"] == "ok" and body["device"] == "cpu" and body["device_name"] == "cpu,cpu"
     assert [(w["worker"], w["device"]) for w in body["workers"]] == [(0, "cpu"), (1, "cpu")]
-    assert all(set(w) == {"worker", "device", "batches", "inputs", "busy"} for w in body["workers"])
+    assert all(set(w) == {"worker", "device", "state", "stuck", "restarts", "batches", "inputs", "busy"}
+               for w in body["workers"])
+    assert [(w["state"], w["stuck"], w["restarts"]) for w in body["workers"]] == [("up", False, 0)] * 2
 
 
 def test_vectors_equal_a_single_workers(two_worker_server, vl_server, image_server):

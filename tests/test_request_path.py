@@ -137,8 +137,10 @@ def test_the_model_runs_in_a_process_of_its_own_with_the_same_vectors(vl_server,
     assert apart.json()["usage"] == inside.json()["usage"]
 
 
-def test_a_model_process_that_dies_is_a_503_and_fails_the_probes(start_server, tiny_vl):
-    server = start_server(_env(tiny_vl))
+def test_a_model_process_that_dies_for_good_is_a_503_and_fails_the_probes(start_server, tiny_vl):
+    """With MODEL_RESTART_ATTEMPTS=0 a model process that ends is not started again (with restarts,
+    see tests/test_model_faults.py): its requests answer 503 and, as no model is left, so do the probes."""
+    server = start_server(_env(tiny_vl, MODEL_RESTART_ATTEMPTS="0"))
     assert _post(server, {"input": "before"}).status_code == 200
     [child] = _model_processes(server.proc.pid)
     os.kill(child, signal.SIGKILL)
@@ -148,12 +150,17 @@ def test_a_model_process_that_dies_is_a_503_and_fails_the_probes(start_server, t
     assert r.json()["error"]["code"] == "model_unavailable"
     assert r.json()["error"]["type"] == "service_unavailable_error"
     live = httpx.get(server.base_url + "/health/live")
-    assert (live.status_code, live.json()["status"]) == (503, "failed")
-    assert httpx.get(server.base_url + "/health/ready").status_code == 503
+    assert live.status_code == 503 and live.json() == {"status": "failed", "failed_models": ["Qwen3-VL-Embedding-2B"]}
+    ready = httpx.get(server.base_url + "/health/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"
     health = httpx.get(server.base_url + "/health")
-    assert health.status_code == 503 and health.json()["failed_models"] == ["Qwen3-VL-Embedding-2B"]
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    assert [m["status"] for m in health.json()["models"]] == ["failed"]
+    assert _post(server, {"input": "again"}).json()["error"]["code"] == "model_unavailable"  # at once
     assert server.proc.poll() is None  # the HTTP side still answers; the orchestrator restarts it
-    assert "ended with exit status -9" in server.output()
+    log = server.output()
+    assert f"the model process for cpu (pid {child}) was killed by SIGKILL" in log
+    assert "model worker 0 (cpu) is down for good (no restarts)" in log
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])

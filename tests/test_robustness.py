@@ -549,8 +549,8 @@ def _after_signal_refused_or_503(base: str) -> list[str]:
             assert_envelope(p, 503, "shutting_down")
         except httpx.ConnectError:
             seen.append("refused")
-        except httpx.RemoteProtocolError:
-            seen.append("closed")  # accepted just before the listener closed, then shut
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            seen.append("closed")  # accepted just before the listener closed, then shut (or reset)
         time.sleep(0.02)
     return seen
 

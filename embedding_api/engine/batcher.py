@@ -10,6 +10,10 @@ back to its request through an asyncio future. While the forwards run, new
 inputs queue up, so the next batch is fuller: no timer, no fixed delay when the
 queue is empty. A failed forward fails its own batch only; every worker keeps
 its own counters (`Batcher.workers`).
+
+A worker whose model copy is gone (its forward raises WorkerUnavailable) puts
+its batch back at the front of the queue for the others and takes no batches
+until its model copy is restarted (recovery.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from ..runners import PreparedInput
+from .recovery import WORKER_RETRIES, WorkerRecovery, WorkerUnavailable  # noqa: F401 - re-exported
 from .timing import StageTimes
 
 log = logging.getLogger("embedding_api")
@@ -50,6 +55,7 @@ class _Entry:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     times: StageTimes | None = None
+    retries: int = 0  # times its batch went back to the queue because its worker went down
 
 
 def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
@@ -74,11 +80,41 @@ class WorkerStats:
     busy: bool = False  # inside a forward pass now
     busy_seconds: float = 0.0  # time spent in finished forward passes
     busy_since: float = 0.0  # perf_counter() when the running forward started; 0 when idle
+    state: str = "up"  # up | restarting (its model copy is gone; takes no batches) | failed (gave up)
+    restarts: int = 0  # successful restarts of its model copy
+    failures: int = 0  # downs and failed restarts since its last good batch (the backoff counts these)
+    stuck_after: float = 0.0  # a forward running longer than this is stuck (0: never)
+    longest: float = 0.0  # the longest forward pass so far that was not stuck
 
     def busy_total(self) -> float:
         """Seconds spent in forward passes so far, the running one included."""
         since = self.busy_since
         return self.busy_seconds + (time.perf_counter() - since if since else 0.0)
+
+    @property
+    def down(self) -> bool:
+        return self.state != "up"
+
+    def running_for(self) -> float:
+        """Seconds the running forward pass has taken so far (0 when idle)."""
+        since = self.busy_since
+        return time.perf_counter() - since if since else 0.0
+
+    def stuck_limit(self) -> float:
+        """STUCK_FORWARD_SECONDS, or 10x the longest forward this worker has finished if that is more
+        (a slow device's big batches are not stuck); 0: never stuck."""
+        return max(self.stuck_after, 10 * self.longest) if self.stuck_after else 0.0
+
+    @property
+    def stuck(self) -> bool:
+        """Inside one forward pass far longer than a forward takes: hung (or its process stopped)."""
+        limit = self.stuck_limit()
+        return bool(limit) and self.running_for() > limit
+
+    @property
+    def serving(self) -> bool:
+        """Up and not stuck: it will run the next batch it takes."""
+        return self.state == "up" and not self.stuck
 
 
 Forward = Callable[[list[PreparedInput]], np.ndarray]
@@ -88,10 +124,13 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
-class Batcher:
+class Batcher(WorkerRecovery):
     """`forward` is one callable (one worker) or a list of them: one worker thread each, one queue.
 
-    `devices` names each worker's device in its WorkerStats (default: "0", "1", ...).
+    `devices` names each worker's device in its WorkerStats (default: "0", "1", ...). `recover` (one
+    per worker, or None) brings a worker's model copy back after a forward raised WorkerUnavailable:
+    it returns a line for the log or raises; at most `restart_attempts` failures in a row.
+    `stuck_after`: seconds after which a running forward counts as stuck (WorkerStats.stuck).
     """
 
     def __init__(
@@ -103,6 +142,9 @@ class Batcher:
         on_oom: Callable[[], None] | None = None,
         devices: Sequence[str] | None = None,
         on_batch: Callable[[int, int, float], None] | Sequence | None = None,
+        recover: Sequence[Callable[[], str | None] | None] | None = None,
+        restart_attempts: int = 5,
+        stuck_after: float = 0.0,
     ):
         self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
         if not self._forwards:
@@ -122,7 +164,11 @@ class Batcher:
         self._running = False
         self._busy = 0  # workers inside a forward pass
         self._threads: list[threading.Thread] = []
-        self.workers = [WorkerStats(i, d) for i, d in enumerate(devices)]
+        self.workers = [WorkerStats(i, d, stuck_after=stuck_after) for i, d in enumerate(devices)]
+        self._recover = list(recover) if recover is not None else [None] * len(self._forwards)
+        if len(self._recover) != len(self._forwards):
+            raise ValueError("one recover callable (or None) per forward callable")
+        self.restart_attempts = restart_attempts
         self._batch_seq = itertools.count(1)  # numbers every batch run, across workers
         self.started_at = time.perf_counter()
 
@@ -152,6 +198,8 @@ class Batcher:
         with self._cond:
             if not self._running:
                 raise RuntimeError("the batcher is not running")
+            if self.failed():
+                raise WorkerUnavailable(self._failed_message())
             if self._pending and len(self._pending) + len(entries) > self.max_queued:
                 raise QueueFull
             self._pending.extend(entries)
@@ -159,8 +207,9 @@ class Batcher:
         return [e.future for e in entries]
 
     def alive(self) -> bool:
-        """Running, with every model-worker thread alive."""
-        return self._running and bool(self._threads) and all(t.is_alive() for t in self._threads)
+        """Running, with every model-worker thread alive (a worker that has failed for good ends its thread)."""
+        return self._running and bool(self._threads) and all(
+            t.is_alive() or w.state == "failed" for t, w in zip(self._threads, self.workers))
 
     def busy_seconds(self) -> float:
         """Seconds the model workers have spent running batches so far, the running ones included."""
@@ -233,6 +282,11 @@ class Batcher:
     def _work(self, k: int) -> None:
         stats = self.workers[k]
         while True:
+            if stats.down:  # its model copy is gone: bring it back before taking a batch
+                if stats.state == "failed" or not self._running:
+                    return
+                self._restart(k)
+                continue
             with self._cond:
                 while self._running and not self._pending:
                     self._cond.wait()
@@ -246,13 +300,20 @@ class Batcher:
                     stats.busy = True
                     stats.busy_since = time.perf_counter()
             if batch:
+                done = stats.batches
                 try:
                     self._run(batch, k)
                 finally:
                     with self._cond:
+                        took = time.perf_counter() - stats.busy_since
+                        limit = stats.stuck_limit()
+                        if stats.state == "up" and (not limit or took <= limit):
+                            stats.longest = max(stats.longest, took)
+                        if stats.batches > done:
+                            stats.failures = 0  # a good batch: the next down restarts at once
                         self._busy -= 1
                         stats.busy = False
-                        stats.busy_seconds += time.perf_counter() - stats.busy_since
+                        stats.busy_seconds += took
                         stats.busy_since = 0.0
 
     def _run(self, batch: list[_Entry], k: int = 0) -> None:
@@ -260,6 +321,9 @@ class Batcher:
         started = time.perf_counter()
         try:
             vectors = self._forwards[k]([e.prepared for e in batch])
+        except WorkerUnavailable as exc:  # its model copy is gone: the batch goes to a live worker
+            self._worker_down(k, batch, exc)
+            return
         except Exception as exc:  # a failed batch fails its requests, never the worker
             if _is_oom(exc):
                 if self._on_oom:

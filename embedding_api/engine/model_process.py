@@ -31,30 +31,54 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from .batcher import WorkerUnavailable
+
 log = logging.getLogger("embedding_api")
 
 
-class ModelProcessEnded(RuntimeError):
+class ModelProcessEnded(WorkerUnavailable):
     """The model process is gone (killed, crashed, or closed): no forward pass can run."""
 
 
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"ended with exit status {code}"
+
+
 class ModelProcess:
-    """One model copy on one device, in a child process. `forward` is called by one model worker."""
+    """One model copy on one device, in a child process. `forward` is called by one model worker;
+    `restart` (by that worker, after a forward raised ModelProcessEnded) starts a fresh child."""
 
     def __init__(self, settings, device: str, threads: int):
         self.device = device
+        self._args = (settings, device, threads)
+        self._lock = threading.Lock()  # one forward at a time
+        self._swap = threading.Lock()  # guards the child's handles against close() from another thread
+        self._closed = False
+        self._ended: str | None = None
+        self._spawn()
+
+    def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
-        alive_r, self._alive_w = os.pipe()
-        self.proc = subprocess.Popen(
+        alive_r, alive_w = os.pipe()
+        proc = subprocess.Popen(
             [sys.executable, "-m", "embedding_api.engine.model_process", str(theirs.fileno()), str(alive_r)],
             pass_fds=(theirs.fileno(), alive_r),
         )
         theirs.close()
         os.close(alive_r)
-        self._conn = Connection(ours.detach())
-        self._lock = threading.Lock()
-        self._ended: str | None = None
-        self._conn.send_bytes(pickle.dumps((settings, device, threads), protocol=pickle.HIGHEST_PROTOCOL))
+        conn = Connection(ours.detach())
+        with self._swap:
+            self.proc, self._conn, self._alive_w = proc, conn, alive_w
+            closed = self._closed
+        if closed:  # closed while starting: this child must not outlive the server
+            self._end_child()
+            raise ModelProcessEnded(f"the model process for {self.device} was closed")
+        conn.send_bytes(pickle.dumps(self._args, protocol=pickle.HIGHEST_PROTOCOL))
 
     @property
     def pid(self) -> int:
@@ -67,11 +91,11 @@ class ModelProcess:
         try:
             status, value = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
-            self.close()
-            raise ModelLoadError(f"the model process for {self.device} ended while loading "
-                                 f"(exit status {self.proc.poll()}); its log says why") from None
+            self._end_child()
+            raise ModelLoadError(f"the model process for {self.device} {_exit_text(self.proc.poll())} while "
+                                 "loading; its log says why") from None
         if status != "ready":
-            self.close()
+            self._end_child()
             raise ModelLoadError(value)
 
     def forward(self, batch: list) -> np.ndarray:
@@ -82,31 +106,62 @@ class ModelProcess:
                 self._conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
                 status, value = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
-                code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
-                self._ended = f"the model process for {self.device} (pid {self.pid}) ended with exit status {code}"
-                log.error("%s", self._ended)
+                if self._closed:  # the server is stopping: not a fault
+                    self._ended = f"the model process for {self.device} was closed"
+                else:
+                    code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
+                    self._ended = f"the model process for {self.device} (pid {self.pid}) {_exit_text(code)}"
                 raise ModelProcessEnded(self._ended) from None
         if status != "ok":
             raise RuntimeError(value)  # the child logged the traceback; "out of memory" stays in the text
         return value
 
+    def restart(self) -> str:
+        """A fresh child in place of the one that ended: loads the weights again (raises ModelLoadError
+        or ModelProcessEnded if that fails). Returns a line for the log."""
+        with self._lock:
+            old = self.pid
+            self._end_child(timeout=5.0)
+            self._spawn()
+            self.wait_ready()
+            if self._closed:
+                self._end_child()
+                raise ModelProcessEnded(f"the model process for {self.device} was closed")
+            self._ended = None
+        return f"model process for {self.device} restarted (pid {old} -> {self.pid})"
+
+    def kill(self) -> None:
+        """SIGKILL the child (a hung forward then ends as ModelProcessEnded, and the worker restarts it)."""
+        with self._swap:
+            proc = self.proc
+        if proc.poll() is None:
+            proc.kill()
+
     def alive(self) -> bool:
         return self._ended is None and self.proc.poll() is None
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Ask the child to end (it sees the connection close), then make sure it has."""
-        if self._ended is None:
-            self._ended = f"the model process for {self.device} was closed"
-        for close in (self._conn.close, lambda: os.close(self._alive_w)):
+    def _end_child(self, timeout: float = 10.0) -> None:
+        """Close our ends (the child sees its parent go and exits), then make sure it has."""
+        with self._swap:
+            proc, conn, alive_w = self.proc, self._conn, self._alive_w
+            self._alive_w = -1
+        for close in (conn.close, lambda: os.close(alive_w) if alive_w >= 0 else None):
             try:
                 close()
             except OSError:
                 pass
         try:
-            self.proc.wait(timeout)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            proc.kill()
+            proc.wait()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the child for good (the server is stopping)."""
+        self._closed = True
+        if self._ended is None:
+            self._ended = f"the model process for {self.device} was closed"
+        self._end_child(timeout)
 
 
 def load_for_serving(settings) -> list:
@@ -188,8 +243,10 @@ def _serve(conn: Connection) -> None:
 
 def main() -> None:
     conn_fd, alive_fd = int(sys.argv[1]), int(sys.argv[2])
-    # Ctrl-C reaches the whole process group: the parent drains and then closes this process.
+    # Ctrl-C, `kill -- -PGID` and systemd's stop signal the whole process group: the server drains,
+    # with this process running its forward passes, and then closes it (or it sees the server gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(alive_fd,), name="parent-watch", daemon=True).start()
     _serve(Connection(conn_fd))
 

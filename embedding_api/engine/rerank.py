@@ -14,7 +14,7 @@ import numpy as np
 from ..api.errors import APIError, invalid
 from ..rerank_inputs import RerankRequest
 from ..runners import InputTooLong, PreparedInput
-from .batcher import InputFailed, QueueFull
+from .batcher import InputFailed, QueueFull, WorkerUnavailable
 from .service import Service, model_failure
 
 
@@ -52,6 +52,8 @@ class RerankService(Service):
         prepared = await loop.run_in_executor(self.prep_pool, self._prepare_pairs, request, sides)
         try:
             futures = self.batcher.submit(prepared)
+        except WorkerUnavailable as exc:
+            raise model_failure(exc) from None
         except QueueFull:
             raise APIError(429, "The server is at capacity; retry shortly.", code="server_overloaded",
                            headers={"Retry-After": "1"}) from None

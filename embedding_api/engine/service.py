@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -13,8 +14,7 @@ from typing import Awaitable, Callable, Sequence, Union
 
 import numpy as np
 
-from .batcher import Batcher, InputFailed, QueueFull
-from .model_process import ModelProcessEnded
+from .batcher import Batcher, InputFailed, QueueFull, WorkerUnavailable
 from .timing import StageTimes
 from ..api.errors import APIError, invalid
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
@@ -113,19 +113,63 @@ class Service:
                                             for r in self.runners) else None,
             devices=[str(r.device) for r in self.runners],
             on_batch=on_batch,
+            # A model process that ends is started again by its worker (with backoff, and a limit).
+            recover=[_process(r).restart if _process(r) is not None else None for r in self.runners],
+            restart_attempts=settings.model_restart_attempts,
+            stuck_after=settings.stuck_forward_seconds,
         )
         self.batcher.start()
+        self._closing = threading.Event()
+        if settings.stuck_forward_seconds:
+            threading.Thread(target=self._watch_stuck, name="stuck-watch", daemon=True).start()
 
     def alive(self) -> bool:
-        """Every model worker thread, and every model process, still running."""
-        return self.batcher.alive() and all(
-            r.process.alive() for r in self.runners if getattr(r, "process", None) is not None)
+        """The model can serve, or may again: not every model worker has failed for good."""
+        return self.batcher.alive() and not self.batcher.failed()
+
+    def state(self) -> str:
+        """ok (every worker serves), degraded (some do), unavailable (none does now: restarting or
+        stuck), or failed (every worker gave up: only a restart of the server helps)."""
+        workers = self.batcher.workers
+        serving = sum(w.serving for w in workers)
+        if serving == len(workers):
+            return "ok"
+        if serving:
+            return "degraded"
+        return "failed" if not self.alive() else "unavailable"
+
+    def _watch_stuck(self) -> None:
+        """Logs a worker stuck in one forward pass; past STUCK_RESTART_SECONDS kills its model process
+        (the worker then restarts it, and the batch goes to another worker)."""
+        reported: dict[int, float] = {}  # worker -> busy_since of the forward reported stuck
+        killed: set[float] = set()  # busy_since of the forwards whose process was killed
+        kill_after = self.settings.stuck_restart_seconds
+        while not self._closing.wait(1.0):
+            for stats, runner in zip(self.batcher.workers, self.runners):
+                k, since, running, process = stats.index, stats.busy_since, stats.running_for(), _process(runner)
+                if k in reported and reported[k] != since and reported.pop(k) not in killed:
+                    log.warning("model worker %d (%s): the stuck forward pass has ended after all", k, stats.device)
+                if not stats.stuck:
+                    continue
+                if reported.get(k) != since:
+                    reported[k] = since
+                    log.error("model worker %d (%s) is stuck: one forward pass has run %.0f s (limit %.0f s)%s",
+                              k, stats.device, running, stats.stuck_limit(),
+                              f"; its model process is killed at {kill_after:g} s"
+                              if kill_after and process is not None else "")
+                if kill_after and process is not None and running > kill_after and since not in killed:
+                    killed.add(since)
+                    log.error("model worker %d (%s): killing its model process (pid %d), stuck for %.0f s",
+                              k, stats.device, process.pid, running)
+                    process.kill()
 
     async def close(self) -> None:
-        self.batcher.stop()
+        self._closing.set()
+        self.batcher.stop(timeout=0)  # no new batches, and no restarts, from here on
         for runner in self.runners:
-            if getattr(runner, "process", None) is not None:
-                await asyncio.to_thread(runner.process.close)
+            if _process(runner) is not None:
+                await asyncio.to_thread(runner.process.close, 2.0)  # a stopped (hung) one is killed
+        await asyncio.to_thread(self.batcher.stop)
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
         await self.images.aclose()
         await self.videos.aclose()
@@ -191,6 +235,8 @@ class Service:
             times.truncated = sum(p.truncated for p in prepared)
         try:
             futures = self.batcher.submit(prepared, times)
+        except WorkerUnavailable as exc:
+            raise model_failure(exc) from None
         except QueueFull:
             raise APIError(
                 429,
@@ -217,11 +263,17 @@ class Service:
 
 
 def model_failure(error: BaseException) -> BaseException:
-    """What a failed forward pass answers: 503 once the model process has ended (the health
-    endpoints say so too, and an orchestrator restarts the server); otherwise the error itself."""
-    if isinstance(error, ModelProcessEnded):
-        return APIError(503, "The model is not running; retry on another replica.", code="model_unavailable")
+    """What a failed forward pass answers: 503 when no model worker could run it (its model process
+    ended more than WORKER_RETRIES times, or every worker has failed); otherwise the error itself."""
+    if isinstance(error, WorkerUnavailable):
+        return APIError(503, "The model is not running; retry shortly or on another replica.",
+                        code="model_unavailable", headers={"Retry-After": "2"})
     return error
+
+
+def _process(runner):
+    """The model process running this runner's forward passes (None: they run in this process)."""
+    return getattr(runner, "process", None)
 
 
 async def load_video(video: VideoRef, runner: Runner, load_bytes: Callable[[str], Awaitable[bytes]],

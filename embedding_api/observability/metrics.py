@@ -191,6 +191,24 @@ class _StateCollector:
             PREFIX + "model_worker_busy_seconds", "Seconds the model worker has spent running batches",
             labels=["model", "worker"],
         )
+        up = GaugeMetricFamily(
+            PREFIX + "model_worker_up",
+            "1 while the model worker's model copy runs; 0 while its model process is being restarted or "
+            "after it gave up", labels=["model", "worker"],
+        )
+        stuck = GaugeMetricFamily(
+            PREFIX + "model_worker_stuck",
+            "1 while the model worker is inside one forward pass far longer than a forward takes "
+            "(STUCK_FORWARD_SECONDS)", labels=["model", "worker"],
+        )
+        restarts = CounterMetricFamily(
+            PREFIX + "model_process_restarts", "Times the model worker's model process was started again",
+            labels=["model", "worker"],
+        )
+        ready = GaugeMetricFamily(
+            PREFIX + "model_ready", "1 while at least one model worker of the model serves (not down, not stuck)",
+            labels=["model"],
+        )
         info = GaugeMetricFamily(
             PREFIX + "model_info", "The served model (value 1)",
             labels=["model", "family", "device", "dtype", "dimension"],
@@ -203,6 +221,10 @@ class _StateCollector:
                 busy = stats.busy_total()
                 busy_total.add_metric([model, worker], busy)
                 busy_share.add_metric([model, worker], self._share((model, worker), batcher, now, busy))
+                up.add_metric([model, worker], 0 if stats.down else 1)
+                stuck.add_metric([model, worker], 1 if stats.stuck else 0)
+                restarts.add_metric([model, worker], stats.restarts)
+            ready.add_metric([model], 1 if any(w.serving for w in batcher.workers) else 0)
             queued.add_metric([model], batcher.queued)
             model_info = service.info
             info.add_metric(
@@ -211,6 +233,10 @@ class _StateCollector:
         yield queued
         yield busy_share
         yield busy_total
+        yield up
+        yield stuck
+        yield restarts
+        yield ready
         yield info
 
     def _share(self, worker: tuple[str, str], batcher, now: float, busy: float) -> float:

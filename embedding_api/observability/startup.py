@@ -58,7 +58,8 @@ def summary(settings, info, default_dimension: int) -> str:
         if settings.image_domains:
             urls += ", domains " + ",".join(settings.image_domains)
     keys = len(settings.api_keys)
-    metrics = f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port else \
+    metrics_host = settings.metrics_host or settings.host
+    metrics = f"http://{metrics_host}:{settings.metrics_port}/metrics" if settings.metrics_port else \
         "/metrics on the API port"
     return (
         f"serving model={settings.model_name} family={info.family} path={settings.model_path} "
