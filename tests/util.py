@@ -112,13 +112,13 @@ class ServerProcess:
             start_new_session=bool(module),
         )
 
-    def wait_ready(self, timeout: float = 120) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 600) -> "ServerProcess":
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.base_url + "/health", timeout=10).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
