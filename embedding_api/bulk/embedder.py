@@ -53,7 +53,7 @@ class DimensionError(ValueError):
     pass
 
 
-CUT_MARGIN = 64  # tokens a cut text keeps past MAX_INPUT_TOKENS: a cut only changes the tokens at its end
+CUT_MARGIN = 64  # tokens a cut text keeps past MAX_INPUT_TOKENS, beyond what the cut can change
 
 
 def bounded_text(text: str, count_tokens, max_tokens: int) -> str:
@@ -62,8 +62,10 @@ def bounded_text(text: str, count_tokens, max_tokens: int) -> str:
     With truncation (always on in a bulk job) only the first MAX_INPUT_TOKENS tokens of an input are
     kept, and those of such a prefix are the text's own: the vector is the same, while the tokenizer
     (hundreds of bytes of memory per token) sees a bounded prefix instead of the whole text. The
-    prefix starts at 4 characters a token and grows fourfold until it has enough tokens, so any text,
-    whatever its characters per token, is cut right.
+    prefix starts at 4 characters a token and grows fourfold until it has enough tokens, so a text of
+    more characters per token (long runs of spaces or of one letter) is cut further on; a text that
+    never has enough is not cut. A cut changes only the last tokens of the prefix, well within the
+    margin (tests/test_bulk_input.py checks the token ids on words, CJK, spaces and one letter).
     """
     need = max_tokens + CUT_MARGIN
     chars = 4 * need
