@@ -18,8 +18,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -44,13 +46,25 @@ def run_job(args: list, env: dict, cwd: Path, timeout: float = 300) -> subproces
 
 
 def read_output(out_dir: Path) -> tuple[list[str], np.ndarray, list[dict], dict]:
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest = json.loads((out_dir / "_manifest.json").read_text())
     tables = [pq.read_table(out_dir / s["file"]) for s in manifest["shards"]]
     table = pa.concat_tables(tables)
     ids = table.column("id").to_pylist()
     vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32).reshape(len(ids), -1)
-    errors = [json.loads(line) for line in (out_dir / "errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (out_dir / "_errors.jsonl").read_text().splitlines()]
     return ids, vectors, errors, manifest
+
+
+def read_directory(out_dir: Path) -> tuple[list[str], np.ndarray]:
+    """OUTPUT_DIR read as a user first reads it: the directory itself, by pandas and by pyarrow's
+    dataset (both skip the `_` side files and the shard being written)."""
+    frame = pd.read_parquet(out_dir)
+    table = ds.dataset(out_dir, format="parquet").to_table()
+    assert frame["id"].tolist() == table.column("id").to_pylist()
+    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32).reshape(table.num_rows, -1)
+    if len(frame):
+        np.testing.assert_array_equal(np.stack(frame["embedding"].to_list()).astype(np.float32), vectors)
+    return frame["id"].tolist(), vectors
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +97,8 @@ def corpus(tmp_path_factory, image_server):
         ({"id": "e2", "image": "images/missing.png"}, "image file not found"),
         ({"id": "e3", "image": not_image}, "image"),
         ({"id": "e4", "image": "http://0.0.0.0/x.png"}, "refused"),
-        ({"id": "e5"}, "empty text"),
+        ({"id": "e5"}, "the row has no 'text'"),
+        ({"id": "e6", "text": ""}, "the row's 'text' is empty"),
     ]
     rows = good[:4] + [bad[0][0], bad[1][0]] + good[4:7] + [b[0] for b in bad[2:]] + good[7:]
     path = root / "corpus.jsonl"
@@ -143,6 +158,9 @@ def test_local_job_matches_the_server(local_job, corpus, vl_server):
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)
     assert manifest["complete"] and manifest["rows"] == len(ids) and manifest["errors"] == len(errors)
     assert [s["first_row"] for s in manifest["shards"]] == [0, 5, 10]
+    directory_ids, directory_vectors = read_directory(out)  # the directory reads as one table
+    assert directory_ids == ids
+    np.testing.assert_array_equal(directory_vectors, vectors)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["rows"] == len(corpus["rows"]) and summary["errors"] == len(errors) and summary["rows_per_s"] > 0
 
@@ -183,9 +201,9 @@ def test_max_errors_stops_the_job_and_refused_urls_fail(corpus, tiny_vl, image_s
     result = run_job([path, out, "--max-errors", 2, "--window", 1], job_env(tiny_vl), corpus["root"])
     assert result.returncode == 3, result.stderr
     assert "--max-errors 2" in result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["shards"] == [] and not manifest["complete"] and not list(out.glob("*.tmp"))
-    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
     assert [e["id"] for e in errors] == ["r0", "r1", "r2"]  # shown, though not counted as finished
     assert all("refused" in e["error"] for e in errors), errors
 
@@ -199,7 +217,7 @@ def test_resume_after_a_kill_has_no_duplicate_and_no_missing_id(corpus, tiny_tex
     args = ["--shard-rows", 200, "--window", 50]
     out = corpus["root"] / "out-killed"
     proc = start_job([path, out, *args], env, corpus["root"])
-    manifest_path = out / "manifest.json"
+    manifest_path = out / "_manifest.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) >= 2:
@@ -215,6 +233,8 @@ def test_resume_after_a_kill_has_no_duplicate_and_no_missing_id(corpus, tiny_tex
         table = pq.read_table(out / shard["file"])
         assert table.num_rows == shard["rows"] == 200
         finished[shard["file"]] = table
+    # Read mid-job, the directory is the finished shards (the one being written is skipped).
+    assert read_directory(out)[0] == [f"n{i}" for i in range(manifest["next_row"])]
 
     result = run_job([path, out, *args], env, corpus["root"])
     assert result.returncode == 0, result.stderr
@@ -256,7 +276,7 @@ def test_memory_stays_flat_over_100k_rows(tmp_path, tiny_text):
     while proc.poll() is None:
         try:
             rss = _rss_mb(proc.pid)
-            shards = len(json.loads((out / "manifest.json").read_text())["shards"]) if (out / "manifest.json").exists() else 0
+            shards = len(json.loads((out / "_manifest.json").read_text())["shards"]) if (out / "_manifest.json").exists() else 0
         except (OSError, ValueError):
             continue
         samples.append((shards, rss))

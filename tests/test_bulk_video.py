@@ -1,4 +1,4 @@
-"""Video rows in the bulk job: the same vectors as the running server; bad videos go to errors.jsonl."""
+"""Video rows in the bulk job: the same vectors as the running server; bad videos go to _errors.jsonl."""
 
 from __future__ import annotations
 

@@ -35,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m embedding_api.bulk",
         description="Embed every row of INPUT into Parquet shards in OUTPUT_DIR (columns id, embedding), with "
-        "the server's model, input rules and normalisation. Rows that fail go to OUTPUT_DIR/errors.jsonl. "
+        "the server's model, input rules and normalisation. Rows that fail go to OUTPUT_DIR/_errors.jsonl. "
         "Running the same command again resumes after the last finished shard. Model and image settings "
         "(MODEL_PATH, DEVICE, ALLOW_PRIVATE_IMAGE_URLS, ...) are read from the environment and .env as by "
         "the server; the flags below override them.",
     )
     p.add_argument("input", metavar="INPUT", help="a .jsonl, .csv or .parquet file, a directory of them, or a glob")
-    p.add_argument("output", metavar="OUTPUT_DIR", help="where the shards, manifest.json and errors.jsonl go")
+    p.add_argument("output", metavar="OUTPUT_DIR",
+                   help="where the shards (part-*.parquet), _manifest.json and _errors.jsonl go")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process (default); ray: Ray Data with an actor pool of model replicas "
                    "(a local Ray, or the cluster at RAY_ADDRESS)")

@@ -5,7 +5,10 @@ Each row becomes an object input (`{"text", "image", "video", "instruction"}`) c
 (http(s) URLs through the SSRF-safe fetcher under the same policy settings, data URIs and base64
 through the same decoders, videos by `engine.service.load_video`) or, bulk jobs only, read from a
 local file; then `Runner.prepare`, `Runner.forward` on batches sorted by
-length, and `normalize.finalize`. Rows that cannot be embedded come back as errors with a reason.
+length, and `normalize.finalize`. Rows that cannot be embedded come back as errors with a reason
+(a local file that cannot be read too: any OSError, EACCES or EIO, fails its row only). A text far
+longer than MAX_INPUT_TOKENS reaches the tokenizer cut (`bounded_text`): the tokens past the limit
+are cut by truncation anyway, so the vector is the same, without tokenizing megabytes.
 Both engines use this class: the local one in its own process, the Ray one inside each actor.
 """
 
@@ -50,6 +53,30 @@ class DimensionError(ValueError):
     pass
 
 
+CUT_MARGIN = 64  # tokens a cut text keeps past MAX_INPUT_TOKENS, beyond what the cut can change
+
+
+def bounded_text(text: str, count_tokens, max_tokens: int) -> str:
+    """`text`, or a prefix of it that still has at least max_tokens + CUT_MARGIN tokens.
+
+    With truncation (always on in a bulk job) only the first MAX_INPUT_TOKENS tokens of an input are
+    kept, and those of such a prefix are the text's own: the vector is the same, while the tokenizer
+    (hundreds of bytes of memory per token) sees a bounded prefix instead of the whole text. The
+    prefix starts at 4 characters a token and grows fourfold until it has enough tokens, so a text of
+    more characters per token (long runs of spaces or of one letter) is cut further on; a text that
+    never has enough is not cut. A cut changes only the last tokens of the prefix, well within the
+    margin (tests/test_bulk_input.py checks the token ids on words, CJK, spaces and one letter).
+    """
+    need = max_tokens + CUT_MARGIN
+    chars = 4 * need
+    while chars < len(text):
+        head = text[:chars]
+        if count_tokens(head) >= need:
+            return head
+        chars *= 4
+    return text
+
+
 def _local_path(ref: str, base_dir: str) -> Path | None:
     """The file an image reference names, or None when it is a URL, a data URI or base64.
 
@@ -69,6 +96,23 @@ def _local_path(ref: str, base_dir: str) -> Path | None:
         beside = Path(base_dir) / path
         path = beside if beside.exists() or not path.exists() else path
     return path
+
+
+def _read_file(path: Path, what: str, max_bytes: int) -> bytes:
+    """A local media file's bytes; a missing, over-limit or unreadable one (EACCES, EIO: any OSError)
+    is a MediaError, which fails its row only."""
+    try:
+        if not path.is_file():
+            raise MediaError(f"{what} file not found: {path}")
+        if path.stat().st_size > max_bytes:
+            raise MediaError(f"{what} file is larger than {max_bytes} bytes: {path}")
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise MediaError(f"{what} file cannot be read: {path}: {exc.strerror or exc.__class__.__name__}") from None
+    if len(data) > max_bytes:  # grew since stat
+        raise MediaError(f"{what} file is larger than {max_bytes} bytes: {path}")
+    return data
 
 
 class WindowEmbedder:
@@ -112,27 +156,25 @@ class WindowEmbedder:
             obj["image"] = row.image
         if row.video is not None:
             obj["video"] = row.video
-        return parse_item(obj, "row", self.rules, self.options.instruction, self.options.input_type)
+        item = parse_item(obj, "row", self.rules, self.options.instruction, self.options.input_type)
+        item.texts = [bounded_text(t, self._count_tokens, self.runner.max_tokens) for t in item.texts]
+        return item
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.runner.encode(text))
 
     async def _load(self, ref: str, base_dir: str):
         path = _local_path(ref, base_dir)
         if path is None:
             return await self.images.load(ref)
-        if not path.is_file():
-            raise MediaError(f"image file not found: {path}")
-        if path.stat().st_size > self.policy.max_image_bytes:
-            raise MediaError(f"image file is larger than {self.policy.max_image_bytes} bytes: {path}")
-        return await asyncio.to_thread(lambda: decode_image_bytes(path.read_bytes(), self.policy))
+        data = await asyncio.to_thread(_read_file, path, "image", self.policy.max_image_bytes)
+        return await asyncio.to_thread(decode_image_bytes, data, self.policy)
 
     async def _video_bytes(self, ref: str, base_dir: str) -> bytes:
         path = _local_path(ref, base_dir)
         if path is None:
             return await self.videos.load_bytes(ref)
-        if not path.is_file():
-            raise MediaError(f"video file not found: {path}")
-        if path.stat().st_size > self.videos.limits.max_bytes:
-            raise MediaError(f"video file is larger than {self.videos.limits.max_bytes} bytes: {path}")
-        return await asyncio.to_thread(path.read_bytes)
+        return await asyncio.to_thread(_read_file, path, "video", self.videos.limits.max_bytes)
 
     async def _media(self, row: Row, item) -> tuple[list, list] | str:
         """The row's images and videos, loaded; or the reason they cannot be, naming the column."""

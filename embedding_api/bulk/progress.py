@@ -16,7 +16,7 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="rows", unit_scale=True, dynamic_ncols=True,
+            self.bar = tqdm(total=total, initial=initial, unit="rows", dynamic_ncols=True,
                             smoothing=0.1, file=sys.stderr, desc="embedding")
 
     def update(self, rows: int, errors: int) -> None:

@@ -3,7 +3,9 @@
 INPUT is a JSONL, CSV or Parquet file, a directory (every such file under it, sorted by path) or a
 glob. Rows are numbered from 0 across the files in that order; the number is the default id and the
 position the output shards and the resume point are counted in. JSONL is read line by line, CSV with
-pyarrow's streaming reader (every column as a string), Parquet batch by batch.
+pyarrow's streaming reader (every column as a string; a UTF-8 byte order mark, as Excel writes, is
+skipped; quoted values may hold newlines; a row longer than a block is read with larger blocks),
+Parquet batch by batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Iterator
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _READ_BATCH = 4096
+_CSV_BLOCK = 1 << 20  # bytes pyarrow's CSV reader parses at a time; grown for a row that is longer
+_CSV_MAX_BLOCK = 1 << 30
 
 
 class InputError(Exception):
@@ -75,7 +79,7 @@ def _kind(path: Path) -> str:
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: without Excel's byte order mark
         return next(csv.reader(fh), [])
 
 
@@ -100,7 +104,7 @@ def check_columns(files: list[Path], columns: Columns) -> None:
 
 
 def count_rows(files: list[Path]) -> int:
-    """Rows in the input, for the progress bar (exact for Parquet, lines for JSONL and CSV)."""
+    """Rows in the input, for the progress bar (exact for Parquet and CSV, lines for JSONL)."""
     total = 0
     for f in files:
         kind = _kind(f)
@@ -109,6 +113,13 @@ def count_rows(files: list[Path]) -> int:
 
             total += pq.ParquetFile(f).metadata.num_rows
             continue
+        if kind == "csv":  # records, not lines: a quoted value may hold newlines
+            names = _csv_header(f)
+            try:
+                total += sum(b.num_rows for b in _csv_batches(f, names, names[:1]))
+                continue
+            except InputError:  # counted by lines; reading the rows reports the error
+                pass
         lines, last = 0, b"\n"
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 20):
@@ -133,20 +144,39 @@ def _jsonl_records(path: Path) -> Iterator[dict | str]:
             yield value if isinstance(value, dict) else f"line {number} of {path.name} is not a JSON object"
 
 
-def _table_records(path: Path, wanted: list[str]) -> Iterator[dict]:
+def _csv_batches(path: Path, names: list[str], wanted: list[str]):
+    """The CSV's records in batches, every column a string. A record longer than a block (pyarrow:
+    "straddles two block boundaries") makes the file be read again with blocks four times larger,
+    from the first record not yet yielded; any other parse error is an InputError."""
     import pyarrow as pa
+    from pyarrow import csv as pacsv
 
+    block, done = _CSV_BLOCK, 0  # records yielded so far
+    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                   include_columns=[n for n in wanted if n in names])
+    while True:
+        seen = 0  # records of this pass
+        try:
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block),
+                                    parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                                    convert_options=convert)
+            for batch in reader:
+                seen += batch.num_rows
+                if seen > done:
+                    fresh = batch.slice(max(0, batch.num_rows - (seen - done)))
+                    done = seen
+                    yield fresh
+            return
+        except pa.ArrowInvalid as exc:
+            if "straddl" in str(exc) and block < _CSV_MAX_BLOCK:
+                block *= 4
+                continue
+            raise InputError(f"{path}: cannot be read as CSV: {exc}") from None
+
+
+def _table_records(path: Path, wanted: list[str]) -> Iterator[dict]:
     if _kind(path) == "csv":
-        from pyarrow import csv as pacsv
-
-        names = _csv_header(path)
-        batches = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=1 << 20),
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, include_columns=[n for n in wanted if n in names]
-            ),
-        )
+        batches = _csv_batches(path, _csv_header(path), wanted)
     else:
         import pyarrow.parquet as pq
 
@@ -196,7 +226,11 @@ def _row(number: int, record: dict | str, columns: Columns, base_dir: str) -> Ro
         video=None if _blank(record.get(columns.video)) else record.get(columns.video),
     )
     if row.text is None and row.image is None and row.video is None:
-        row.problem = f"empty text: the row has no {columns.text!r}, no {columns.image!r} and no {columns.video!r}"
+        if record.get(columns.text) == "":
+            row.problem = (f"empty text: the row's {columns.text!r} is empty, and it has no {columns.image!r} "
+                           f"and no {columns.video!r}")
+        else:
+            row.problem = f"empty text: the row has no {columns.text!r}, no {columns.image!r} and no {columns.video!r}"
     return row
 
 

@@ -1,14 +1,17 @@
-"""OUTPUT_DIR: Parquet shards of vectors, `errors.jsonl` and `manifest.json`; resumable, crash-safe.
+"""OUTPUT_DIR: Parquet shards of vectors, `_errors.jsonl` and `_manifest.json`; resumable, crash-safe.
 
 Shard k holds the vectors of input rows [k * shard_rows, (k + 1) * shard_rows) that embedded, in input
 order, as `part-0000k.parquet` with columns `id` (string) and `embedding` (fixed-size list of float32,
-the requested size). A shard is written to a temporary file and renamed into place only when it is
-complete (after an fsync); then its rows' errors are appended to `errors.jsonl`; then the manifest is
-replaced (write, fsync, rename). The manifest is the record of what is finished: on a second run with
-the same job the output goes on at the first row after the last finished shard, errors.jsonl is cut
-back to its recorded length and leftovers of an interrupted shard are overwritten. A Ctrl-C or a kill
-at any moment therefore leaves every shard the manifest names valid, with no duplicate and no
-missing id after the resume.
+the requested size). Every other file starts with `_`, which Parquet dataset readers skip (pyarrow's
+and pandas' `ignore_prefixes`, Spark, Hive), so the directory reads as one table of the finished
+shards. A shard is written to a temporary file (`_part-0000k.parquet.tmp`) and renamed into place only
+when it is complete (after an fsync); then its rows' errors are appended to `_errors.jsonl`; then the
+manifest is replaced (write, fsync, rename). The manifest is the record of what is finished: on a
+second run with the same job the output goes on at the first row after the last finished shard,
+_errors.jsonl is cut back to its recorded length and leftovers of an interrupted shard are
+overwritten. A Ctrl-C or a kill at any moment therefore leaves every shard the manifest names valid,
+with no duplicate and no missing id after the resume. An output directory of the earlier layout
+(`manifest.json`, `errors.jsonl`) is renamed to this one when its job is run again.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-MANIFEST = "manifest.json"
-ERRORS = "errors.jsonl"
+MANIFEST = "_manifest.json"
+ERRORS = "_errors.jsonl"
+_OLD_NAMES = {"errors.jsonl": ERRORS, "manifest.json": MANIFEST}  # the earlier layout; the manifest last
 FORMAT = 1
 
 
@@ -77,13 +81,19 @@ class Output:
 
     def _open(self, job: dict) -> dict:
         path = self.dir / MANIFEST
-        if path.exists():
-            manifest = json.loads(path.read_text())
+        old = self.dir / "manifest.json"
+        if path.exists() or old.exists():
+            manifest = json.loads((path if path.exists() else old).read_text())
             if manifest.get("job") != job:
                 raise OutputError(
                     f"{self.dir} holds the output of a different job (other input, columns, model or options); "
                     "use a new OUTPUT_DIR, or delete this one to start over"
                 )
+            if not path.exists():  # the earlier layout: renamed, the manifest last, so a crash midway resumes
+                for name, new in _OLD_NAMES.items():
+                    if (self.dir / name).exists():
+                        os.replace(self.dir / name, self.dir / new)
+                _fsync_dir(self.dir)
         elif any(self.dir.glob("part-*.parquet")):
             raise OutputError(f"{self.dir} holds shards but no {MANIFEST}; use an empty OUTPUT_DIR")
         else:
@@ -112,11 +122,14 @@ class Output:
     def _name(self, shard: int) -> str:
         return f"part-{shard:05d}.parquet"
 
+    def _tmp(self, shard: int) -> Path:
+        return self.dir / f"_{self._name(shard)}.tmp"  # `_`: skipped by dataset readers while being written
+
     def _open_writer(self):
         import pyarrow.parquet as pq
 
         if self._writer is None:
-            tmp = self.dir / (self._name(self.shard) + ".tmp")
+            tmp = self._tmp(self.shard)
             self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
             self._shard_rows_written = 0
         return self._writer
@@ -163,7 +176,7 @@ class Output:
         writer.close()
         self._writer = None
         name = self._name(self.shard)
-        tmp = self.dir / (name + ".tmp")
+        tmp = self._tmp(self.shard)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.dir / name)
@@ -197,14 +210,14 @@ class Output:
 
     def abort(self, show_errors: bool = False) -> None:
         """Stop without committing the shard in progress (its temporary file is removed). With
-        `show_errors` its errors so far are appended to errors.jsonl for reading; a resume cuts them off
+        `show_errors` its errors so far are appended to _errors.jsonl for reading; a resume cuts them off
         again (the manifest does not count them)."""
         if self._writer is not None:
             try:
                 self._writer.close()
             finally:
                 self._writer = None
-                (self.dir / (self._name(self.shard) + ".tmp")).unlink(missing_ok=True)
+                self._tmp(self.shard).unlink(missing_ok=True)
         if show_errors and self._pending_errors:
             with open(self.dir / ERRORS, "ab") as fh:
                 for e in self._pending_errors:
