@@ -161,6 +161,19 @@ class VLRunner(Runner):
         self._check_video_tokens(len(clip.frames), clip.frames[0].height, clip.frames[0].width)
         return clip
 
+    def check_frame_count(self, n_frames: int) -> None:
+        """Refuse, before any frame is fetched, a clip of `n_frames` frames whose tokens cannot fit
+        whatever the frames' size."""
+        n_frames += -n_frames % vid.FRAME_FACTOR
+        per_frame = vid.min_frame_tokens(n_frames, vid.FRAMES_TOTAL_TOKENS, self.patch_size * self.merge_size)
+        tokens = -(-n_frames // self.temporal_patch) * per_frame
+        if tokens > self.max_tokens:
+            raise InputTooLong(
+                f"the video needs at least {tokens} tokens ({n_frames} frames of at least {per_frame} tokens per "
+                f"{self.temporal_patch}), more than MAX_INPUT_TOKENS={self.max_tokens}; ask for fewer frames with "
+                "max_frames"
+            )
+
     def _check_video_tokens(self, n_frames: int, height: int, width: int) -> None:
         """Refuse before decoding a video whose tokens alone cannot fit."""
         factor = self.patch_size * self.merge_size
