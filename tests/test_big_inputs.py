@@ -239,9 +239,10 @@ def _rss_mb(pid: int) -> float:
 
 def test_refused_frame_requests_do_not_keep_memory(big_server):
     # Frames that are all decoded before the clip is refused (its last frame has another size).
-    frames = [_frame(640, 480, seed=i) for i in range(6)]
-    clip = [frames[i % 6] for i in range(47)] + [_frame(320, 240)]
-    body = {"model": "embedder", "input": [{"video": {"frames": clip, "max_frames": 48}}]}
+    gradient = np.broadcast_to(np.arange(2000, dtype=np.uint8)[:, None, None], (2000, 2000, 3))
+    big = "data:image/png;base64," + base64.b64encode(png_bytes(Image.fromarray(np.ascontiguousarray(gradient)))).decode()
+    clip = [big, big, big, _frame(320, 240)]  # 12 MB decoded per big frame
+    body = {"model": "embedder", "input": [{"video": {"frames": clip}}]}
     rss = []
     for k in range(16):
         response = _post(big_server, "/v1/embeddings", body)
