@@ -79,7 +79,7 @@ def frame_uri(seed: int) -> str:
     from PIL import Image
     import numpy as np
 
-    pixels = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(seed).integers(0, 255, (72, 96, 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=768)
     parser.add_argument("--repeat", type=int, default=24)
     parser.add_argument("--dir", default="benchmarks/results/big")
+    parser.add_argument("--frames-only", action="store_true")
     args = parser.parse_args()
     root = Path(args.dir).resolve()
     embedder, reranker = root / "tiny-vl", root / "tiny-vl-reranker"
@@ -108,6 +109,14 @@ def main() -> None:
     with Server(settings, root / "run", "big") as server:
         port = server.port
         before = rss_mb(server.pid)
+        if not args.frames_only:
+            texts(port, server, text, query, args)
+        frames(port, server, args)
+
+
+def texts(port, server, text, query, args) -> None:
+    if True:
+        before = rss_mb(server.pid)
         (status, took, _), slowest, polls = with_health(
             port, lambda: post(port, "/v1/embeddings", {"input": text, "model": "embedder"}))
         print(f"embedding {args.mb:g} MB text: {status} in {took:.2f} s; /health slowest {slowest * 1e3:.0f} ms "
@@ -121,6 +130,10 @@ def main() -> None:
                                                     "documents": [f"doc{i}" for i in range(8)]}))
         print(f"rerank {args.query_mb:g} MB query x 8 documents: {status} in {took:.2f} s; "
               f"/health slowest {slowest * 1e3:.0f} ms ({polls} polls)")
+
+
+def frames(port, server, args) -> None:
+    if True:
         frames = [frame_uri(i) for i in range(8)]
         body = {"model": "embedder", "input": [{"video": {"frames": [frames[i % 8] for i in range(args.frames)],
                                                           "max_frames": min(args.frames, 768)}}]}
