@@ -56,10 +56,12 @@ class ImageServer:
 
     def __init__(self):
         self.routes: dict[str, tuple[int, str, bytes]] = {}
-        routes = self.routes
+        self.hits: dict[str, int] = {}  # GET requests per path
+        routes, hits = self.routes, self.hits
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
+                hits[self.path] = hits.get(self.path, 0) + 1
                 status, ctype, body = routes.get(self.path, (404, "text/plain", b"not found"))
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Awaitable
+from typing import Awaitable, Callable
 
 import orjson
 from fastapi import Request
@@ -19,6 +19,9 @@ from .errors import APIError, invalid
 
 log = logging.getLogger("embedding_api")
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by the client
+# Bodies larger than this are parsed and checked in a thread (a few ms of work on the event loop below it).
+OFF_LOOP_BODY_BYTES = 256 * 1024
+_BODY_BYTES = "embedding_api.body_bytes"
 
 
 def json_response(body: dict, status: int = 200) -> Response:
@@ -60,8 +63,23 @@ async def read_json(request: Request, limit: int):
         raise APIError(CLIENT_CLOSED, "The client closed the connection while sending the body.",
                        code="client_closed_request") from None
     raw = b"".join(chunks)
+    del chunks
     if not raw:
         raise invalid("The request body is empty; send a JSON object with 'input'.", None, "invalid_json")
+    request.scope[_BODY_BYTES] = len(raw)
+    if len(raw) > OFF_LOOP_BODY_BYTES:  # parsed in a thread: the event loop keeps answering meanwhile
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+async def parse_body(request: Request, parse: Callable, *args):
+    """parse(*args): the request's checks, in a thread for a body over OFF_LOOP_BODY_BYTES."""
+    if request.scope.get(_BODY_BYTES, 0) > OFF_LOOP_BODY_BYTES:
+        return await asyncio.to_thread(parse, *args)
+    return parse(*args)
+
+
+def _parse_json(raw: bytes):
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

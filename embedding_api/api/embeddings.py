@@ -9,7 +9,7 @@ from ..engine.timing import StageTimes
 from ..inputs import parse_request
 from ..observability import record_of
 from .auth import check_api_key
-from .common import read_json, ready_model, ready_service, run_watched
+from .common import parse_body, read_json, ready_model, ready_service, run_watched
 from .schemas import EmbeddingResponse, ErrorResponse, embedding_response, request_body_openapi
 
 router = APIRouter()
@@ -30,7 +30,7 @@ async def create_embeddings(request: Request) -> Response:
     body = await read_json(request, settings.max_request_bytes)
     entry = ready_model(request, body, "embedding")
     service = entry.service
-    parsed = parse_request(body, service.rules, entry.ids)
+    parsed = await parse_body(request, parse_request, body, service.rules, entry.ids)
     times = StageTimes()
     record = record_of(request.scope)
     if record is not None:

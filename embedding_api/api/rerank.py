@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from ..rerank_inputs import parse_rerank, parse_score
 from .auth import check_api_key
-from .common import read_json, ready_model, run_watched
+from .common import parse_body, read_json, ready_model, run_watched
 from .schemas import ErrorResponse, FusedInput, NonEmpty, Part
 
 router = APIRouter()
@@ -54,7 +54,7 @@ async def _scores(request: Request, parse):
     body = await read_json(request, settings.max_request_bytes)
     entry = ready_model(request, body, "reranker")
     service = entry.service
-    parsed = parse(body, service.rules, service.settings.max_rerank_documents)
+    parsed = await parse_body(request, parse, body, service.rules, service.settings.max_rerank_documents)
     scores, tokens = await run_watched(request, service.score(parsed), settings.request_timeout)
     return entry, parsed, scores, tokens
 

@@ -46,10 +46,15 @@ class RerankService(Service):
     async def score(self, request: RerankRequest) -> tuple[np.ndarray, int]:
         """One score per pair of `request.pairs`, in order, and the tokens fed to the model."""
         items = request.queries + request.documents
-        images = await asyncio.gather(*(self._load_images(item) if item.images else _none() for item in items))
-        sides = [_Side(item.texts, imgs) for item, imgs in zip(items, images)]
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.prep_pool, self._prepare_pairs, request, sides)
+        try:
+            images = await asyncio.gather(*(self._load_images(item) if item.images else _none() for item in items))
+            sides = [_Side(item.texts, imgs) for item, imgs in zip(items, images)]
+            del images
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.prep_pool, self._prepare_pairs, request, sides)
+        except Exception:
+            self.release_after_failure(items)
+            raise
         try:
             futures = self.batcher.submit(prepared)
         except WorkerUnavailable as exc:

@@ -19,6 +19,7 @@ from .timing import StageTimes
 from ..api.errors import APIError, invalid
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
+from ..media.memory import release_freed_memory
 from ..media.video import VideoLimits, VideoLoader, decode_video
 from ..normalize import finalize
 from ..runners import VISION_TOKENS, InputTooLong, PreparedInput, Runner
@@ -191,9 +192,17 @@ class Service:
             return await load_video(video, self.runner, self.videos.load_bytes, self.images.load,
                                     self.videos.limits, self.prep_pool)
         except InputTooLong as exc:
-            raise invalid(f"{where}: {exc}.", item.param, "input_too_long") from None
+            refusal = invalid(f"{where}: {exc}.", item.param, "input_too_long")
         except (MediaError, ValueError) as exc:
-            raise invalid(f"{where}: {exc}", item.param, "invalid_video") from None
+            refusal = invalid(f"{where}: {exc}", item.param, "invalid_video")
+        # Raised outside the except clause: the refusal keeps no traceback of the loader (its frames).
+        raise refusal
+
+    def release_after_failure(self, items: list) -> None:
+        """After a request with images or videos failed: hand the memory its media took back to the
+        system, once the request's objects are gone."""
+        if any(item.images or item.videos for item in items):
+            asyncio.get_running_loop().call_later(0.2, self.prep_pool.submit, release_freed_memory)
 
     def _prepare(self, item: EmbedInput, images: list, videos: list = ()) -> PreparedInput:
         try:
@@ -229,7 +238,11 @@ class Service:
         reach the model.
         """
         started = time.perf_counter()
-        prepared = await self._prepare_all(request.inputs)
+        try:
+            prepared = await self._prepare_all(request.inputs)
+        except Exception:
+            self.release_after_failure(request.inputs)
+            raise
         if times is not None:
             times.prepare_s = time.perf_counter() - started
             times.truncated = sum(p.truncated for p in prepared)
@@ -288,8 +301,12 @@ async def load_video(video: VideoRef, runner: Runner, load_bytes: Callable[[str]
         if len(video.frames) > limits.max_frames:
             raise MediaError(f"a video may have at most {limits.max_frames} frames")
         keep = runner.frame_indices(len(video.frames), video.max_frames)
+        runner.check_frame_count(len(keep))  # before any frame is fetched
         images = await asyncio.gather(*(load_image(video.frames[i]) for i in keep))
-        return await loop.run_in_executor(pool, runner.clip_from_frames, images, video.fps)
+        try:
+            return await loop.run_in_executor(pool, runner.clip_from_frames, images, video.fps)
+        finally:
+            del images  # a refusal's traceback keeps this frame: not the decoded frames with it
     data = await load_bytes(video.data)
     plan = partial(_plan, runner, video)
     return await loop.run_in_executor(pool, decode_video, data, limits, plan)

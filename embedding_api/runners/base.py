@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..settings import Settings
 from .loading import WEIGHTS_HINT, ModelLoadError, hidden_size
+from .prefix import PrefixTokenizer, TokenPrefix
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -81,6 +82,7 @@ class Runner:
         self.backend = self.tokenizer.backend_tokenizer
         self.backend.no_truncation()
         self.backend.no_padding()
+        self.prefix = PrefixTokenizer(self.backend)  # long texts: the GIL released, only the start that matters
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -117,7 +119,12 @@ class Runner:
         return ids, mask, lengths - 1
 
     def encode(self, text: str, special: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=special).ids
+        return self.prefix.encode(text, special)
+
+    def encode_head(self, text: str, limit: int) -> list[int]:
+        """encode(text), or for a long text possibly only a TokenPrefix: more than `limit` tokens,
+        the first `limit` of them exactly the text's (what truncation at `limit` keeps)."""
+        return self.prefix.head(text, limit)
 
     def post_processor_tokens(self) -> tuple[list[int], list[int]]:
         """What the tokenizer's post-processor adds before and after a sequence (Qwen3-Embedding's
@@ -127,15 +134,17 @@ class Runner:
         start = full.index(plain[0]) if plain and plain[0] in full else 0
         return full[:start], full[start + len(plain):]
 
-    def fit(self, body: list[int], prefix: list[int], suffix: list[int], truncate: bool = True) -> list[int]:
+    def fit(self, body: list[int], prefix: list[int], suffix: list[int], truncate: bool = True,
+            cut: bool = False) -> list[int]:
         """prefix + body + suffix within MAX_INPUT_TOKENS: the end of the body is cut first and the
         post-processor's tokens are kept, as the tokenizer's own truncation does; with `truncate`
-        false an input that does not fit is refused."""
+        false an input that does not fit is refused. `cut`: the body holds only the first tokens of
+        the input (a TokenPrefix inside), more than fit."""
         room = self.max_tokens - len(prefix) - len(suffix)
         if len(body) > room and not truncate:
+            count = "more tokens than" if cut else f"{len(prefix) + len(body) + len(suffix)} tokens, more than"
             raise InputTooLong(
-                f"this input has {len(prefix) + len(body) + len(suffix)} tokens, more than "
-                f"MAX_INPUT_TOKENS={self.max_tokens}, and the request sets \"truncate\": false"
+                f"this input has {count} MAX_INPUT_TOKENS={self.max_tokens}, and the request sets \"truncate\": false"
             )
         return prefix + body[:room] + suffix
 

@@ -9,6 +9,7 @@ import torch
 
 from ..settings import Settings
 from .base import PreparedInput, Runner
+from .prefix import TokenPrefix
 from .loading import load_weights
 
 log = logging.getLogger("embedding_api")
@@ -44,7 +45,8 @@ class TextRunner(Runner):
                 body = self.encode(f"Instruct: {instruction}\nQuery:") + body
         else:
             text = "".join(texts)
-            body = self.encode(f"Instruct: {instruction}\nQuery:{text}" if instruction else text)
-        ids = self.fit(body, self._special_prefix, self._special_suffix, truncate)
+            room = self.max_tokens - len(self._special_prefix) - len(self._special_suffix)
+            body = self.encode_head(f"Instruct: {instruction}\nQuery:{text}" if instruction else text, room)
+        ids = self.fit(body, self._special_prefix, self._special_suffix, truncate, isinstance(body, TokenPrefix))
         full = len(body) + len(self._special_prefix) + len(self._special_suffix)
         return PreparedInput(input_ids=ids, truncated=len(ids) < full)

@@ -15,6 +15,7 @@ from PIL import Image
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
 from .loading import WEIGHTS_HINT, ModelLoadError, load_weights
+from .prefix import TokenPrefix
 from .vision import smart_resize
 from . import video as vid
 
@@ -105,26 +106,31 @@ class VLRunner(Runner):
         self._parts[instruction] = parts
         return parts
 
-    def _text_ids(self, instruction: str, text: str) -> list[int] | None:
-        """The prompt's token ids for one text, or None when the full path must be taken."""
+    def _text_ids(self, instruction: str, text: str) -> tuple[list[int], bool] | None:
+        """The prompt's token ids for one text and whether they are only its first ones (more than
+        fit), or None when the full path must be taken."""
         if not self._text_fast:
             return None
-        return self._shortcut_ids(instruction, text)
+        return self._shortcut_ids(instruction, text, self._room())
 
-    def _shortcut_ids(self, instruction: str, text: str) -> list[int] | None:
+    def _room(self) -> int:
+        return self.max_tokens - len(self._special_prefix) - len(self._special_suffix)
+
+    def _shortcut_ids(self, instruction: str, text: str, room: int | None = None) -> tuple[list[int], bool] | None:
         if not text or text[0].isspace():
             return None
         parts = self._template_parts(instruction)
         if parts is None or not parts[2]:
             return None
-        return parts[0] + self.encode(text) + parts[1]
+        ids = self.encode(text) if room is None else self.encode_head(text, room - len(parts[0]))
+        return parts[0] + ids + parts[1], isinstance(ids, TokenPrefix)
 
     def _check_text_fast(self) -> bool:
         probes = ["hello world", "a<|im_end|>b", "x\n\ny ", "Ünïcödé \u0301text", "12 345", "<|im_end", "'s ok"]
         instruction = normalise_instruction(self.settings.default_instruction)
         for text in probes:
             full = self.encode(self._render(self._conversation(instruction, 0, [text])))
-            if self._shortcut_ids(instruction, text) != full:
+            if self._shortcut_ids(instruction, text) != (full, False):
                 return False
         return True
 
@@ -155,6 +161,19 @@ class VLRunner(Runner):
         self._check_video_tokens(len(clip.frames), clip.frames[0].height, clip.frames[0].width)
         return clip
 
+    def check_frame_count(self, n_frames: int) -> None:
+        """Refuse, before any frame is fetched, a clip of `n_frames` frames whose tokens cannot fit
+        whatever the frames' size."""
+        n_frames += -n_frames % vid.FRAME_FACTOR
+        per_frame = vid.min_frame_tokens(n_frames, vid.FRAMES_TOTAL_TOKENS, self.patch_size * self.merge_size)
+        tokens = -(-n_frames // self.temporal_patch) * per_frame
+        if tokens > self.max_tokens:
+            raise InputTooLong(
+                f"the video needs at least {tokens} tokens ({n_frames} frames of at least {per_frame} tokens per "
+                f"{self.temporal_patch}), more than MAX_INPUT_TOKENS={self.max_tokens}; ask for fewer frames with "
+                "max_frames"
+            )
+
     def _check_video_tokens(self, n_frames: int, height: int, width: int) -> None:
         """Refuse before decoding a video whose tokens alone cannot fit."""
         factor = self.patch_size * self.merge_size
@@ -176,9 +195,10 @@ class VLRunner(Runner):
             ids = self.fit(body, *special, truncate)
             return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
         if not images and not videos and len(texts) == 1:
-            body = self._text_ids(instruction, texts[0])
-            if body is not None:
-                ids = self.fit(body, *special, truncate)
+            shortcut = self._text_ids(instruction, texts[0])
+            if shortcut is not None:
+                body, cut = shortcut
+                ids = self.fit(body, *special, truncate, cut)
                 return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
         grids, patch_list = [], []
         for image in images:
@@ -204,8 +224,8 @@ class VLRunner(Runner):
             prompt = pieces[0] + "".join(
                 "<|image_pad|>" * (t * h * w // merge) + piece for (t, h, w), piece in zip(grids, pieces[1:])
             )
-        body = self.encode(prompt)
-        ids = self.fit(body, *special, truncate)
+        body = self.encode_head(prompt, self._room())
+        ids = self.fit(body, *special, truncate, isinstance(body, TokenPrefix))
         truncated = len(ids) < len(body) + len(special[0]) + len(special[1])
         if truncated:
             image_tokens = sum(t * h * w // merge for t, h, w in grids)

@@ -12,6 +12,7 @@ import torch
 
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
+from .prefix import TokenPrefix
 from .loading import load_weights
 from .scoring import ScoringMixin, read_head_rows
 
@@ -48,14 +49,24 @@ class TextRerankRunner(ScoringMixin, Runner):
         return load_weights(AutoModel, self.settings.model_path, self.dtype, self.device)
 
     def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:
-        body = self.encode(
-            f"<Instruct>: {instruction or TEXT_RERANK_INSTRUCTION}\n<Query>: {''.join(query.texts)}"
-            f"\n<Document>: {''.join(document.texts)}"
-        )
         head, tail = self._special
         room = self.max_tokens - len(self._prefix) - len(self._suffix) - len(head) - len(tail)
+        start = f"<Instruct>: {instruction or TEXT_RERANK_INSTRUCTION}\n<Query>: {''.join(query.texts)}"
+        # The query's tokens are the same in every pair: tokenized once per request (`cache`).
+        key = ("query", id(query), instruction)
+        if cache is None or key not in cache:
+            found = self.prefix.start(start, room)
+            if cache is not None:
+                cache[key] = found
+        ids, rest = cache[key] if cache is not None else found
+        if rest is None:  # the query alone fills the pair: the document is cut off whatever it is
+            body, cut = TokenPrefix(ids), True
+        else:
+            more = self.encode_head(f"{rest}\n<Document>: {''.join(document.texts)}", room - len(ids))
+            body, cut = ids + more, isinstance(more, TokenPrefix)
         if len(body) > room and not truncate:
-            raise InputTooLong(f"the pair is {len(body) - room} tokens longer than the model's {self.max_tokens}")
+            longer = "longer than" if cut else f"{len(body) - room} tokens longer than"
+            raise InputTooLong(f"the pair is {longer} the model's {self.max_tokens}")
         return PreparedInput(input_ids=self._prefix + head + body[:room] + tail + self._suffix)
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:

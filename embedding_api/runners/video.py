@@ -59,13 +59,29 @@ def list_indices(count: int, max_frames: int) -> list[int]:
     return np.linspace(0, count - 1, max_frames, dtype=int).tolist()
 
 
-def frame_size(height: int, width: int, n_frames: int, total_tokens: float, factor: int) -> tuple[int, int]:
-    """(height, width) of every frame: per-frame bounds within the total budget (qwen-vl-utils)."""
+def frame_pixels(n_frames: int, total_tokens: float, factor: int) -> tuple[int, float]:
+    """(min_pixels, max_pixels) of every frame: per-frame bounds within the total budget (qwen-vl-utils)."""
     min_pixels = VIDEO_MIN_TOKENS * factor * factor
     total_pixels = total_tokens * factor * factor
     max_pixels = max(min(VIDEO_MAX_TOKENS * factor * factor, total_pixels / n_frames * FRAME_FACTOR),
                      int(min_pixels * 1.05))
-    return smart_resize(height, width, factor, min_pixels, max_pixels)
+    return min_pixels, max_pixels
+
+
+def frame_size(height: int, width: int, n_frames: int, total_tokens: float, factor: int) -> tuple[int, int]:
+    """(height, width) of every frame: per-frame bounds within the total budget (qwen-vl-utils)."""
+    return smart_resize(height, width, factor, *frame_pixels(n_frames, total_tokens, factor))
+
+
+def min_frame_tokens(n_frames: int, total_tokens: float, factor: int) -> int:
+    """The fewest merged patches (tokens) a frame of `n_frames` can have, whatever the frames' size:
+    known before any frame is fetched. smart_resize keeps an area from min_pixels up, except when it
+    scales down to max_pixels and floors each side: a x b = max_pixels / factor^2 becomes
+    max(1, floor(a)) x max(1, floor(b)), smallest just below a side of k patches, (k - 1) x floor(m / k)."""
+    min_pixels, max_pixels = frame_pixels(n_frames, total_tokens, factor)
+    m = max_pixels / (factor * factor) * (1 - 1e-9)  # a hair under, for the float rounding of the sides
+    scaled = min([math.floor(m)] + [(k - 1) * max(1, math.floor(m / k)) for k in range(2, math.ceil(m) + 2)])
+    return max(1, min(min_pixels // (factor * factor), scaled))
 
 
 def plan_file(header: VideoHeader, fps: float, max_frames: int, factor: int) -> FramePlan:
