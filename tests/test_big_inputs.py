@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from embedding_api.runners import InputTooLong, load_runner_on
-from embedding_api.runners.prefix import PrefixTokenizer, TokenPrefix
+from embedding_api.runners.long_text import PrefixTokenizer, TokenPrefix
 from embedding_api.settings import Settings
 
 WORDS = ["hello", "world,", "it's", "  spaced", "\n\n", "tab\there", "12345", "naïve", "e\u0301t\u00e9", "東京タワー",
@@ -38,9 +38,9 @@ def _whole(runner):
     """The same runner tokenizing every text whole (the cut turned off)."""
     whole = object.__new__(type(runner))
     whole.__dict__.update(runner.__dict__)
-    whole.prefix = object.__new__(PrefixTokenizer)
-    whole.prefix.__dict__.update(runner.prefix.__dict__)
-    whole.prefix.exact = False
+    whole.long_text = object.__new__(PrefixTokenizer)
+    whole.long_text.__dict__.update(runner.long_text.__dict__)
+    whole.long_text.exact = False
     return whole
 
 
@@ -55,19 +55,19 @@ def text_runner(tiny_text):
 
 
 def test_the_tokenizer_passes_the_start_up_check(vl_runner, text_runner):
-    assert vl_runner.prefix.exact and text_runner.prefix.exact
+    assert vl_runner.long_text.exact and text_runner.long_text.exact
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_cut_start_has_the_whole_texts_first_tokens(vl_runner, seed):
     text = long_text(60_000, seed)
-    whole = vl_runner.prefix.encode(text)
+    whole = vl_runner.long_text.encode(text)
     for limit in (1, 64, 500, 3000):
-        ids = vl_runner.prefix.head(text, limit)
+        ids = vl_runner.long_text.head(text, limit)
         assert isinstance(ids, TokenPrefix) and len(ids) > limit
         assert ids == whole[:len(ids)]
-        ids, rest = vl_runner.prefix.start(text[:2000], limit)
-        assert ids + vl_runner.prefix.encode(rest + text[2000:]) == whole
+        ids, rest = vl_runner.long_text.start(text[:2000], limit)
+        assert ids + vl_runner.long_text.encode(rest + text[2000:]) == whole
 
 
 @pytest.mark.parametrize("instruction", [None, "Find the passage."])
@@ -117,8 +117,8 @@ def test_a_rerank_query_is_tokenized_once_per_request(tiny_text_reranker, tiny_v
     for path in (tiny_text_reranker, tiny_vl_reranker):
         runner = _runner(path, max_rerank_tokens=400)
         calls = []
-        encoding = runner.prefix.encoding
-        runner.prefix.encoding = lambda text, special=False: calls.append(len(text)) or encoding(text, special)
+        encoding = runner.long_text.encoding
+        runner.long_text.encoding = lambda text, special=False: calls.append(len(text)) or encoding(text, special)
         query = _side([long_text(3_000, 3)])
         cache = {}
         for k in range(50):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..settings import Settings
 from .loading import WEIGHTS_HINT, ModelLoadError, hidden_size
-from .prefix import PrefixTokenizer, TokenPrefix
+from .long_text import PrefixTokenizer, TokenPrefix
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -82,7 +82,7 @@ class Runner:
         self.backend = self.tokenizer.backend_tokenizer
         self.backend.no_truncation()
         self.backend.no_padding()
-        self.prefix = PrefixTokenizer(self.backend)  # long texts: the GIL released, only the start that matters
+        self.long_text = PrefixTokenizer(self.backend)  # long texts: the GIL released, only the start that matters
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -119,12 +119,12 @@ class Runner:
         return ids, mask, lengths - 1
 
     def encode(self, text: str, special: bool = False) -> list[int]:
-        return self.prefix.encode(text, special)
+        return self.long_text.encode(text, special)
 
     def encode_head(self, text: str, limit: int) -> list[int]:
         """encode(text), or for a long text possibly only a TokenPrefix: more than `limit` tokens,
         the first `limit` of them exactly the text's (what truncation at `limit` keeps)."""
-        return self.prefix.head(text, limit)
+        return self.long_text.head(text, limit)
 
     def post_processor_tokens(self) -> tuple[list[int], list[int]]:
         """What the tokenizer's post-processor adds before and after a sequence (Qwen3-Embedding's

@@ -9,7 +9,7 @@ import torch
 
 from ..settings import Settings
 from .base import PreparedInput, Runner
-from .prefix import TokenPrefix
+from .long_text import TokenPrefix
 from .loading import load_weights
 
 log = logging.getLogger("embedding_api")

@@ -15,7 +15,7 @@ from PIL import Image
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
 from .loading import WEIGHTS_HINT, ModelLoadError, load_weights
-from .prefix import TokenPrefix
+from .long_text import TokenPrefix
 from .vision import smart_resize
 from . import video as vid
 

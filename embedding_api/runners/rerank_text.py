@@ -12,7 +12,7 @@ import torch
 
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
-from .prefix import TokenPrefix
+from .long_text import TokenPrefix
 from .loading import load_weights
 from .scoring import ScoringMixin, read_head_rows
 
@@ -55,7 +55,7 @@ class TextRerankRunner(ScoringMixin, Runner):
         # The query's tokens are the same in every pair: tokenized once per request (`cache`).
         key = ("query", id(query), instruction)
         if cache is None or key not in cache:
-            found = self.prefix.start(start, room)
+            found = self.long_text.start(start, room)
             if cache is not None:
                 cache[key] = found
         ids, rest = cache[key] if cache is not None else found

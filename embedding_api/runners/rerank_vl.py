@@ -18,7 +18,7 @@ import torch
 
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput
-from .prefix import LONG_TEXT_CHARS
+from .long_text import LONG_TEXT_CHARS
 from .qwen3_vl import VLRunner
 from .scoring import ScoringMixin, read_head_rows, truncate_keep_special
 
@@ -114,7 +114,7 @@ class VLRerankRunner(ScoringMixin, VLRunner):
             marked = render(query.texts, [_MARK], False)
             cut = marked.find("\n<Document>:" + _MARK)
             start = marked[:cut] if cut >= 0 and marked.count(_MARK) == 1 else None
-            cache[key] = (start, *self.prefix.split(start)) if start else None
+            cache[key] = (start, *self.long_text.split(start)) if start else None
         known = cache[key]
         if known is None or not prompt.startswith(known[0]):
             return self.encode(prompt, special=True)
@@ -140,7 +140,7 @@ class VLRerankRunner(ScoringMixin, VLRunner):
         key = ("cut", id(side), k, before if side is document else None)
         if key not in cache:
             text = before + side.texts[k]
-            found = self.prefix.first(text, self.max_tokens)
+            found = self.long_text.first(text, self.max_tokens)
             cache[key] = None if found is None or self._holds_special(text[found[1]:]) else (*found, text[-_EDGE:])
         if cache[key] is None:
             return None
