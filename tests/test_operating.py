@@ -319,6 +319,40 @@ def test_docs_page_is_served_offline_with_bearer_auth(vl_server):
     assert "security" not in spec["paths"]["/health"]["get"]
 
 
+def test_docs_and_openapi_are_counted_by_route_and_unknown_paths_logged(vl_server):
+    base = vl_server.base_url
+    before = scrape(base + "/metrics")
+    assert httpx.get(base + "/openapi.json").status_code == 200
+    assert httpx.get(base + "/docs").status_code == 200
+    assert httpx.get(base + "/docs-assets/swagger-ui.css").status_code == 200
+    assert httpx.get(base + "/docs-assets/no-such-file.js").status_code == 404
+    asked = "/no/such/route-logged-7"
+    assert httpx.post(base + asked + "?q=1", json={}).status_code == 404
+    after = scrape(base + "/metrics")
+    total = "embedding_api_requests_total"
+    assert delta(after, before, total, route="/openapi.json", status="200") == 1
+    assert delta(after, before, total, route="/docs", status="200") == 1
+    assert delta(after, before, total, route="/docs-assets", status="200") == 1
+    assert delta(after, before, total, route="/docs-assets", status="404") == 1
+    assert delta(after, before, total, route="unmatched", status="200") == 0
+    assert delta(after, before, total, route="unmatched", status="404") == 1
+    # The request line of an unknown path says what was asked for (without the query); known routes
+    # are logged by their template only.
+    lines = vl_server.output().splitlines()
+    assert any("POST unmatched 404" in x and f"path={asked} " in x for x in lines), lines[-5:]
+    assert not any("GET /openapi.json" in x and "path=" in x for x in lines)
+
+
+def test_unknown_paths_are_logged_as_sent(ops_server):
+    """Percent-encoded as the client sent it: an encoded newline cannot split the log line."""
+    r = httpx.get(ops_server.base_url + "/a%0Ab%20c")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.json()["error"]["message"].startswith("No route GET /a%0Ab%20c. ")
+    line = next(x for x in _json_lines(ops_server.output()) if x.get("route") == "unmatched" and
+                x.get("path", "").startswith("/a%0A"))
+    assert line["path"] == "/a%0Ab%20c" and line["status"] == 404, line
+
+
 # --------------------------------------------------------------------------- settings and stage times
 
 
