@@ -34,8 +34,8 @@ import uvicorn
 from prometheus_client import start_http_server
 from fastapi import FastAPI
 from pydantic import ValidationError
-from starlette.middleware.cors import CORSMiddleware
 
+from .api.cors import EnvelopeCORSMiddleware
 from .api.errors import UnhandledErrors, install_handlers
 from .api import metrics as metrics_route
 from .api.routes import router
@@ -338,7 +338,7 @@ def create_app(
     app.add_middleware(UnhandledErrors, fastapi_app=app)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            EnvelopeCORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-request-id"],
