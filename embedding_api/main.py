@@ -42,7 +42,7 @@ from .api.routes import router
 from .api.docs import install_docs
 from .api.hot import hot_routes
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
-from .observability.startup import report_loading, summary
+from .observability.startup import no_key_warning, report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, detect_kind
 from .api.schemas import complete_openapi
 from .engine.registry import ModelEntry, Registry, model_settings
@@ -242,7 +242,7 @@ def create_app(
             on_fatal(str(exc))
             raise
         if not settings.api_keys:
-            log.warning("API_KEY is empty: the API is open to anyone who can reach it")
+            log.log(*no_key_warning(app.state.listen))
         metrics_server = None
         if settings.metrics_port:
             try:
@@ -332,6 +332,7 @@ def create_app(
     app.state.created = int(time.time())
     app.state.inflight = set()  # embedding tasks, cancelled when the shutdown grace runs out
     app.state.loop = None
+    app.state.listen = None  # (host, port) where `python -m embedding_api` binds; unknown under plain uvicorn
     app.state.metrics = Metrics(settings.model_name)
     app.state.metrics.watch(lambda: [(e.name, e.service) for e in app.state.models.entries if e.service is not None])
     install_handlers(app)
