@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from urllib.parse import quote
 
 from starlette.routing import Match, Route
 
@@ -79,7 +80,7 @@ def asked_path(scope) -> str:
     """The path as the client sent it (still percent-encoded: no control characters reach the log),
     cut to 200 characters."""
     raw = scope.get("raw_path")
-    path = raw.decode("ascii", "backslashreplace") if raw else scope.get("path", "")
+    path = raw.decode("ascii", "backslashreplace") if raw else quote(scope.get("path", ""), safe="/:@!$&'()*+,;=-._~")
     return path if len(path) <= 200 else path[:200] + "..."
 
 
