@@ -16,6 +16,9 @@ MODEL_PATH ?= $(shell sed -n 's/^MODEL_PATH=//p' .env 2>/dev/null | tail -n 1)
 MODEL_PATH := $(or $(MODEL_PATH),./models/Qwen3-VL-Embedding-2B)
 DEMO_PATH ?= ./models/demo-random
 DEMO_RERANKER_PATH ?= ./models/demo-random-tiny-reranker
+# The demo has no API key: it listens on the loopback address unless HOST (environment, command line
+# or .env) says otherwise.
+DEMO_HOST := $(or $(HOST),$(shell sed -n 's/^HOST=//p' .env 2>/dev/null | tail -n 1),127.0.0.1)
 
 # `run` and `demo` exec the server in place of the recipe's shell: make's own child is then the server
 # itself, so a SIGTERM to make (which GNU make passes on to its children) reaches it, and it drains.
@@ -35,8 +38,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 run: install
 	@if [ ! -f "$(MODEL_PATH)/config.json" ]; then \
-	  echo "No model at $(MODEL_PATH). Download the weights first:"; \
-	  echo "  $(BIN)/pip install -U huggingface_hub && $(BIN)/hf download Qwen/Qwen3-VL-Embedding-2B --local-dir $(MODEL_PATH)"; \
+	  echo "No model at $(MODEL_PATH)."; \
+	  $(BIN)/python -m embedding_api.tools.download "$(MODEL_PATH)" --bin $(BIN); \
 	  echo "or try the offline demo: make demo"; exit 1; fi
 	MODEL_PATH=$(MODEL_PATH) exec $(BIN)/python -m embedding_api
 
@@ -44,7 +47,8 @@ demo: install
 	@test -f $(DEMO_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_PATH) --family qwen3_vl --size demo
 	@test -f $(DEMO_RERANKER_PATH)/config.json || $(BIN)/python -m embedding_api.tools.checkpoint $(DEMO_RERANKER_PATH) --family qwen3_vl --size tiny --kind reranker
 	@echo "Serving RANDOM-WEIGHT demo checkpoints (an embedder with the 2B's 2048-dim output, and a reranker): the API is real, the numbers are meaningless."
-	MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B \
+	@echo "The demo listens on $(DEMO_HOST)$(if $(filter 127.0.0.1 localhost ::1,$(DEMO_HOST)), (this machine only; HOST=0.0.0.0 make demo listens on every interface), as HOST says; it has no API key)."
+	HOST=$(DEMO_HOST) MODEL_PATH=$(DEMO_PATH) MODEL_NAME=Qwen3-VL-Embedding-2B \
 	  MODELS='[{"name": "Qwen3-VL-Reranker-2B", "path": "$(DEMO_RERANKER_PATH)", "kind": "reranker"}]' \
 	  exec $(BIN)/python -m embedding_api
 

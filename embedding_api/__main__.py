@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
+    app.state.listen = (settings.host, settings.port)
     config = uvicorn.Config(
         app,
         host=settings.host,

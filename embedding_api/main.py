@@ -34,15 +34,15 @@ import uvicorn
 from prometheus_client import start_http_server
 from fastapi import FastAPI
 from pydantic import ValidationError
-from starlette.middleware.cors import CORSMiddleware
 
+from .api.cors import EnvelopeCORSMiddleware
 from .api.errors import UnhandledErrors, install_handlers
 from .api import metrics as metrics_route
 from .api.routes import router
 from .api.docs import install_docs
 from .api.hot import hot_routes
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
-from .observability.startup import report_loading, summary
+from .observability.startup import no_key_warning, report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, detect_kind
 from .api.schemas import complete_openapi
 from .engine.registry import ModelEntry, Registry, model_settings
@@ -284,7 +284,7 @@ def create_app(
             on_fatal(str(exc))
             raise
         if not settings.api_keys:
-            log.warning("API_KEY is empty: the API is open to anyone who can reach it")
+            log.log(*no_key_warning(app.state.listen))
         metrics_server = None
         if settings.metrics_port:
             host = settings.metrics_host or _api_host(settings)
@@ -377,13 +377,14 @@ def create_app(
     app.state.created = int(time.time())
     app.state.inflight = set()  # embedding tasks, cancelled when the shutdown grace runs out
     app.state.loop = None
+    app.state.listen = None  # (host, port) where `python -m embedding_api` binds; unknown under plain uvicorn
     app.state.metrics = Metrics(settings.model_name)
     app.state.metrics.watch(lambda: [(e.name, e.service) for e in app.state.models.entries if e.service is not None])
     install_handlers(app)
     app.add_middleware(UnhandledErrors, fastapi_app=app)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            EnvelopeCORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-request-id"],

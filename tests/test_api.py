@@ -361,6 +361,44 @@ def test_docs_curl_dimension_as_string(client):
     assert len(response.json()["data"][0]["embedding"]) == 64
 
 
+# The original docs' own wrong paths: a 404 in the error envelope that names the right route.
+@pytest.mark.parametrize("path, wanted", [
+    ("/v1/chat/completions", "POST /v1/embeddings"),
+    ("/v1/completions", "POST /v1/embeddings"),
+    ("/chat/completions", "POST /v1/embeddings"),
+    ("/embeddings", "The route is /v1/embeddings"),
+    ("/models", "The route is /v1/models"),
+    ("/v1/embeddings/embeddings", 'base_url="{base}/v1"'),
+    ("/v1/rerank/rerank", "The route is POST /v1/rerank"),
+    ("/v1/v1/embeddings", "The route is /v1/embeddings"),
+    ("/v1/v1/v1/rerank", "The route is /v1/rerank"),
+])
+def test_wrong_paths_get_a_hint_in_the_error_envelope(client, vl_server, path, wanted):
+    body = {"model": "Qwen3-VL-Embedding-2B", "input": ["The capital of China is Beijing."]}
+    err = assert_error(client.post(path, json=body), 404, code="not_found")
+    assert err["type"] == "not_found_error"
+    assert err["message"].startswith(f"No route POST {path}."), err
+    assert wanted.format(base=vl_server.base_url) in err["message"], err
+
+
+def test_unknown_paths_get_the_envelope_and_the_routes_served(client):
+    err = assert_error(client.get("/no/such/route"), 404, code="not_found")
+    assert err["message"] == ("No route GET /no/such/route. This server answers POST /v1/embeddings, POST /v1/rerank, "
+                              "POST /v1/score, GET /v1/models and GET /health (see /docs).")
+    err = assert_error(client.get("/" + "x" * 5000), 404, code="not_found")
+    assert len(err["message"]) < 400  # the path quoted back is cut short
+
+
+def test_sdk_with_the_route_in_base_url_gets_the_base_url_to_use(vl_server):
+    wrong = openai.OpenAI(base_url=vl_server.base_url + "/v1/embeddings", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as exc:
+        wrong.embeddings.create(model="Qwen3-VL-Embedding-2B", input="hello")
+    assert exc.value.status_code == 404
+    assert exc.value.body["code"] == "not_found"
+    assert f'base_url="{vl_server.base_url}/v1"' in str(exc.value), str(exc.value)
+    assert "/v1/embeddings/embeddings" in str(exc.value)
+
+
 def test_truncation_to_max_input_tokens(start_server, tiny_vl):
     server = start_server({"MODEL_PATH": str(tiny_vl), "MAX_INPUT_TOKENS": "48", "TORCH_THREADS": "1"})
     long_a = "word " * 200

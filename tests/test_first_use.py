@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,8 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_api.runners.loading import WEIGHTS_HINT
+from embedding_api.observability.startup import is_loopback, no_key_warning
 from embedding_api.tools import torch_wheel
+from embedding_api.tools.download import KNOWN_REPOS, repo_for, weights_hint
 from embedding_api.tools.checkpoint import write_checkpoint
 
 from .util import ROOT, _SETTING_NAMES, ImageServer, free_port, png_bytes, sample_image
@@ -57,8 +59,7 @@ def test_the_download_command_is_hf_download_everywhere():
     places = {
         "README.md": (ROOT / "README.md").read_text(),
         "models/README.md": (ROOT / "models" / "README.md").read_text(),
-        "Makefile": (ROOT / "Makefile").read_text(),
-        "WEIGHTS_HINT": WEIGHTS_HINT,
+        "weights_hint": weights_hint("./models/Qwen3-VL-Embedding-2B"),
     }
     for where, text in places.items():
         assert "huggingface-cli download" not in text, where
@@ -73,7 +74,95 @@ def test_the_download_command_is_hf_download_everywhere():
 def test_the_startup_error_prints_hf_download(tmp_path):
     rc, out = run([PY, "-m", "embedding_api", "--model-path", str(tmp_path / "none")], {}, tmp_path)
     assert rc == 1, out
-    assert "hf download Qwen/Qwen3-VL-Embedding-2B --local-dir" in out and "Traceback" not in out, out
+    assert f"hf download Qwen/Qwen3-VL-Embedding-2B --local-dir {tmp_path / 'none'}`" in out, out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("repo", KNOWN_REPOS)
+def test_the_download_hint_takes_the_repository_from_the_directory_name(repo):
+    name = repo.split("/")[1]
+    for path in (f"./models/{name}", f"/data/{name.lower()}/", name):
+        assert repo_for(path) == repo, path
+        assert f"hf download {repo} --local-dir {path}`" in weights_hint(path), path
+    assert repo_for(f"./models/{name}-finetuned") is None
+
+
+def test_the_download_hint_keeps_an_unknown_directory_and_quotes_it():
+    hint = weights_hint("./models/my model")
+    assert "hf download Qwen/Qwen3-VL-Embedding-2B --local-dir './models/my model'`" in hint, hint
+    assert "Qwen/Qwen3-Embedding-0.6B" in hint  # the other repositories are named
+
+
+def test_make_run_prints_the_download_command_for_the_configured_path(tmp_path):
+    """`MODEL_PATH=./models/Qwen3-Embedding-0.6B make run` names that repository and that directory."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec {PY} "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()
+    model = tmp_path / "models" / "Qwen3-Embedding-0.6B"
+    env = {k: v for k, v in clean_env({}).items() if not k.startswith("MAKE")}
+    proc = subprocess.run(["make", "-s", "run", f"VENV={venv}", f"MODEL_PATH={model}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert f"No model at {model}." in out, out
+    assert (f"{venv}/bin/pip install -U huggingface_hub && {venv}/bin/hf download Qwen/Qwen3-Embedding-0.6B "
+            f"--local-dir {model}`") in out, out
+    assert "Qwen3-VL-Embedding-2B" not in out and "make demo" in out, out
+
+
+@pytest.mark.parametrize("name", ["Qwen3-Reranker-4B", "Qwen3-VL-Embedding-8B"])
+def test_the_server_and_the_bulk_job_name_the_repository_of_the_missing_directory(tmp_path, name):
+    model = tmp_path / "models" / name
+    want = f"hf download Qwen/{name} --local-dir {model}`"
+    rc, out = run([PY, "-m", "embedding_api"], {"MODEL_PATH": str(model)}, tmp_path)
+    assert rc == 1 and want in out and "Traceback" not in out, out
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "a"}\n')
+    rc, out = run([PY, "-m", "embedding_api.bulk", str(tmp_path / "in.jsonl"), str(tmp_path / "out"),
+                   "--model-path", str(model)], {}, tmp_path)
+    assert rc == 1 and want in out and "Traceback" not in out, out
+
+
+# --------------------------------------------------------------------------- no API key
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True),
+                                            ("::1", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.1.2.3", False), ("example.internal", False)])
+def test_loopback_hosts(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_the_no_key_warning_names_the_address():
+    level, message = no_key_warning(("0.0.0.0", 8000))
+    assert level == logging.WARNING
+    assert message.startswith("listening on 0.0.0.0:8000 with no API_KEY: anyone who can reach this address "
+                              "can use the API"), message
+    level, message = no_key_warning(("127.0.0.1", 8000))
+    assert level == logging.INFO and "only this machine" in message, message
+    assert no_key_warning(("::", 8000))[1].startswith("listening on [::]:8000 with no API_KEY: anyone")
+    assert no_key_warning(None)[1] == "API_KEY is empty: the API is open to anyone who can reach it"
+
+
+def test_a_server_on_every_interface_without_a_key_says_so(tiny_vl, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([PY, "-m", "embedding_api"], cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                env=clean_env({"MODEL_PATH": str(tiny_vl), "HOST": "0.0.0.0", "PORT": str(port),
+                                               "TORCH_THREADS": "1"}))
+    want = f"listening on 0.0.0.0:{port} with no API_KEY: anyone who can reach this address can use the API"
+    try:
+        deadline = time.monotonic() + 120
+        while want not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        assert "WARNING" in next(x for x in log_path.read_text().splitlines() if want in x)
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 # --------------------------------------------------------------------------- 7. the command line

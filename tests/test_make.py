@@ -82,3 +82,57 @@ def test_sigterm_to_make_drains_and_stops_the_server(target, tiny_vl, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(make.pid, signal.SIGKILL)
         make.wait(10)
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* write them) with a listening socket on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def test_the_demo_listens_on_loopback_unless_host_says_otherwise(tiny_vl, tiny_vl_reranker, tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES and not k.startswith("MAKE")}
+    env.update(PORT=str(port), TORCH_THREADS="1", SHUTDOWN_GRACE="1")  # no HOST
+    log_path = tmp_path / "make.log"
+    with open(log_path, "wb") as log:
+        make = subprocess.Popen(
+            ["make", "-s", "demo", f"VENV={venv}", f"DEMO_PATH={tiny_vl}", f"DEMO_RERANKER_PATH={tiny_vl_reranker}"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert make.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        assert _listening(port) == {"0100007F"}, _listening(port)  # 127.0.0.1 only
+        output = log_path.read_text()
+        assert "The demo listens on 127.0.0.1 (this machine only; HOST=0.0.0.0 make demo" in output, output
+        assert f"listening on 127.0.0.1:{port} with no API_KEY: only this machine" in output, output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            make.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)
+        make.wait(10)

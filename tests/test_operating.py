@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -72,6 +73,17 @@ def ops_server(start_server, tiny_vl):
 
 def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _wait_for_line(server, found, json_lines: bool = True):
+    """The first log line for which `found(line)` holds; the line is written once the answer is sent."""
+    for _ in range(100):
+        lines = _json_lines(server.output()) if json_lines else server.output().splitlines()
+        line = next((x for x in lines if found(x)), None)
+        if line is not None:
+            return line
+        time.sleep(0.1)
+    raise AssertionError(f"no such log line in:\n{server.output()[-3000:]}")
 
 
 # --------------------------------------------------------------------------- counters agree
@@ -294,6 +306,26 @@ def test_cors_preflight_and_answer(ops_server):
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.parametrize("asked, param, words", [
+    ({"Origin": "https://evil.example"}, "Origin", "origin 'https://evil.example' is not in CORS_ALLOW_ORIGINS"),
+    ({"Access-Control-Request-Method": "DELETE"}, "Access-Control-Request-Method", "method 'DELETE' is not one of"),
+    ({"Access-Control-Request-Headers": "authorization,x-evil"}, "Access-Control-Request-Headers",
+     "header(s) x-evil not allowed"),
+])
+def test_a_refused_cors_preflight_answers_in_the_error_envelope(ops_server, asked, param, words):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type", **asked}
+    r = httpx.options(ops_server.base_url + "/v1/embeddings", headers=preflight)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+    assert "access-control-allow-origin" not in r.headers or param != "Origin"
+    assert r.headers["x-request-id"]
+    err = r.json()["error"]
+    assert err["code"] == "cors_not_allowed" and err["type"] == "invalid_request_error", err
+    assert err["param"] == param and err["message"].startswith("CORS preflight refused: ") and words in err["message"], err
+    line = _wait_for_line(ops_server, lambda x: x.get("request_id") == r.headers["x-request-id"])
+    assert line["status"] == 400 and line["code"] == "cors_not_allowed", line
+
+
 def test_cors_is_off_by_default(vl_server):
     r = httpx.options(vl_server.base_url + "/v1/embeddings",
                       headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
@@ -317,6 +349,38 @@ def test_docs_page_is_served_offline_with_bearer_auth(vl_server):
         "type": "http", "scheme": "bearer", "description": "One of the keys in API_KEY"}
     assert spec["paths"]["/v1/embeddings"]["post"]["security"] == [{"bearerAuth": []}]
     assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_docs_and_openapi_are_counted_by_route_and_unknown_paths_logged(vl_server):
+    base = vl_server.base_url
+    before = scrape(base + "/metrics")
+    assert httpx.get(base + "/openapi.json").status_code == 200
+    assert httpx.get(base + "/docs").status_code == 200
+    assert httpx.get(base + "/docs-assets/swagger-ui.css").status_code == 200
+    assert httpx.get(base + "/docs-assets/no-such-file.js").status_code == 404
+    asked = "/no/such/route-logged-7"
+    assert httpx.post(base + asked + "?q=1", json={}).status_code == 404
+    after = scrape(base + "/metrics")
+    total = "embedding_api_requests_total"
+    assert delta(after, before, total, route="/openapi.json", status="200") == 1
+    assert delta(after, before, total, route="/docs", status="200") == 1
+    assert delta(after, before, total, route="/docs-assets", status="200") == 1
+    assert delta(after, before, total, route="/docs-assets", status="404") == 1
+    assert delta(after, before, total, route="unmatched", status="200") == 0
+    assert delta(after, before, total, route="unmatched", status="404") == 1
+    # The request line of an unknown path says what was asked for (without the query); known routes
+    # are logged by their template only.
+    _wait_for_line(vl_server, lambda x: "POST unmatched 404" in x and f" path={asked} " in x, json_lines=False)
+    assert not any("GET /openapi.json" in x and "path=" in x for x in vl_server.output().splitlines())
+
+
+def test_unknown_paths_are_logged_as_sent(ops_server):
+    """Percent-encoded as the client sent it: an encoded newline cannot split the log line."""
+    r = httpx.get(ops_server.base_url + "/a%0Ab%20c")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.json()["error"]["message"].startswith("No route GET /a%0Ab%20c. ")
+    line = _wait_for_line(ops_server, lambda x: x.get("route") == "unmatched" and x.get("path", "").startswith("/a%0A"))
+    assert line["path"] == "/a%0Ab%20c" and line["status"] == 404, line
 
 
 # --------------------------------------------------------------------------- settings and stage times

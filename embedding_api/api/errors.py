@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ..observability import note_error
+from .not_found import not_found_message
 
 log = logging.getLogger("embedding_api")
 
@@ -101,7 +102,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         note_error(request.scope, code)
-        return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.scope.get("route") is None and request.scope.get("endpoint") is None:
+            message = not_found_message(request)  # no route serves this path
+        return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> Response:

@@ -2,9 +2,9 @@
 
 from .logs import configure_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .middleware import ObservabilityMiddleware, RequestRecord, note_error, record_of
+from .middleware import ObservabilityMiddleware, RequestRecord, asked_path, note_error, record_of
 
 __all__ = [
-    "CONTENT_TYPE_LATEST", "Metrics", "ObservabilityMiddleware", "RequestRecord", "configure_logging",
+    "CONTENT_TYPE_LATEST", "Metrics", "ObservabilityMiddleware", "RequestRecord", "asked_path", "configure_logging",
     "note_error", "record_of",
 ]

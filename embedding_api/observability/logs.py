@@ -27,6 +27,8 @@ class AccessLine:
     def __str__(self) -> str:
         f = self.fields
         line = f"{f['method']} {f['route']} {f['status']} request_id={f['request_id']} code={f['code'] or '-'}"
+        if "path" in f:  # a path no route serves: what was asked for
+            line += f" path={f['path']}"
         inputs = f.get("inputs")
         if inputs is not None:
             kinds = ",".join(f"{k}:{v}" for k, v in inputs.items()) or "-"

@@ -11,6 +11,9 @@ import logging
 import os
 import re
 import time
+from urllib.parse import quote
+
+from starlette.routing import Match, Route
 
 from .logs import access_log, log_request
 from .metrics import Metrics
@@ -19,6 +22,7 @@ SCOPE_KEY = "embedding_api.record"
 REQUEST_ID = b"x-request-id"
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")  # a client's own id, if it is safe to log and echo
 # Probes and scrapes arrive every few seconds: their lines are DEBUG, everything else INFO.
+UNMATCHED = "unmatched"  # the route label of a path no route serves
 QUIET_ROUTES = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
 
 
@@ -62,9 +66,22 @@ def _route(scope) -> str:
     route = getattr(scope.get("route"), "path", None)
     if route:
         return route
-    if scope.get("endpoint") is not None:  # a mounted app (the docs assets): its mount prefix
-        return scope.get("root_path") or "unmatched"
-    return "unmatched"
+    if scope.get("endpoint") is None:  # no route answered: an unknown path, or a CORS preflight
+        return UNMATCHED
+    # The router records only its API routes in the scope: a plain route of the app's own
+    # (`/openapi.json`) is found by matching, a mounted app (the docs assets) by its mount prefix.
+    for plain in getattr(scope.get("app"), "routes", ()):
+        if isinstance(plain, Route) and plain.matches(scope)[0] is Match.FULL:
+            return plain.path
+    return scope.get("root_path") or UNMATCHED
+
+
+def asked_path(scope) -> str:
+    """The path as the client sent it (still percent-encoded: no control characters reach the log),
+    cut to 200 characters."""
+    raw = scope.get("raw_path")
+    path = raw.decode("ascii", "backslashreplace") if raw else quote(scope.get("path", ""), safe="/:@!$&'()*+,;=-._~")
+    return path if len(path) <= 200 else path[:200] + "..."
 
 
 class ObservabilityMiddleware:
@@ -114,6 +131,8 @@ class ObservabilityMiddleware:
             "request_id": record.request_id,
             "code": record.error_code,
         }
+        if route == UNMATCHED:
+            fields["path"] = asked_path(scope)
         if record.kinds is not None:
             fields["inputs"] = record.kinds
             fields["prompt_tokens"] = record.tokens

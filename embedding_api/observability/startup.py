@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -70,3 +71,26 @@ def summary(settings, info, default_dimension: int) -> str:
         f"max_input_tokens={settings.max_input_tokens} metrics={metrics} "
         f"cors={','.join(settings.cors_origins) or 'off'} log_format={settings.log_format}"
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def no_key_warning(listen: tuple[str, int] | None) -> tuple[int, str]:
+    """(log level, message) for a server without API_KEY; `listen` is (HOST, PORT) when known."""
+    if listen is None:  # under plain `uvicorn`, whose --host this app does not see
+        return logging.WARNING, "API_KEY is empty: the API is open to anyone who can reach it"
+    host, port = listen
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if is_loopback(host):
+        return logging.INFO, (f"listening on {address} with no API_KEY: only this machine can reach the API "
+                              "(set HOST=0.0.0.0 and API_KEY to serve other machines)")
+    return logging.WARNING, (f"listening on {address} with no API_KEY: anyone who can reach this address can use "
+                             "the API (set API_KEY, or HOST=127.0.0.1 to serve this machine only)")

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from ..settings import Settings
-from .loading import WEIGHTS_HINT, ModelLoadError, hidden_size
+from ..tools.download import weights_hint
+from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer, TokenPrefix
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -76,7 +77,8 @@ class Runner:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
         except Exception as exc:  # a broken tokenizer is a start-up error, not a crash later
             raise ModelLoadError(
-                f"The tokenizer in {settings.model_path!r} could not be loaded ({exc.__class__.__name__}). {WEIGHTS_HINT}"
+                f"The tokenizer in {settings.model_path!r} could not be loaded ({exc.__class__.__name__}). "
+                f"{weights_hint(settings.model_path)}"
             ) from None
         # The Rust tokenizer underneath: thread-safe for encoding, with no truncation state to share.
         self.backend = self.tokenizer.backend_tokenizer

@@ -12,12 +12,8 @@ from pathlib import Path
 import torch
 
 from ..settings import Settings
+from ..tools.download import weights_hint
 
-WEIGHTS_HINT = (
-    "Download the weights first, e.g. `pip install -U huggingface_hub && hf download Qwen/Qwen3-VL-Embedding-2B "
-    "--local-dir ./models/Qwen3-VL-Embedding-2B`, or write an offline random-weight demo checkpoint "
-    "with `python -m embedding_api.tools.checkpoint ./models/demo-random --size demo`."
-)
 
 
 class ModelLoadError(RuntimeError):
@@ -29,23 +25,24 @@ def read_config(model_path: str) -> dict:
     """Check the model directory enough to fail fast with a clear message."""
     path = Path(model_path)
     if not path.is_dir():
-        raise ModelLoadError(f"Model directory {str(path)!r} does not exist. {WEIGHTS_HINT}")
+        raise ModelLoadError(f"Model directory {str(path)!r} does not exist. {weights_hint(model_path)}")
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"Model directory {str(path)!r} has no config.json. {WEIGHTS_HINT}") from None
+        raise ModelLoadError(f"Model directory {str(path)!r} has no config.json. {weights_hint(model_path)}") from None
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{str(config_file)!r} is not readable JSON ({exc.__class__.__name__}). {WEIGHTS_HINT}") from None
+        raise ModelLoadError(f"{str(config_file)!r} is not readable JSON ({exc.__class__.__name__}). "
+                             f"{weights_hint(model_path)}") from None
     if config.get("model_type") not in ("qwen3_vl", "qwen3"):
         raise ModelLoadError(
             f"{str(config_file)!r} has model_type {config.get('model_type')!r}; this server serves "
             "Qwen3-VL-Embedding ('qwen3_vl') and Qwen3-Embedding ('qwen3') checkpoints."
         )
     if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"Model directory {str(path)!r} has no *.safetensors weights. {WEIGHTS_HINT}")
+        raise ModelLoadError(f"Model directory {str(path)!r} has no *.safetensors weights. {weights_hint(model_path)}")
     if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
-        raise ModelLoadError(f"Model directory {str(path)!r} has no tokenizer files. {WEIGHTS_HINT}")
+        raise ModelLoadError(f"Model directory {str(path)!r} has no tokenizer files. {weights_hint(model_path)}")
     return config
 
 
@@ -113,7 +110,7 @@ def load_weights(model_cls, path: str, dtype: torch.dtype, device: torch.device)
     if missing:
         raise ModelLoadError(
             f"The weights in {path!r} do not match config.json: {len(missing)} tensors missing "
-            f"(e.g. {missing[0]}). {WEIGHTS_HINT}"
+            f"(e.g. {missing[0]}). {weights_hint(path)}"
         )
     return model.to(device).eval()
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
-from .loading import WEIGHTS_HINT, ModelLoadError, load_weights
+from ..tools.download import weights_hint
+from .loading import ModelLoadError, load_weights
 from .long_text import TokenPrefix
 from .vision import smart_resize
 from . import video as vid
@@ -40,7 +41,8 @@ class VLRunner(Runner):
                  weights: bool = True):
         super().__init__(settings, config, device, dtype, weights)
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelLoadError(f"The tokenizer in {settings.model_path!r} has no chat template. {WEIGHTS_HINT}")
+            raise ModelLoadError(f"The tokenizer in {settings.model_path!r} has no chat template. "
+                                 f"{weights_hint(settings.model_path)}")
         pre_file = Path(settings.model_path) / "preprocessor_config.json"
         pre = json.loads(pre_file.read_text()) if pre_file.exists() else {}
         vision = config.get("vision_config", {})

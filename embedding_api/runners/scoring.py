@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .base import PreparedInput, _padded
-from .loading import WEIGHTS_HINT, ModelLoadError
+from ..tools.download import weights_hint
+from .loading import ModelLoadError
 
 
 def read_head_rows(model_path: str, config: dict, token_ids: list[int]) -> torch.Tensor:
@@ -38,7 +39,8 @@ def read_head_rows(model_path: str, config: dict, token_ids: list[int]) -> torch
                 rows = fh.get_slice(key)
                 return torch.stack([rows[i: i + 1][0] for i in token_ids]).float()
     raise ModelLoadError(
-        f"The weights in {model_path!r} have no lm_head.weight (and no tied embeddings) to score with. {WEIGHTS_HINT}"
+        f"The weights in {model_path!r} have no lm_head.weight (and no tied embeddings) to score with. "
+        f"{weights_hint(model_path)}"
     )
 
 
