@@ -8,8 +8,10 @@ then the others closest in length first, under `max_batch_size` items and
 `max_batch_tokens` padded tokens. It runs the forward pass and hands each vector
 back to its request through an asyncio future. While the forwards run, new
 inputs queue up, so the next batch is fuller: no timer, no fixed delay when the
-queue is empty. A failed forward fails its own batch only; every worker keeps
-its own counters (`Batcher.workers`).
+queue is empty. A forward that fails is retried in halves, down to single
+inputs, so that only the input at fault fails (out of memory alone: `InputFailed`)
+and every other input of the batch gets its vector; every worker keeps its own
+counters (`Batcher.workers`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from ..runners import PreparedInput
+from .model_process import ModelProcessEnded
 from .timing import StageTimes
 
 log = logging.getLogger("embedding_api")
@@ -260,19 +263,25 @@ class Batcher:
         started = time.perf_counter()
         try:
             vectors = self._forwards[k]([e.prepared for e in batch])
-        except Exception as exc:  # a failed batch fails its requests, never the worker
-            if _is_oom(exc):
-                if self._on_oom:
-                    self._on_oom()
-                if len(batch) > 1:
-                    half = len(batch) // 2
-                    log.warning("out of memory on a batch of %d (worker %d); retrying in halves", len(batch), k)
-                    self._run(batch[:half], k)
-                    self._run(batch[half:], k)
-                    return
+        except Exception as exc:  # a failed batch fails the input at fault only, never the worker
+            oom = _is_oom(exc)
+            if oom and self._on_oom:
+                self._on_oom()
+            if len(batch) > 1 and not isinstance(exc, ModelProcessEnded):
+                # Bisection: run each half on its own, so that what fails is the input at fault and
+                # every other input still gets its vector (out of memory splits the same way).
+                half = len(batch) // 2
+                log.warning("%s on a batch of %d (worker %d, %s); retrying in halves",
+                            "out of memory" if oom else f"forward pass failed ({exc.__class__.__name__}: {exc})",
+                            len(batch), k, stats.device)
+                self._run(batch[:half], k)
+                self._run(batch[half:], k)
+                return
+            if oom:
                 error: Exception = InputFailed("this input does not fit in the device's memory")
             else:
-                log.exception("forward pass failed for a batch of %d (worker %d, %s)", len(batch), k, stats.device)
+                log.error("forward pass failed for a batch of %d (worker %d, %s)", len(batch), k, stats.device,
+                          exc_info=exc)
                 error = exc
             stats.failed_batches += 1
             self._send(batch, [(e.future, error, True) for e in batch])
