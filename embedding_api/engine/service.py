@@ -21,7 +21,7 @@ from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
 from ..media.video import VideoLimits, VideoLoader, decode_video
 from ..normalize import finalize
-from ..runners import VISION_TOKENS, InputTooLong, PreparedInput, Runner
+from ..runners import InputTooLong, PreparedInput, Runner
 from ..settings import Settings
 
 log = logging.getLogger("embedding_api")
@@ -67,7 +67,7 @@ def input_rules(settings: Settings, runner: Runner) -> InputRules:
         takes_images=info.takes_images,
         vocab_size=info.vocab_size,
         reserved_token_ids=runner.reserved_token_ids(),
-        reserved_strings=VISION_TOKENS,
+        reserved_strings=runner.reserved_strings(),
         default_instruction=settings.default_instruction if info.family == "qwen3_vl" else None,
         query_instruction=settings.query_instruction or info.default_query_instruction,
         # Rerankers score text and images; video pairs are not prepared for them.
