@@ -113,6 +113,8 @@ class Service:
                                             for r in self.runners) else None,
             devices=[str(r.device) for r in self.runners],
             on_batch=on_batch,
+            cheap_request_tokens=settings.cheap_request_tokens or None,
+            heavy_batch_seconds=settings.heavy_batch_seconds or None,
         )
         self.batcher.start()
 
