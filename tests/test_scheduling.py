@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedding_api.engine import scheduling
-from embedding_api.engine.scheduling import CHEAP, HEAVY, LaneQueue, batch_cost, request_lane
+from embedding_api.engine.scheduling import CHEAP, HEAVY, ForwardCost, LaneQueue, batch_cost, request_lane
 from embedding_api.runners import PreparedInput
 
 from .test_batching import Forward, assert_same, make_batcher, runner, text, wait_entered  # noqa: F401
@@ -91,23 +91,39 @@ def test_heavy_lane_waking_into_a_busy_cheap_lane_waits_one_cheap_batch_at_most(
     assert lanes == [CHEAP, HEAVY]
 
 
+def test_forward_cost_model_fits_fixed_and_per_unit_parts():
+    model = ForwardCost()
+    assert model.fit() is None
+    model.add(40, 0.1 + 40e-4)
+    model.add(40, 0.1 + 40e-4)
+    assert model.fit() is None  # one cost seen: nothing to tell the parts apart
+    for units in (500, 1500, 3000, 80, 6000):
+        model.add(units, 0.1 + units * 1e-4)
+    fixed, per_unit = model.fit()
+    assert fixed == pytest.approx(0.1, rel=1e-6) and per_unit == pytest.approx(1e-4, rel=1e-6)
+
+
 def test_heavy_batches_cut_short_only_while_cheap_requests_are_about(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(scheduling.time, "monotonic", lambda: clock[0])
-    q = LaneQueue(max_batch_size=32, max_batch_tokens=100_000, heavy_batch_seconds=0.1)
+    q = LaneQueue(max_batch_size=32, max_batch_tokens=100_000, heavy_batch_efficiency=0.8)
     videos = [_Entry(_video(300, 1200), HEAVY) for _ in range(12)]
     q.extend(videos)
     assert len(q.take()) == 12  # no cheap request about: a full batch
-    q.charge(videos, 12 * 0.03)  # 0.03 s a video (1,500 units): 2e-5 s a unit
+    # Forwards cost 0.1 s + 1e-4 s a unit: a cheap one (20 units) and the 12 videos (18,000 units).
+    q.charge(videos, 0.1 + 18_000e-4)
     q.extend(videos)
-    q.extend([_Entry(_text(20), CHEAP)])
-    assert q.take()[0].lane == CHEAP
+    text = [_Entry(_text(20), CHEAP)]
+    q.extend(text)
+    assert q.take() == text
+    q.charge(text, 0.1 + 20e-4)
     batch = q.take()
-    assert batch[0].lane == HEAVY and len(batch) == 3  # 0.1 s / 0.03 s a video
-    assert batch_cost(batch) * q.heavy_rate <= 0.1 + 1e-9
+    # The cut: 0.1 x 0.8 / (0.2 x 1e-4) = 4,000 units, two videos of 1,500: 80% of that forward's
+    # 0.4 s goes to the videos, 20% to the fixed part.
+    assert batch[0].lane == HEAVY and len(batch) == 2
     clock[0] += scheduling.CHEAP_RECENT_S + 1  # the cheap requests are gone: full batches again
-    assert len(q.take()) == 9
-    # An input costlier than the bound runs alone.
+    assert len(q.take()) == 10
+    # An input costlier than the cut runs alone.
     q.extend([_Entry(_video(300, 20_000), HEAVY), _Entry(_video(300, 20_000), HEAVY)])
     q.extend([_Entry(_text(20), CHEAP)])
     q.take()

@@ -105,7 +105,7 @@ class Batcher:
         devices: Sequence[str] | None = None,
         on_batch: Callable[[int, int, float], None] | Sequence | None = None,
         cheap_request_tokens: int | None = None,
-        heavy_batch_seconds: float | None = None,
+        heavy_batch_efficiency: float | None = None,
     ):
         self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
         if not self._forwards:
@@ -123,7 +123,7 @@ class Batcher:
         # Cost lanes (engine/scheduling.py): without `cheap_request_tokens` every request is cheap,
         # one lane under `max_batch_tokens`.
         self.cheap_request_tokens = cheap_request_tokens
-        self._pending = LaneQueue(max_batch_size, max_batch_tokens, heavy_batch_seconds)
+        self._pending = LaneQueue(max_batch_size, max_batch_tokens, heavy_batch_efficiency)
         self._cond = threading.Condition()
         self._running = False
         self._busy = 0  # workers inside a forward pass

@@ -12,12 +12,15 @@ So the queue is split by cost, and heavy work is cut into short forwards:
   either). Each request's inputs all go to one lane, in arrival order. Cheap and heavy inputs never
   share a batch: a short text is never padded to a long one nor waits for a vision encoder.
 - **Short heavy forwards.** While cheap requests are about (one arrived within the last
-  `CHEAP_RECENT_S` seconds), a heavy batch is cut to what the worker runs in about
-  `HEAVY_BATCH_SECONDS`, so the forward a cheap input may find running is short: one video or a
-  few images on a CPU, a larger batch on a GPU. The cost of a batch is its padded tokens plus its
-  vision patches (the vision encoder's work), and the seconds per unit of cost are learnt from the
-  heavy forwards themselves (a moving average), so the bound follows the device and the model. An
-  input costlier than the bound runs alone. Without cheap requests about, heavy batches fill up to
+  `CHEAP_RECENT_S` seconds), a heavy batch is cut to the smallest cost that still spends
+  `HEAVY_BATCH_EFFICIENCY` (default 0.8) of its forward on its inputs rather than on the forward's
+  fixed cost, so the forward a cheap input may find running is short (a few images, one video) while
+  heavy work keeps about that share of its throughput. The cost of a batch is its padded tokens plus
+  its vision patches (the vision encoder's work); a forward's seconds are modelled as
+  `fixed + per_unit x cost`, fitted on the recent forwards of both lanes (weighted least squares:
+  cheap forwards pin the fixed part, heavy ones the part per unit), so the cut follows the device,
+  the model and the machine's load. The cut is `fixed x E / ((1 - E) x per_unit)`; an input
+  costlier than it runs alone. Without cheap requests about, heavy batches fill up to
   `max_batch_tokens` as before: no throughput is given up when nobody is waiting.
 - **Cheap first, heavy never starved.** Each lane has a virtual time, the forward-pass seconds it has
   used. A free worker serves the non-empty lane whose virtual time is lower (the cheap lane on a tie):
@@ -56,7 +59,7 @@ LENGTH_TOLERANCE_TOKENS = 8
 CHEAP_CREDIT_S = 0.5
 # Heavy batches are cut short while a cheap request arrived within this many seconds.
 CHEAP_RECENT_S = 10.0
-RATE_SMOOTHING = 0.3  # weight of the newest heavy forward in the seconds-per-cost average
+COST_DECAY = 0.97  # weight of a forward in the cost model after each newer one (~30 forwards remembered)
 
 
 class Queued(Protocol):
@@ -91,17 +94,42 @@ def batch_cost(batch: Sequence[Queued]) -> int:
     return width * len(batch) + sum(cost(e.prepared) - e.prepared.n_tokens for e in batch)
 
 
+class ForwardCost:
+    """A forward's seconds as `fixed + per_unit x cost`, by exponentially weighted least squares."""
+
+    def __init__(self):
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, units: float, seconds: float) -> None:
+        d = COST_DECAY
+        self.n = self.n * d + 1.0
+        self.sx = self.sx * d + units
+        self.sy = self.sy * d + seconds
+        self.sxx = self.sxx * d + units * units
+        self.sxy = self.sxy * d + units * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per unit), or None until forwards of different costs were seen."""
+        det = self.n * self.sxx - self.sx * self.sx
+        if self.n < 1.9 or det <= 1e-6 * self.n * self.sxx:  # two forwards at least
+            return None
+        per_unit = (self.n * self.sxy - self.sx * self.sy) / det
+        if per_unit <= 0:
+            return None
+        return max(0.0, (self.sy - per_unit * self.sx) / self.n), per_unit
+
+
 class LaneQueue:
     """The waiting inputs, one deque per lane; deque-like for the batcher (len, bool, extend,
     extendleft), plus `take` (the next batch) and `charge` (a finished forward's seconds)."""
 
-    def __init__(self, max_batch_size: int, max_batch_tokens: int, heavy_batch_seconds: float | None = None):
+    def __init__(self, max_batch_size: int, max_batch_tokens: int, heavy_batch_efficiency: float | None = None):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.heavy_batch_seconds = heavy_batch_seconds
+        self.heavy_batch_efficiency = heavy_batch_efficiency
         self.lanes: tuple[deque, deque] = (deque(), deque())
         self.vtime = [0.0, 0.0]  # forward seconds used by each lane (see the module docstring)
-        self.heavy_rate: float | None = None  # seconds per unit of cost of heavy forwards
+        self.forward_cost = ForwardCost()
         self.cheap_seen = float("-inf")  # time.monotonic() of the latest cheap arrival
 
     def __len__(self) -> int:
@@ -139,19 +167,19 @@ class LaneQueue:
 
     def charge(self, batch: Sequence[Queued], seconds: float) -> None:
         """`batch` took `seconds` of a worker (its retries after a failure included)."""
-        lane = batch[0].lane
-        self.vtime[lane] += seconds
-        if lane == HEAVY and seconds > 0:
-            rate = seconds / batch_cost(batch)
-            old = self.heavy_rate
-            self.heavy_rate = rate if old is None else old + RATE_SMOOTHING * (rate - old)
+        self.vtime[batch[0].lane] += seconds
+        self.forward_cost.add(batch_cost(batch), seconds)
 
     def heavy_budget(self) -> float:
         """The cost one heavy batch may have now (see the module docstring)."""
-        if (not self.heavy_batch_seconds or self.heavy_rate is None
-                or time.monotonic() - self.cheap_seen > CHEAP_RECENT_S):
+        share = self.heavy_batch_efficiency
+        if not share or time.monotonic() - self.cheap_seen > CHEAP_RECENT_S:
             return float("inf")
-        return self.heavy_batch_seconds / self.heavy_rate
+        fit = self.forward_cost.fit()
+        if fit is None:
+            return float("inf")
+        fixed, per_unit = fit
+        return fixed * share / ((1.0 - share) * per_unit)
 
     def next_lane(self) -> int | None:
         """The lane the next batch comes from: the waiting one with the lower virtual time, cheap on a tie."""

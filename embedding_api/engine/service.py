@@ -114,7 +114,7 @@ class Service:
             devices=[str(r.device) for r in self.runners],
             on_batch=on_batch,
             cheap_request_tokens=settings.cheap_request_tokens or None,
-            heavy_batch_seconds=settings.heavy_batch_seconds or None,
+            heavy_batch_efficiency=settings.heavy_batch_efficiency or None,
         )
         self.batcher.start()
 
