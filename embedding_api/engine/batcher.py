@@ -2,18 +2,17 @@
 
 Every input of every request joins one queue, in the lane of its request's cost
 (engine/scheduling.py: cheap requests are served before heavy ones, fairly, and
-heavy batches are kept short). One model-worker thread per model copy (one per
-device) owns that copy: a free worker takes the next batch from the queue (the
-lane's oldest input and, within a bounded window after it, those of about its
-length in arrival order, then the others closest in length first, under
-`max_batch_size` items and the lane's padded-token budget), runs the forward
-pass and hands each vector
-back to its request through an asyncio future. While the forwards run, new
-inputs queue up, so the next batch is fuller: no timer, no fixed delay when the
-queue is empty. A forward that fails is retried in halves, down to single
-inputs, so that only the input at fault fails (out of memory alone: `InputFailed`)
-and every other input of the batch gets its vector; every worker keeps its own
-counters (`Batcher.workers`).
+heavy batches are kept short while cheap requests are about). One model-worker
+thread per model copy (one per device) owns that copy: a free worker takes the
+next batch from the queue (a lane's oldest input and, within a bounded window
+after it, those of about its length in arrival order, then the others closest in
+length first, under `max_batch_size` items and `max_batch_tokens` padded
+tokens), runs the forward pass and hands each vector back to its request through
+an asyncio future. While the forwards run, new inputs queue up, so the next
+batch is fuller: no timer, no fixed delay when the queue is empty. A forward
+that fails is retried in halves, down to single inputs, so that only the input
+at fault fails (out of memory alone: `InputFailed`) and every other input of the
+batch gets its vector; every worker keeps its own counters (`Batcher.workers`).
 """
 
 from __future__ import annotations

@@ -28,27 +28,28 @@ So the queue is split by cost, and heavy work is cut into short forwards:
   A lane that goes from empty to waiting starts level with the other lane's virtual time, so idle time
   banks no credit; the cheap lane starts `CHEAP_CREDIT_S` below it, so that a cheap request arriving
   during heavy load is served at the next free worker, before the next heavy batch, unless cheap work
-  has already taken more than half of the recent time. Heavy work then always gets at least half of
-  the workers' time, and a cheap input waits for at most the heavy forward that is running (with
-  several workers: the one that ends first) plus the cheap batches queued before it.
+  has already taken more than half of the recent time. Over any stretch longer than that credit,
+  heavy work gets at least half of the workers' time; a cheap input waits for at most the heavy
+  forward that is running (with several workers: the one that ends first) plus the cheap batches
+  queued before it.
 
 Within a lane, batches are filled as before: the oldest input anchors the batch, and the inputs in a
 bounded window after it join (those of about its length in arrival order, then the others closest in
-length first) within `max_batch_size` inputs and the lane's token budget.
+length first) within `max_batch_size` inputs, `max_batch_tokens` padded tokens and, for a heavy
+batch, the cut.
 
 The queue is used with the batcher's lock held; it never blocks and never calls out.
 """
 
 from __future__ import annotations
 
-from collections import deque
 import time
+from collections import deque
 from typing import Iterable, Protocol, Sequence
 
 from ..runners import PreparedInput
 
 CHEAP, HEAVY = 0, 1
-LANE_NAMES = ("cheap", "heavy")
 
 # Inputs whose lengths differ by at most this much (a fraction of the anchor's length, or a number
 # of tokens, whichever is larger) count as the same length when a batch is filled.
