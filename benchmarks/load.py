@@ -42,6 +42,7 @@ class _State:
         self.errors = 0
         self.first_error: str | None = None
         self.mark = spec["mark"].encode() if spec.get("mark") else EMBEDDING_MARK
+        self.server_ms: list[tuple[float, float]] = []  # x-queue-time, x-inference-time of the window's requests
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -65,7 +66,15 @@ def _build_requests(spec: dict) -> list[bytes]:
     return out
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+def _header_ms(lower_head: bytes, name: bytes) -> float | None:
+    at = lower_head.find(b"\r\n" + name + b":")
+    if at < 0:
+        return None
+    end = lower_head.index(b"\r\n", at + 2)
+    return float(lower_head[at + len(name) + 3 : end])
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     lower = head.lower()
@@ -75,7 +84,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
     line_end = lower.index(b"\r\n", at + 2)
     length = int(lower[at + 17 : line_end])
     body = await reader.readexactly(length)
-    return status, body, b"\r\nconnection: close" in lower
+    return status, body, b"\r\nconnection: close" in lower, lower
 
 
 async def _worker(index: int, state: _State, requests: list[bytes], inputs: list[int]) -> None:
@@ -94,7 +103,7 @@ async def _worker(index: int, state: _State, requests: list[bytes], inputs: list
             k += 1
             started = time.perf_counter()
             writer.write(request)
-            status, body, close = await _read_response(reader)
+            status, body, close, head = await _read_response(reader)
             done = time.perf_counter()
             if status != 200:
                 state.error(f"HTTP {status}: {body[:300]!r}")
@@ -102,6 +111,9 @@ async def _worker(index: int, state: _State, requests: list[bytes], inputs: list
                 state.error(f"expected {expected} results, got {body.count(state.mark)}")
             elif state.start <= done <= state.end:
                 state.done.append((started, done, expected))
+                queue_ms = _header_ms(head, b"x-queue-time")  # the server's own split, when it sends it
+                if started >= state.start and queue_ms is not None:
+                    state.server_ms.append((queue_ms, _header_ms(head, b"x-inference-time") or 0.0))
             if close:
                 writer.close()
                 reader = writer = None
@@ -173,6 +185,10 @@ async def run(spec: dict) -> dict:
         "p95_ms": _percentile(lat, 95) * 1e3,
         "p99_ms": _percentile(lat, 99) * 1e3,
         "max_ms": lat[-1] * 1e3 if lat else float("nan"),
+        # The server's split of the same requests (x-queue-time, x-inference-time headers).
+        "queue_p50_ms": _percentile(sorted(q for q, _ in state.server_ms), 50),
+        "queue_p99_ms": _percentile(sorted(q for q, _ in state.server_ms), 99),
+        "inference_p50_ms": _percentile(sorted(f for _, f in state.server_ms), 50),
     }
 
 

@@ -16,6 +16,8 @@ What it measures (random-weight checkpoints written into benchmarks/.cache):
 4. The "tiny" model, whose forward costs almost nothing: what the server itself costs per request
    (1 and 64 clients) and where that time goes (a py-spy profile of the server process).
 5. MEMORY: the server's RSS after a warm-up and at the end of 10,000 mixed requests (full run, --memory).
+6. MIXED: a short text's latency beside clients sending videos or 16-image requests, and what that
+   costs the heavy load (full run, --mixed-only; benchmarks/mixed.py).
 
 Prints one table and writes benchmarks/results/<timestamp>.json and latest.json.
 """
@@ -37,6 +39,7 @@ from pathlib import Path
 import embedding_api.tools.checkpoint as checkpoint_module
 from embedding_api.tools.checkpoint import SIZES, write_checkpoint
 
+from . import mixed
 from .server import Server, clean_env, drive, start_profile, summarise_profile
 from .workload import KINDS, request_bodies
 
@@ -503,6 +506,8 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="only the 10,000-request memory run (tiny model)")
     p.add_argument("--video-only", action="store_true",
                    help="only the single-short-video rows: their limit and the batched server (under a minute)")
+    p.add_argument("--mixed-only", action="store_true",
+                   help="only the short texts beside heavy loads (benchmarks/mixed.py, about 2 minutes)")
     p.add_argument("--family", choices=tuple(SIZES), default="qwen3_vl")
     p.add_argument("--size", default="cpu", help="main model size: cpu (default), tiny, 2b (qwen3_vl) or 0.6b (qwen3)")
     p.add_argument("--threads", type=int, default=None,
@@ -550,6 +555,8 @@ def main(argv=None) -> int:
         path = write_results(results, args.out)
         print(f"\nresults: {path} (and latest.json), {results['elapsed_s']:.0f} s")
         return 0
+    if args.mixed_only:
+        return mixed.main(["--threads", str(args.threads), "--size", args.size])
     tiny = checkpoint(cache, args.family, "tiny")
     if not args.memory:
         model = checkpoint(cache, args.family, args.size)
@@ -574,6 +581,9 @@ def main(argv=None) -> int:
         for key in ("in-process", "in_turns"):
             if key in tb["batched"]:
                 tb[key] = tb["batched"].pop(key)
+    if not args.memory and not args.quick and args.family == "qwen3_vl":
+        log("mixed: short texts beside videos and 16-image requests")
+        results["mixed"] = mixed.measure(model, args.threads, 2, plan.duration, run_dir)
     if args.memory or plan.memory:
         log(f"memory: {MEMORY_WARMUP_REQUESTS} warm-up + {MEMORY_REQUESTS} mixed requests, tiny model, 32 clients")
         results["memory"] = memory_run(tiny, args.threads, args.batch_size, args.encoding, run_dir,
@@ -592,6 +602,8 @@ def main(argv=None) -> int:
           f"{100 * results['host']['foreign_cpu_share']:.0f}% of the CPU during the run")
     if "main" in results or "tiny" in results:
         print(table(results, args))
+    if "mixed" in results:
+        print("\n".join(mixed.report(results["mixed"])))
     print()
     results["verdicts"] = verdicts(results)
     if results["host"]["foreign_cpu_share"] > 0.1:

@@ -6,7 +6,9 @@ offending field (`input[3]`, `input[1].content[0]`, `dimensions`, ...).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .api.errors import APIError, invalid
@@ -66,8 +68,8 @@ class InputRules:
     default_dimension: int
     takes_images: bool
     vocab_size: int
-    reserved_token_ids: frozenset[int]
-    reserved_strings: tuple[str, ...]
+    reserved_token_ids: frozenset[int]  # token ids an input may not hold (the vision placeholders)
+    reserved_strings: tuple[str, ...]  # what no text that enters a prompt may contain (special tokens)
     default_instruction: str | None  # applied when nothing else is given
     query_instruction: str
     takes_videos: bool = False
@@ -100,6 +102,24 @@ def _instruction(value: Any, param: str) -> str | None:
     if not isinstance(value, str):
         raise invalid(f"{param} must be a string.", param, "invalid_type")
     return _unicode(value, param) if value.strip() else None
+
+
+@lru_cache(maxsize=8)
+def _reserved_pattern(reserved: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, reserved))) if reserved else None
+
+
+def check_reserved(text: str | None, param: str, rules: InputRules) -> None:
+    """Refuse a text or an instruction holding one of the model's special tokens (`reserved_token`):
+    inside a prompt it would become that token, not text."""
+    pattern = _reserved_pattern(rules.reserved_strings)
+    found = pattern.search(text) if pattern is not None and text else None
+    if found is not None:
+        raise invalid(
+            f"{param} contains the reserved token {found.group()}, which only the server may place in a prompt.",
+            param,
+            "reserved_token",
+        )
 
 
 def _dimension_value(value: Any, key: str, rules: InputRules) -> int:
@@ -377,11 +397,8 @@ def _check_item(item: EmbedInput, rules: InputRules) -> None:
             "images_not_supported",
         )
     for text in item.texts:
-        for reserved in rules.reserved_strings:
-            if reserved in text:
-                raise invalid(
-                    f"{item.param} contains the reserved token {reserved}.", item.param, "reserved_token"
-                )
+        check_reserved(text, item.param, rules)
+    check_reserved(item.instruction, f"{item.param}.instruction", rules)
 
 
 def parse_item(obj: dict, param: str, rules: InputRules, instruction: str | None = None,
@@ -390,6 +407,7 @@ def parse_item(obj: dict, param: str, rules: InputRules, instruction: str | None
     resolved exactly as inside a request; for callers without a request body (bulk jobs)."""
     item = _parse_object(obj, param)
     _check_item(item, rules)
+    check_reserved(instruction, "instruction", rules)
     typed_instruction = rules.query_instruction if input_type == "query" else None
     item.instruction = item.instruction or instruction or typed_instruction or rules.default_instruction
     return item
@@ -418,6 +436,7 @@ def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> E
     dimensions = _parse_dimensions(body, rules)
     truncate = _parse_truncate(body)
     request_instruction = _instruction(body.get("instruction"), "instruction")
+    check_reserved(request_instruction, "instruction", rules)
     input_type = body.get("input_type")
     if input_type is not None and input_type not in INPUT_TYPES:
         raise invalid("input_type must be 'query' or 'document'.", "input_type", "invalid_value")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api.errors import invalid
-from .inputs import EmbedInput, InputRules, _check_item, _instruction, _is_int, _parse_element
+from .inputs import EmbedInput, InputRules, _check_item, _instruction, _is_int, _parse_element, check_reserved
 
 
 @dataclass
@@ -58,15 +58,17 @@ def _documents(value: Any, param: str, rules: InputRules, limit: int) -> list[Em
     return [_side(v, f"{param}[{i}]", rules) for i, v in enumerate(value)]
 
 
-def _common(body: Any) -> tuple[str | None, bool]:
+def _common(body: Any, rules: InputRules) -> tuple[str | None, bool]:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", None, "invalid_json")
-    return _instruction(body.get("instruction"), "instruction"), _bool(body, "truncate", True)
+    instruction = _instruction(body.get("instruction"), "instruction")
+    check_reserved(instruction, "instruction", rules)
+    return instruction, _bool(body, "truncate", True)
 
 
 def parse_rerank(body: Any, rules: InputRules, max_documents: int) -> RerankRequest:
     """Cohere / Jina shape: {query, documents, top_n?, return_documents?, instruction?, truncate?}."""
-    instruction, truncate = _common(body)
+    instruction, truncate = _common(body, rules)
     query = _side(body.get("query"), "query", rules)
     documents = _documents(body.get("documents"), "documents", rules, max_documents)
     top_n = body.get("top_n")
@@ -82,7 +84,7 @@ def parse_rerank(body: Any, rules: InputRules, max_documents: int) -> RerankRequ
 
 def parse_score(body: Any, rules: InputRules, max_documents: int) -> RerankRequest:
     """vLLM shape: {text_1, text_2}: one to one (equal lists) or one to many (one text_1)."""
-    instruction, truncate = _common(body)
+    instruction, truncate = _common(body, rules)
     firsts = body.get("text_1")
     if isinstance(firsts, list) and len(firsts) == 1:
         firsts = firsts[0]

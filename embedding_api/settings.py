@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     # Batching and load
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(16384, ge=1)
+    # Scheduling by cost (engine/scheduling.py): text-only requests of at most this many tokens in all
+    # are served before the others; 0 puts every request in one lane.
+    cheap_request_tokens: int = Field(1024, ge=0)
+    # While cheap requests are about, a batch of heavy inputs (images, videos, long or many texts) is cut
+    # to the smallest that still spends this share of its forward on its inputs (the rest is the
+    # forward's fixed cost), so that a cheap request never waits long for it; 0: no cut.
+    heavy_batch_efficiency: float = Field(0.8, ge=0, lt=1)
     max_queued_inputs: int = Field(4096, ge=1)
     request_timeout: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)

@@ -43,9 +43,10 @@ def assert_same(runner, prepared: list[PreparedInput], vectors) -> None:
 
 
 class Forward:
-    """Wraps runner.forward: records every batch, can hold the first call until released, can fail."""
+    """Wraps runner.forward: records every batch, can hold the first call until released, can fail
+    (the first call, or every call whose batch holds one of the `poisoned` inputs)."""
 
-    def __init__(self, runner, hold: bool = False, fail_first: bool = False):
+    def __init__(self, runner, hold: bool = False, fail_first: bool = False, poisoned=()):
         self.runner = runner
         self.batches: list[list[PreparedInput]] = []
         self.entered = threading.Event()
@@ -53,6 +54,7 @@ class Forward:
         if not hold:
             self.release.set()
         self.fail_first = fail_first
+        self.poisoned = {id(p) for p in poisoned}
 
     def __call__(self, batch: list[PreparedInput]) -> np.ndarray:
         first = not self.batches
@@ -61,6 +63,8 @@ class Forward:
         self.release.wait(30)
         if first and self.fail_first:
             raise RuntimeError("boom: the forward pass failed")
+        if any(id(p) in self.poisoned for p in batch):
+            raise RuntimeError("boom: a poisoned input")
         return self.runner.forward(batch)
 
     @property
@@ -193,7 +197,9 @@ def test_token_budget_and_batch_size_respected(runner):
     assert_same(runner, prepared, vectors)
 
 
-def test_failed_forward_fails_only_its_batch_and_the_worker_goes_on(runner):
+def test_failed_forward_is_retried_in_parts_and_the_worker_goes_on(runner):
+    # The first forward fails for no input's fault (a passing fault): the halves are retried and
+    # every input gets its vector.
     x = [runner.prepare([text(4, 1)], [], None, None), runner.prepare([text(9, 2)], [], None, None)]
     y = [runner.prepare([text(6, 3)], [], None, None)]
     z = [runner.prepare([text(7, 4)], [], None, None)]
@@ -203,21 +209,58 @@ def test_failed_forward_fails_only_its_batch_and_the_worker_goes_on(runner):
     async def main():
         fx = batcher.submit(x)  # the first batch: both inputs of x, which fails
         await wait_entered(forward)
-        fy = batcher.submit(y)  # queued meanwhile: the next batch
+        fy = batcher.submit(y)  # queued meanwhile
         forward.release.set()
-        rx = await asyncio.gather(*fx, return_exceptions=True)
+        vx = await asyncio.gather(*fx)
         vy = await asyncio.gather(*fy)
         vz = await asyncio.gather(*batcher.submit(z))  # submitted after the failure
-        return rx, vy, vz
+        return vx, vy, vz
 
     try:
-        rx, vy, vz = asyncio.run(main())
+        vx, vy, vz = asyncio.run(main())
     finally:
         batcher.stop()
-    assert [b for b in forward.batches[0]] == x
-    assert all(isinstance(r, RuntimeError) and "boom" in str(r) for r in rx)
+    assert forward.batches[0] == x and forward.batches[1] == x[:1] and forward.batches[2] == x[1:]
+    assert_same(runner, x, vx)
     assert_same(runner, y, vy)
     assert_same(runner, z, vz)
+    assert batcher.workers[0].failed_batches == 0
+
+
+def test_poisoned_input_fails_alone_and_its_batch_neighbours_get_their_vectors(runner):
+    # Ten requests batched together while the worker is held; one input of one request makes every
+    # forward that carries it fail. Bisection isolates it: that input alone fails (its request sees
+    # the error), every other input of every request gets the vector it gets alone.
+    requests = [[runner.prepare([text(3 + (r * 7 + j) % 11, 20 * r + j)], [], None, None) for j in range(1 + r % 2)]
+                for r in range(10)]
+    bad = requests[6][-1]
+    forward = Forward(runner, hold=True, poisoned=[bad])
+    batcher = make_batcher(forward, max_batch_size=16)
+
+    async def main():
+        first = batcher.submit([runner.prepare(["hold"], [], None, None)])
+        await wait_entered(forward)
+        futures = [batcher.submit(items) for items in requests]
+        forward.release.set()
+        await asyncio.gather(*first)
+        return [await asyncio.gather(*fs, return_exceptions=True) for fs in futures]
+
+    try:
+        results = asyncio.run(main())
+        assert batcher.alive()
+    finally:
+        batcher.stop()
+    assert len(forward.batches[1]) == sum(len(items) for items in requests)  # all in one batch at first
+    for items, outcome in zip(requests, results, strict=True):
+        for p, value in zip(items, outcome, strict=True):
+            if p is bad:
+                assert isinstance(value, RuntimeError) and "poisoned" in str(value)
+            else:
+                assert_same(runner, [p], [value])
+    assert [bad] in forward.batches  # it was tried alone before failing
+    # A bisection, not one retry per input: about 2 log2(n) failed forwards.
+    assert sum(any(p is bad for p in b) for b in forward.batches) <= 2 + 2 * 5
+    assert batcher.workers[0].failed_batches == 1
 
 
 def test_queue_full_when_max_queued_is_exceeded(runner):

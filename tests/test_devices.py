@@ -68,7 +68,8 @@ def test_a_failing_forward_fails_only_its_batch_and_its_worker_goes_on(runners):
     f0, f1 = Gated(runners[0], fail_first=True), Gated(runners[1])
     batcher = Batcher([f0, f1], max_batch_size=8, max_batch_tokens=16384, max_queued=1024, devices=["cpu", "cpu"])
     batcher.start()
-    x = [runners[0].prepare([text(4, 1)], [], None, None), runners[0].prepare([text(9, 2)], [], None, None)]
+    # x and y are single inputs: a failed batch of several is retried in parts (test_batching.py).
+    x = [runners[0].prepare([text(4, 1)], [], None, None)]
     y = [runners[0].prepare([text(6, 3)], [], None, None)]
     z = [runners[0].prepare([text(7, 4)], [], None, None)]
     w = [runners[0].prepare([text(3, 5)], [], None, None)]

@@ -1,18 +1,21 @@
 """Dynamic batching across requests.
 
-Every input of every request joins one queue. One model-worker thread per model
-copy (one per device) owns that copy: a free worker takes the oldest waiting
-input and fills the batch from the inputs queued after it (within a bounded
-window, so nothing waits for long): those of about its length in arrival order,
-then the others closest in length first, under `max_batch_size` items and
-`max_batch_tokens` padded tokens. It runs the forward pass and hands each vector
-back to its request through an asyncio future. While the forwards run, new
-inputs queue up, so the next batch is fuller: no timer, no fixed delay when the
-queue is empty. A failed forward fails its own batch only; every worker keeps
-its own counters (`Batcher.workers`).
+Every input of every request joins one queue, in the lane of its request's cost
+(engine/scheduling.py: cheap requests are served before heavy ones, fairly, and
+heavy batches are kept short while cheap requests are about). One model-worker
+thread per model copy (one per device) owns that copy: a free worker takes the
+next batch from the queue (a lane's oldest input and, within a bounded window
+after it, those of about its length in arrival order, then the others closest in
+length first, under `max_batch_size` items and `max_batch_tokens` padded
+tokens), runs the forward pass and hands each vector back to its request through
+an asyncio future. While the forwards run, new inputs queue up, so the next
+batch is fuller: no timer, no fixed delay when the queue is empty. A forward
+that fails is retried in halves, down to single inputs, so that only the input
+at fault fails (out of memory alone: `InputFailed`) and every other input of the
+batch gets its vector; every worker keeps its own counters (`Batcher.workers`).
 
 A worker whose model copy is gone (its forward raises WorkerUnavailable) puts
-its batch back at the front of the queue for the others and takes no batches
+its batch back at the front of its lanes for the others and takes no batches
 until its model copy is restarted (recovery.py).
 """
 
@@ -23,7 +26,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -31,14 +33,10 @@ import numpy as np
 
 from ..runners import PreparedInput
 from .recovery import WORKER_RETRIES, WorkerRecovery, WorkerUnavailable  # noqa: F401 - re-exported
+from .scheduling import CHEAP, LaneQueue, request_lane
 from .timing import StageTimes
 
 log = logging.getLogger("embedding_api")
-
-# Inputs whose lengths differ by at most this much (a fraction of the anchor's length, or a
-# number of tokens, whichever is larger) count as the same length when a batch is filled.
-LENGTH_TOLERANCE = 0.25
-LENGTH_TOLERANCE_TOKENS = 8
 
 
 class QueueFull(Exception):
@@ -56,6 +54,7 @@ class _Entry:
     loop: asyncio.AbstractEventLoop
     times: StageTimes | None = None
     retries: int = 0  # times its batch went back to the queue because its worker went down
+    lane: int = CHEAP  # engine/scheduling.py
 
 
 def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
@@ -145,6 +144,8 @@ class Batcher(WorkerRecovery):
         recover: Sequence[Callable[[], str | None] | None] | None = None,
         restart_attempts: int = 5,
         stuck_after: float = 0.0,
+        cheap_request_tokens: int | None = None,
+        heavy_batch_efficiency: float | None = None,
     ):
         self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
         if not self._forwards:
@@ -159,7 +160,10 @@ class Batcher(WorkerRecovery):
         # (inputs, padded tokens, forward seconds) per batch run: one callable, or one per worker
         # (each worker then writes only its own).
         self._on_batch = list(on_batch) if isinstance(on_batch, (list, tuple)) else [on_batch] * len(self._forwards)
-        self._pending: deque[_Entry] = deque()
+        # Cost lanes (engine/scheduling.py): without `cheap_request_tokens` every request is cheap,
+        # one lane under `max_batch_tokens`.
+        self.cheap_request_tokens = cheap_request_tokens
+        self._pending = LaneQueue(max_batch_size, max_batch_tokens, heavy_batch_efficiency)
         self._cond = threading.Condition()
         self._running = False
         self._busy = 0  # workers inside a forward pass
@@ -192,7 +196,8 @@ class Batcher(WorkerRecovery):
         With `times`, the worker records there the forward passes that carry these inputs.
         """
         loop = asyncio.get_running_loop()
-        entries = [_Entry(p, loop.create_future(), loop, times) for p in items]
+        lane = CHEAP if self.cheap_request_tokens is None else request_lane(items, self.cheap_request_tokens)
+        entries = [_Entry(p, loop.create_future(), loop, times, lane) for p in items]
         if times is not None:
             times.mark_submitted()
         with self._cond:
@@ -240,44 +245,9 @@ class Batcher(WorkerRecovery):
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _take(self) -> list[_Entry]:
-        """Called with the lock held and the queue non-empty.
-
-        The oldest input anchors the batch. The next `4 x max_batch_size` inputs form the
-        window: those within LENGTH_TOLERANCE of the anchor's length join in arrival order,
-        so the inputs of one request stay together and finish together; farther ones join
-        closest in length first, so a batch of mixed lengths wastes little on padding.
-        Costs O(window), not O(queue): the rest of the queue is never touched.
-        """
-        pending = self._pending
-        while pending and pending[0].future.done():  # cancelled by a disconnected client
-            pending.popleft()
-        if not pending:
-            return []
-        anchor = pending.popleft()
-        size = anchor.prepared.n_tokens
-        window = []
-        for _ in range(min(len(pending), self.max_batch_size * 4)):
-            entry = pending.popleft()
-            if not entry.future.done():
-                window.append(entry)
-        tolerance = max(LENGTH_TOLERANCE_TOKENS, int(size * LENGTH_TOLERANCE))
-        order = sorted(
-            range(len(window)),
-            key=lambda i: (max(0, abs(window[i].prepared.n_tokens - size) - tolerance), i),
-        )
-        batch, longest, chosen = [anchor], size, set()
-        for i in order:
-            if len(batch) >= self.max_batch_size:
-                break
-            width = max(longest, window[i].prepared.n_tokens)
-            if width * (len(batch) + 1) > self.max_batch_tokens:
-                continue
-            batch.append(window[i])
-            chosen.add(i)
-            longest = width
-        # The window's leftovers go back to the front of the queue, in arrival order.
-        pending.extendleft(reversed([e for i, e in enumerate(window) if i not in chosen]))
-        return batch
+        """Called with the lock held and the queue non-empty: the next batch, by the scheduling
+        policy of engine/scheduling.py (cheap lane first, fairly; length-aware filling)."""
+        return self._pending.take()
 
     def _work(self, k: int) -> None:
         stats = self.workers[k]
@@ -311,6 +281,7 @@ class Batcher(WorkerRecovery):
                             stats.longest = max(stats.longest, took)
                         if stats.batches > done:
                             stats.failures = 0  # a good batch: the next down restarts at once
+                        self._pending.charge(batch, took)
                         self._busy -= 1
                         stats.busy = False
                         stats.busy_seconds += took
@@ -324,19 +295,28 @@ class Batcher(WorkerRecovery):
         except WorkerUnavailable as exc:  # its model copy is gone: the batch goes to a live worker
             self._worker_down(k, batch, exc)
             return
-        except Exception as exc:  # a failed batch fails its requests, never the worker
-            if _is_oom(exc):
-                if self._on_oom:
-                    self._on_oom()
-                if len(batch) > 1:
-                    half = len(batch) // 2
-                    log.warning("out of memory on a batch of %d (worker %d); retrying in halves", len(batch), k)
-                    self._run(batch[:half], k)
+        except Exception as exc:  # a failed batch fails the input at fault only, never the worker
+            oom = _is_oom(exc)
+            if oom and self._on_oom:
+                self._on_oom()
+            if len(batch) > 1:
+                # Bisection: run each half on its own, so that what fails is the input at fault and
+                # every other input still gets its vector (out of memory splits the same way).
+                half = len(batch) // 2
+                log.warning("%s on a batch of %d (worker %d, %s); retrying in halves",
+                            "out of memory" if oom else f"forward pass failed ({exc.__class__.__name__}: {exc})",
+                            len(batch), k, stats.device)
+                self._run(batch[:half], k)
+                if stats.down:  # the first half found the model copy gone: the rest goes back too
+                    self._worker_down(k, batch[half:], WorkerUnavailable("its worker went down"), again=True)
+                else:
                     self._run(batch[half:], k)
-                    return
+                return
+            if oom:
                 error: Exception = InputFailed("this input does not fit in the device's memory")
             else:
-                log.exception("forward pass failed for a batch of %d (worker %d, %s)", len(batch), k, stats.device)
+                log.error("forward pass failed for a batch of %d (worker %d, %s)", len(batch), k, stats.device,
+                          exc_info=exc)
                 error = exc
             stats.failed_batches += 1
             self._send(batch, [(e.future, error, True) for e in batch])

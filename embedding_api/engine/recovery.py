@@ -45,23 +45,28 @@ class WorkerRecovery:
     def _failed_message() -> str:
         return "every model worker has failed and could not be restarted"
 
-    def _worker_down(self, k: int, batch: list, exc: Exception) -> None:
-        """The forward of worker k raised WorkerUnavailable: requeue its batch, mark it restarting."""
+    def _worker_down(self, k: int, batch: list, exc: Exception, again: bool = False) -> None:
+        """The forward of worker k raised WorkerUnavailable: requeue its batch, mark it restarting.
+        `again`: the rest of a batch whose worker was already found down (no new failure counted)."""
         stats = self.workers[k]
         retry, fail = [], []
         with self._cond:
             stopping = not self._running
-            if not stopping:
+            if not stopping and not again:
                 stats.state = "restarting"
                 stats.failures += 1
             for entry in batch:
                 if entry.future.done():
                     continue
-                entry.retries += 1
+                entry.retries += 0 if again else 1
                 (fail if stopping or entry.retries > WORKER_RETRIES else retry).append(entry)
             self._pending.extendleft(reversed(retry))
             if retry:
                 self._cond.notify_all()
+        if again:
+            if fail:
+                self._send(fail, [(e.future, exc, True) for e in fail])
+            return
         stats.failed_batches += 1
         if not stopping:
             log.error("model worker %d (%s) is down: %s; %d input(s) of its batch go back to the queue%s",

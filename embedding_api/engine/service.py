@@ -22,7 +22,7 @@ from ..media import ImageLoader, MediaError, MediaPolicy
 from ..media.memory import release_freed_memory
 from ..media.video import VideoLimits, VideoLoader, decode_video
 from ..normalize import finalize
-from ..runners import VISION_TOKENS, InputTooLong, PreparedInput, Runner
+from ..runners import InputTooLong, PreparedInput, Runner
 from ..settings import Settings
 
 log = logging.getLogger("embedding_api")
@@ -68,7 +68,7 @@ def input_rules(settings: Settings, runner: Runner) -> InputRules:
         takes_images=info.takes_images,
         vocab_size=info.vocab_size,
         reserved_token_ids=runner.reserved_token_ids(),
-        reserved_strings=VISION_TOKENS,
+        reserved_strings=runner.reserved_strings(),
         default_instruction=settings.default_instruction if info.family == "qwen3_vl" else None,
         query_instruction=settings.query_instruction or info.default_query_instruction,
         # Rerankers score text and images; video pairs are not prepared for them.
@@ -118,6 +118,8 @@ class Service:
             recover=[_process(r).restart if _process(r) is not None else None for r in self.runners],
             restart_attempts=settings.model_restart_attempts,
             stuck_after=settings.stuck_forward_seconds,
+            cheap_request_tokens=settings.cheap_request_tokens or None,
+            heavy_batch_efficiency=settings.heavy_batch_efficiency or None,
         )
         self.batcher.start()
         self._closing = threading.Event()

@@ -111,6 +111,14 @@ class Runner:
             kind=self.kind,
         )
 
+    def reserved_strings(self) -> tuple[str, ...]:
+        """What user text may not contain: the tokenizer's special tokens (the chat template's
+        `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, the vision markers, ...). In a text or an
+        instruction they would become those very tokens and reshape the prompt: a wrong vector,
+        or vision placeholders without pixels that fail the forward pass."""
+        special = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        return tuple(sorted(special | set(VISION_TOKENS)))
+
     def reserved_token_ids(self) -> frozenset[int]:
         ids = self.tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
         return frozenset(i for i in ids if i is not None and i != self.tokenizer.unk_token_id)
