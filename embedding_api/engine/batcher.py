@@ -197,7 +197,7 @@ class Batcher(WorkerRecovery):
         """
         loop = asyncio.get_running_loop()
         lane = CHEAP if self.cheap_request_tokens is None else request_lane(items, self.cheap_request_tokens)
-        entries = [_Entry(p, loop.create_future(), loop, times, lane) for p in items]
+        entries = [_Entry(p, loop.create_future(), loop, times, lane=lane) for p in items]
         if times is not None:
             times.mark_submitted()
         with self._cond:
