@@ -337,11 +337,20 @@ NON_LOOPBACK = [
 ]
 
 
+NEVER_FETCHED = ("http://0.0.0.0/", "http://[::]/", "http://224.0.0.1/", "http://255.255.255.255/", "http://[ff02::1]/")
+PRIVATE_REFUSED = ("image URL host resolves to a non-public address (refused; the server setting "
+                   "ALLOW_PRIVATE_IMAGE_URLS=true allows private, loopback and link-local addresses)")
+
+
 @pytest.mark.parametrize("url", NON_LOOPBACK)
 def test_non_public_addresses_refused_instantly(url, no_connections):
     t0 = time.monotonic()
     msg = load_error(url)
-    assert msg == "image URL host resolves to a non-public address (refused)"
+    if url in NEVER_FETCHED:  # no setting allows these: the message names none
+        assert msg == ("image URL host resolves to a non-public address (refused: unspecified, multicast and "
+                       "broadcast addresses are never fetched)")
+    else:  # the message names the setting that allows them
+        assert msg == PRIVATE_REFUSED
     assert time.monotonic() - t0 < 1.0
 
 
@@ -471,10 +480,34 @@ def test_bad_urls_refused(url, expected, no_connections):
 def test_allow_urls_false_refuses_urls_but_base64_works(srv, no_connections):
     policy = MediaPolicy(allow_urls=False, allow_private=True)
     msg = load_error(f"http://127.0.0.1:{srv.port}/img.png", policy)
-    assert "disabled" in msg
+    assert "disabled" in msg and "ALLOW_IMAGE_URLS=false" in msg
     assert srv.requests == []
     im = load(base64.b64encode(PNG).decode(), policy)
     assert im.size == (40, 30)
+
+
+def test_video_url_refusals_name_the_setting(no_connections):
+    """Video URLs share the image URL settings; their refusals say which setting applies."""
+    from embedding_api.media.video import VideoLimits, VideoLoader
+
+    def video_error(url: str, policy: MediaPolicy) -> str:
+        async def go():
+            loader = VideoLoader(policy, VideoLimits())
+            try:
+                await loader.load_bytes(url)
+            finally:
+                await loader.aclose()
+
+        with pytest.raises(MediaError) as info:
+            asyncio.run(go())
+        return info.value.message
+
+    assert video_error("http://10.0.0.1/a.mp4", MediaPolicy()) == (
+        "video URL host resolves to a non-public address (refused; the server setting "
+        "ALLOW_PRIVATE_IMAGE_URLS=true allows private, loopback and link-local addresses)")
+    assert "ALLOW_IMAGE_URLS=false" in video_error("http://10.0.0.1/a.mp4", MediaPolicy(allow_urls=False))
+    assert video_error("http://other.test/a.mp4", MediaPolicy(allowed_domains=("x.test",))) == (
+        "video URL host is not in the list of allowed image domains (server setting ALLOWED_IMAGE_DOMAINS)")
 
 
 # ---------------------------------------------------------------------------
@@ -528,7 +561,7 @@ def test_redirect_hop_checked_against_allowlist(srv):
     calls: list[str] = []
     policy = MediaPolicy(allow_private=True, allowed_domains=("images.test",))
     msg = load_error(f"http://images.test:{srv.port}/redirect-other", policy, mapping_resolver(LOCAL, calls))
-    assert "not in the list of allowed image domains" in msg
+    assert msg == "image URL host is not in the list of allowed image domains (server setting ALLOWED_IMAGE_DOMAINS)"
     assert calls == ["images.test"]  # other.test never even resolved
     assert srv.paths() == ["/redirect-other"]
 
@@ -557,7 +590,7 @@ def test_redirect_hop_address_checked(srv, monkeypatch):
 
     monkeypatch.setattr(httpx.AsyncClient, "send", counting_send)
     msg = load_error(f"http://127.0.0.1:{srv.port}/redirect-meta", MediaPolicy())
-    assert msg == "image URL host resolves to a non-public address (refused)"
+    assert msg == PRIVATE_REFUSED
     assert len(sent) == 1 and srv.paths() == ["/redirect-meta"]
 
 

@@ -131,7 +131,14 @@ def _timed_out(policy: MediaPolicy) -> MediaError:
     return MediaError(f"image fetch timed out after {policy.fetch_timeout:g}s")
 
 
-_NOT_PUBLIC = "image URL host resolves to a non-public address (refused)"
+_NOT_PUBLIC = "image URL host resolves to a non-public address"  # the prefix of both messages below
+NOT_PUBLIC_PRIVATE = (
+    _NOT_PUBLIC + " (refused; the server setting ALLOW_PRIVATE_IMAGE_URLS=true allows private, loopback and "
+    "link-local addresses)"
+)
+NOT_PUBLIC_NEVER = _NOT_PUBLIC + " (refused: unspecified, multicast and broadcast addresses are never fetched)"
+NOT_ALLOWED_DOMAIN = "image URL host is not in the list of allowed image domains (server setting ALLOWED_IMAGE_DOMAINS)"
+URLS_DISABLED = "image URLs are disabled on this server (ALLOW_IMAGE_URLS=false); send the image as base64 or a data URI"
 _NOT_BASE64 = "image data is not valid base64"
 _NOT_IMAGE = "image data is not a decodable image"
 _CORRUPT = "image data is corrupt or truncated"
