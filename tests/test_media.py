@@ -796,6 +796,7 @@ def test_base64_too_large_is_refused_before_decoding(monkeypatch):
 # ---------------------------------------------------------------------------
 
 P = MediaPolicy()
+SHRINK = MediaPolicy(max_width=512, max_height=512, max_size=512)  # the opt-in pre-shrink at 512
 
 
 def test_one_pixel():
@@ -815,8 +816,10 @@ def test_one_pixel():
     ],
 )
 def test_downscale(size, expected):
-    im = decode_image_bytes(encode(Image.new("RGB", size, (9, 9, 9))), P)
+    im = decode_image_bytes(encode(Image.new("RGB", size, (9, 9, 9))), SHRINK)
     assert im.size == expected and im.mode == "RGB"
+    # by default nothing is shrunk: the model's own resizing (smart_resize) is the only one
+    assert decode_image_bytes(encode(Image.new("RGB", size, (9, 9, 9))), P).size == size
 
 
 def test_separate_width_height_and_size_caps():
@@ -827,8 +830,12 @@ def test_separate_width_height_and_size_caps():
 
 
 def test_large_jpeg_is_downscaled():
-    im = decode_image_bytes(encode(noise(3000, 2000), "JPEG"), P)
+    data = encode(noise(3000, 2000), "JPEG")
+    im = decode_image_bytes(data, SHRINK)
     assert im.size == (512, 341) and im.mode == "RGB"
+    # by default: the full decode, pixel for pixel what PIL gives (no reduced-scale JPEG draft)
+    full = decode_image_bytes(data, P)
+    assert full.size == (3000, 2000) and full.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
 
 
 def test_rgba_flattened_on_white():
@@ -923,7 +930,7 @@ def test_exif_orientation_6_rotates(fmt):
 
 
 def test_exif_orientation_with_big_jpeg_draft():
-    out = decode_image_bytes(_oriented((3000, 1000), 6), P)
+    out = decode_image_bytes(_oriented((3000, 1000), 6), SHRINK)
     assert out.size == (171, 512)
     assert out.getpixel((85, 10))[0] > 200 and out.getpixel((85, 500))[2] > 200
 
@@ -985,7 +992,8 @@ def test_policy_normalises_domains_and_validates():
     assert p.allowed_domains == ("example.com", "cdn.test")
     assert MediaPolicy(allowed_domains="a.test, b.test").allowed_domains == ("a.test", "b.test")
     with pytest.raises(ValueError):
-        MediaPolicy(max_width=0)
+        MediaPolicy(max_width=-1)
+    assert MediaPolicy().max_width == MediaPolicy().max_size == 0  # 0 = no shrinking (the default)
     with pytest.raises(ValueError):
         MediaPolicy(fetch_timeout=0)
     env = {"ALLOW_IMAGE_URLS": "false", "ALLOWED_IMAGE_DOMAINS": "x.test", "IMAGE_FETCH_TIMEOUT": "2.5", "MAX_IMAGE_SIZE": "256"}

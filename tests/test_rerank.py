@@ -242,6 +242,16 @@ def test_vl_reranker_matches_official_for_every_form(http, official_vl, image_se
     assert np.abs(got - want).max() <= 1e-4, (got, want)
 
 
+def test_vl_reranker_large_image_matches_official(http, official_vl, image_server):
+    """The default path scores an image larger than 512 px exactly as the official procedure does."""
+    large = sample_image(800, 600, seed=6)
+    url = image_server.add("/rr-large.png", png_bytes(large))
+    got = _by_index(http.post("/v1/rerank", json={
+        "model": "rr-vl", "query": "a cat", "documents": [{"type": "image", "data": url}, "a dog"]}))
+    want = official_vl.scores({"text": "a cat"}, [{"image": [large]}, {"text": "a dog"}])
+    assert np.abs(got - want).max() <= 1e-4, (got, want)
+
+
 def test_top_n_return_documents_and_score(http):
     documents = DOCS[:3] + [{"text": "an object document"}]
     full = http.post("/v1/rerank", json={"model": "rr-text", "query": "capital", "documents": documents}).json()

@@ -62,9 +62,10 @@ class MediaPolicy:
     max_image_pixels: int = 64_000_000  # MAX_IMAGE_PIXELS
     max_redirects: int = 3
     max_concurrent_fetches: int = 16
-    max_width: int = 512  # MAX_IMAGE_WIDTH
-    max_height: int = 512  # MAX_IMAGE_HEIGHT
-    max_size: int = 512  # MAX_IMAGE_SIZE: cap on the longer side
+    # Shrinking before the model's own resizing (the official procedure has none): 0 = off.
+    max_width: int = 0  # MAX_IMAGE_WIDTH
+    max_height: int = 0  # MAX_IMAGE_HEIGHT
+    max_size: int = 0  # MAX_IMAGE_SIZE: cap on the longer side
 
     def __post_init__(self) -> None:
         # Normalise the allowlist (lower-case, IDNA, no leading "*." / dots);
@@ -76,12 +77,12 @@ class MediaPolicy:
             "max_image_bytes",
             "max_image_pixels",
             "max_concurrent_fetches",
-            "max_width",
-            "max_height",
-            "max_size",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("max_width", "max_height", "max_size"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no shrinking)")
         if int(self.max_redirects) < 0:
             raise ValueError("max_redirects must be >= 0")
 
