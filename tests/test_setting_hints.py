@@ -3,6 +3,7 @@ MODEL_KIND, and refusals that name the setting that would allow what was refused
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from embedding_api.cli import build_parser, parse_overrides
 from embedding_api.settings import Settings
 
-from .util import ROOT
+from .util import ROOT, free_port
 
 PY = sys.executable
 
@@ -50,3 +51,43 @@ def test_every_flag_has_a_description_and_device_lists_its_forms():
     text = " ".join(out.stdout.split())
     assert out.returncode == 0 and "--no-allow-private-image-urls" in text
     assert re.search(r"--allow-private-image-urls \[true\|false\] allow image and video URLs", text), text
+
+
+# --------------------------------------------------------------------------- MODEL_KIND against the checkpoint
+
+
+def _serve(env: dict[str, str], cwd) -> tuple[int, str]:
+    from .test_first_use import clean_env
+
+    proc = subprocess.run([PY, "-m", "embedding_api", "--port", str(free_port()), "--host", "127.0.0.1"],
+                          env=clean_env(env), cwd=str(cwd), capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("checkpoint, model_process", [("tiny_vl", "true"), ("tiny_text", "false")])
+def test_reranker_kind_on_an_embedding_checkpoint_is_one_line(request, tmp_path, checkpoint, model_process):
+    """MODEL_KIND=reranker on an embedder: exit 1 with one line naming the setting (in the model process too)."""
+    path = request.getfixturevalue(checkpoint)
+    rc, out = _serve({"MODEL_PATH": str(path), "MODEL_KIND": "reranker", "MODEL_PROCESS": model_process,
+                      "TORCH_THREADS": "1"}, tmp_path)
+    assert rc == 1, out
+    assert "Traceback" not in out and "KeyError" not in out, out
+    critical = [line for line in out.splitlines() if "CRITICAL" in line]
+    assert len(critical) == 1, out
+    assert "cannot be served as a reranker" in critical[0] and "MODEL_KIND=embedding or auto" in critical[0], out
+
+
+def test_a_kind_the_checkpoint_contradicts_is_a_warning(tiny_vl, tiny_text, tiny_text_reranker, tiny_vl_reranker):
+    from embedding_api.runners.kinds import contradiction
+
+    def check(path, setting):
+        return contradiction(str(path), json.loads((path / "config.json").read_text()), setting)
+
+    # the reverse: a reranker served as an embedder loads, with a warning that names the setting to change
+    warning = check(tiny_text_reranker, "embedding")
+    assert warning and "MODEL_KIND=reranker or auto" in warning and "lm_head.weight" in warning, warning
+    assert "MODEL_KIND=reranker or auto" in check(tiny_vl_reranker, "embedding")
+    assert "MODEL_KIND=embedding or auto" in check(tiny_text, "reranker")
+    # agreement, auto, and a checkpoint with no decisive sign (a tied VL reranker is one) give none
+    assert check(tiny_text_reranker, "reranker") is None and check(tiny_text, "auto") is None
+    assert check(tiny_vl, "reranker") is None

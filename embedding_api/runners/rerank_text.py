@@ -13,7 +13,7 @@ import torch
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
 from .loading import load_weights
-from .scoring import ScoringMixin, read_head_rows
+from .scoring import ScoringMixin, read_head_rows, score_token_ids
 
 TEXT_RERANK_SYSTEM = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -33,8 +33,8 @@ class TextRerankRunner(ScoringMixin, Runner):
                  weights: bool = True):
         super().__init__(settings, config, device, dtype, weights)
         self.max_tokens = settings.max_rerank_tokens or TEXT_RERANK_MAX_TOKENS
-        vocab = self.tokenizer.get_vocab()
-        self.score_rows = read_head_rows(settings.model_path, config, [vocab["no"], vocab["yes"]]).to(self.home)
+        ids = score_token_ids(self.tokenizer, settings, ["no", "yes"])
+        self.score_rows = read_head_rows(settings.model_path, config, ids).to(self.home)
         self._prefix = self.encode(TEXT_RERANK_SYSTEM)
         self._suffix = self.encode(TEXT_RERANK_SUFFIX)
         # What the tokenizer's post-processor adds around the middle part (Qwen3-Reranker: nothing).

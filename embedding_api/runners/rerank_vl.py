@@ -17,7 +17,7 @@ import torch
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput
 from .qwen3_vl import VLRunner
-from .scoring import ScoringMixin, read_head_rows, truncate_keep_special
+from .scoring import ScoringMixin, read_head_rows, score_token_ids, truncate_keep_special
 
 VL_RERANK_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -44,8 +44,7 @@ class VLRerankRunner(ScoringMixin, VLRunner):
                  weights: bool = True):
         super().__init__(settings, config, device, dtype, weights)
         self.max_tokens = settings.max_rerank_tokens or VL_RERANK_MAX_TOKENS
-        vocab = self.tokenizer.get_vocab()
-        rows = read_head_rows(settings.model_path, config, [vocab["yes"], vocab["no"]])
+        rows = read_head_rows(settings.model_path, config, score_token_ids(self.tokenizer, settings, ["yes", "no"]))
         self.score_rows = (rows[0] - rows[1]).to(self.home)
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
 
