@@ -3,7 +3,8 @@
 prompt = prefix + `<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}` + suffix, where
 the middle part is tokenized on its own (with the tokenizer's own special tokens) and truncated at
 the end so that the whole prompt fits in the maximum length (8192 by default); the score is
-P("yes") from the softmax over the last position's ("no", "yes") logits.
+P("yes") from the softmax over the last position's ("no", "yes") logits. An instruction given as ""
+is used as it is (the card's `format_instruction` takes the default only for None).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class TextRerankRunner(ScoringMixin, Runner):
 
     def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:
         body = self.encode(
-            f"<Instruct>: {instruction or TEXT_RERANK_INSTRUCTION}\n<Query>: {''.join(query.texts)}"
+            f"<Instruct>: {TEXT_RERANK_INSTRUCTION if instruction is None else instruction}"
+            f"\n<Query>: {''.join(query.texts)}"
             f"\n<Document>: {''.join(document.texts)}"
         )
         head, tail = self._special
@@ -60,4 +62,5 @@ class TextRerankRunner(ScoringMixin, Runner):
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         logits = last @ self.score_rows.T  # (n, 2): "no", "yes"
-        return torch.log_softmax(logits, dim=1)[:, 1].exp()
+        # The card's P("yes") = softmax over ("no", "yes") = sigmoid(yes - no): the log-odds are returned
+        return logits[:, 1] - logits[:, 0]

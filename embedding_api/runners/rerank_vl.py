@@ -6,7 +6,8 @@ query's images then texts, the text `\n<Document>:`, the document's images then 
 with nothing becomes the text `NULL`), all joined with nothing between them. Truncation keeps the
 last 5 tokens (the assistant prefix) and, before them, every special token (image tokens included)
 and the first other tokens up to the maximum length (10240 by default). Left padding; the score is
-sigmoid((lm_head["yes"] - lm_head["no"]) . last hidden state).
+sigmoid((lm_head["yes"] - lm_head["no"]) . last hidden state). An empty instruction means the default one,
+as in the official `instruct or self.default_instruction`.
 """
 
 from __future__ import annotations
@@ -85,4 +86,4 @@ class VLRerankRunner(ScoringMixin, VLRunner):
         return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids)
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(last @ self.score_rows)
+        return last @ self.score_rows  # the log-odds; the score is their sigmoid

@@ -60,6 +60,11 @@ def score_token_ids(tokenizer, settings, words: list[str]) -> list[int]:
     return [vocab[w] for w in words]
 
 
+def relevance_scores(log_odds: np.ndarray) -> np.ndarray:
+    """The official scores (P("yes")) from the log-odds the runners return, in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(log_odds, dtype=np.float64)))
+
+
 def truncate_keep_special(ids: list[int], max_length: int, special: frozenset[int]) -> list[int]:
     """Keep every special token and the first non-special ones, `max_length` tokens in all."""
     if len(ids) <= max_length:
@@ -76,7 +81,8 @@ def truncate_keep_special(ids: list[int], max_length: int, special: frozenset[in
 
 
 class ScoringMixin:
-    """forward() for a reranker: one relevance score per pair, in float32."""
+    """forward() for a reranker: one value per pair, in float32: the log-odds of "yes", whose sigmoid is the
+    relevance score (`relevance_scores`)."""
 
     kind = "reranker"
     score_rows: torch.Tensor  # on the device, in float32
