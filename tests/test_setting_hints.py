@@ -13,7 +13,7 @@ import pytest
 from embedding_api.cli import build_parser, parse_overrides
 from embedding_api.settings import Settings
 
-from .util import ROOT, free_port
+from .util import ROOT, free_port, png_bytes, sample_image
 
 PY = sys.executable
 
@@ -91,3 +91,38 @@ def test_a_kind_the_checkpoint_contradicts_is_a_warning(tiny_vl, tiny_text, tiny
     # agreement, auto, and a checkpoint with no decisive sign (a tied VL reranker is one) give none
     assert check(tiny_text_reranker, "reranker") is None and check(tiny_text, "auto") is None
     assert check(tiny_vl, "reranker") is None
+
+
+# --------------------------------------------------------------------------- refusals name the setting; the opt-in shrink
+
+
+@pytest.fixture(scope="module")
+def shrink_server(start_server, tiny_vl):
+    """Default URL policy (no private addresses) and the opt-in pre-shrink at 512."""
+    return start_server({"MODEL_PATH": str(tiny_vl), "MAX_IMAGE_SIZE": "512", "MAX_IMAGE_WIDTH": "512",
+                         "MAX_IMAGE_HEIGHT": "512", "TORCH_THREADS": "1"})
+
+
+def test_private_urls_are_refused_naming_the_setting(shrink_server, image_server):
+    import httpx
+
+    url = image_server.add("/hint.png", png_bytes(sample_image(40, 30)))
+    inputs = [{"type": "image", "data": url}, {"type": "video_url", "video_url": {"url": url + ".mp4"}},
+              {"type": "video", "frames": [url, url]}]
+    with httpx.Client(base_url=shrink_server.base_url, timeout=60) as c:
+        for item in inputs:
+            response = c.post("/v1/embeddings", json={"input": [item]})
+            assert response.status_code == 400, response.text
+            message = response.json()["error"]["message"]
+            assert "ALLOW_PRIVATE_IMAGE_URLS=true" in message and "non-public" in message, message
+
+
+def test_the_opt_in_shrink_is_reported_as_not_official(shrink_server):
+    import httpx
+
+    with httpx.Client(base_url=shrink_server.base_url, timeout=60) as c:
+        health = c.get("/health").json()
+        card = c.get("/v1/models").json()["data"][0]
+    shrink = {"max_image_size": 512, "max_image_width": 512, "max_image_height": 512}
+    assert health["image_preprocessing"]["pre_shrink"] == shrink and health["image_preprocessing"]["official"] is False
+    assert card["image_preprocessing"] == health["image_preprocessing"]
