@@ -126,3 +126,4 @@ def test_the_opt_in_shrink_is_reported_as_not_official(shrink_server):
     shrink = {"max_image_size": 512, "max_image_width": 512, "max_image_height": 512}
     assert health["image_preprocessing"]["pre_shrink"] == shrink and health["image_preprocessing"]["official"] is False
     assert card["image_preprocessing"] == health["image_preprocessing"]
+    assert "image_resizing=pre-shrink(size=512,width=512,height=512) pixels=4096..1843200" in shrink_server.output()
