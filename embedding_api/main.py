@@ -44,6 +44,7 @@ from .api.hot import hot_routes
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
 from .observability.startup import no_key_warning, report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, detect_kind
+from .runners.kinds import contradiction as kind_contradiction
 from .api.schemas import complete_openapi
 from .engine.registry import ModelEntry, Registry, model_settings
 from .engine.rerank import RerankService
@@ -280,6 +281,8 @@ def create_app(
                 config, _, _ = check_startup(entry.settings)
                 entry.kind, entry.kind_reason = detect_kind(
                     entry.settings.model_path, config, entry.settings.model_kind)
+                if warning := kind_contradiction(entry.settings.model_path, config, entry.settings.model_kind):
+                    log.warning("%s", warning)
         except ModelLoadError as exc:
             on_fatal(str(exc))
             raise

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api.errors import invalid
-from .inputs import EmbedInput, InputRules, _check_item, _instruction, _is_int, _parse_element, check_reserved
+from .inputs import EmbedInput, InputRules, _check_item, _is_int, _parse_element, _unicode, check_reserved
 
 
 @dataclass
@@ -24,6 +24,8 @@ class RerankRequest:
     top_n: int | None = None
     return_documents: bool = False
     raw_documents: list[Any] | None = None
+    tei: bool = False  # TEI's body ({"query", "texts"}): answered in TEI's shape
+    raw_scores: bool = False  # TEI: the log-odds instead of the score
 
 
 def _side(value: Any, param: str, rules: InputRules) -> EmbedInput:
@@ -61,24 +63,41 @@ def _documents(value: Any, param: str, rules: InputRules, limit: int) -> list[Em
 def _common(body: Any, rules: InputRules) -> tuple[str | None, bool]:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", None, "invalid_json")
-    instruction = _instruction(body.get("instruction"), "instruction")
-    check_reserved(instruction, "instruction", rules)
+    instruction = body.get("instruction")  # used as given, "" included: each family does what its official code does
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise invalid("instruction must be a string.", "instruction", "invalid_type")
+        _unicode(instruction, "instruction")
+        check_reserved(instruction, "instruction", rules)
     return instruction, _bool(body, "truncate", True)
 
 
+def _tei_options(body: dict) -> tuple[bool, bool]:
+    """TEI's `raw_scores` and `return_text`; its `truncation_direction` may only be the official one (right)."""
+    direction = body.get("truncation_direction")
+    if direction is not None and (not isinstance(direction, str) or direction.strip().lower() != "right"):
+        raise invalid("truncation_direction must be \"right\": over-long pairs are cut at the end, the official "
+                      "way.", "truncation_direction", "invalid_value")
+    return _bool(body, "raw_scores", False), _bool(body, "return_text", False)
+
+
 def parse_rerank(body: Any, rules: InputRules, max_documents: int) -> RerankRequest:
-    """Cohere / Jina shape: {query, documents, top_n?, return_documents?, instruction?, truncate?}."""
+    """Cohere / Jina shape: {query, documents, top_n?, return_documents?, instruction?, truncate?}; or TEI's:
+    {query, texts, raw_scores?, return_text?, truncate?, truncation_direction?}."""
     instruction, truncate = _common(body, rules)
+    key = "texts" if "texts" in body and "documents" not in body else "documents"
     query = _side(body.get("query"), "query", rules)
-    documents = _documents(body.get("documents"), "documents", rules, max_documents)
+    documents = _documents(body.get(key), key, rules, max_documents)
     top_n = body.get("top_n")
     if top_n is not None and (not _is_int(top_n) or top_n < 1):
         raise invalid("top_n must be an integer of at least 1.", "top_n", "invalid_value")
-    raw = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
+    raw_scores, return_text = _tei_options(body) if key == "texts" else (False, False)
+    raw = body[key] if isinstance(body[key], list) else [body[key]]
     return RerankRequest(
         queries=[query], documents=documents, pairs=[(0, i) for i in range(len(documents))],
-        instruction=instruction or query.instruction, truncate=truncate, top_n=top_n,
-        return_documents=_bool(body, "return_documents", False), raw_documents=raw,
+        instruction=instruction if instruction is not None else query.instruction, truncate=truncate, top_n=top_n,
+        return_documents=return_text or _bool(body, "return_documents", False), raw_documents=raw,
+        tei=key == "texts", raw_scores=raw_scores,
     )
 
 

@@ -15,6 +15,7 @@ def _split_csv(value: str) -> tuple[str, ...]:
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 MODEL_KINDS = ("embedding", "reranker")
+OFFICIAL_PIXELS = (4 * 32 * 32, 1800 * 32 * 32)  # the official embedders' and rerankers' image bounds
 _MODEL_KEYS = ("name", "path", "kind", "aliases", "dimension")
 
 
@@ -65,86 +66,106 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     # Server
-    host: str = "0.0.0.0"
-    port: int = Field(6008, ge=1, le=65535)
-    api_key: str = ""  # one key or a comma-separated list; empty disables auth
-    log_level: str = "INFO"
+    host: str = Field("0.0.0.0", description="bind address")
+    port: int = Field(6008, ge=1, le=65535, description="port")
+    api_key: str = Field("", description="one key or a comma-separated list; empty = no auth")
+    log_level: str = Field("INFO", description="CRITICAL, ERROR, WARNING, INFO or DEBUG (any case)")
 
     # Model
-    model_name: str = "Qwen3-VL-Embedding-2B"
-    model_aliases: str = ""  # comma-separated extra ids accepted in `model`
-    model_path: str = "./models/Qwen3-VL-Embedding-2B"
-    device: str = "auto"  # auto | cuda | cuda:N | cpu, a comma-separated list of these, or cuda:all
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    embedding_dimension: int | None = Field(None, ge=1)
-    torch_threads: int = Field(0, ge=0)  # 0 = one per physical core
+    model_name: str = Field("Qwen3-VL-Embedding-2B", description="the model id clients send and responses echo")
+    model_aliases: str = Field("", description="more accepted model ids, comma-separated")
+    model_path: str = Field("./models/Qwen3-VL-Embedding-2B",
+                            description="checkpoint directory (Qwen3-VL-Embedding, Qwen3-Embedding or a reranker)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, a comma-separated list of these "
+                        "(one model copy each, e.g. cuda:0,cuda:1 or cpu,cpu), or cuda:all (every visible GPU)")
+    dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
+                                            "empty = the model's size")
+    torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")
     # Each model copy runs its forward passes in a child process of its own (engine/model_process.py),
     # off the HTTP process's GIL; false keeps them on a thread of the HTTP process.
-    model_process: bool = True
+    model_process: bool = Field(True, description="run each model copy in a child process of its own "
+                                "(false: on a thread of the server process)")
 
     # Prompting
-    default_instruction: str = "Represent the user's input."
-    query_instruction: str = ""  # empty = the family's own query instruction
-    max_input_tokens: int = Field(8192, ge=16)
-    max_inputs_per_request: int = Field(2048, ge=1)
+    default_instruction: str = Field("Represent the user's input.",
+                                     description="the embedder's instruction when none is given")
+    query_instruction: str = Field("", description="instruction for input_type=query; empty = the family's own")
+    max_input_tokens: int = Field(8192, ge=16, description="longer inputs are cut (or refused with truncate=false)")
+    max_inputs_per_request: int = Field(2048, ge=1, description="most list elements in one request")
 
-    # Images
-    max_image_size: int = Field(512, ge=1)
-    max_image_width: int = Field(512, ge=1)
-    max_image_height: int = Field(512, ge=1)
-    min_pixels: int = Field(4 * 32 * 32, ge=1)
-    max_pixels: int = Field(1800 * 32 * 32, ge=1)
-    allow_image_urls: bool = True
-    allow_private_image_urls: bool = False
-    allowed_image_domains: str = ""
-    image_fetch_timeout: float = Field(10.0, gt=0)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(64_000_000, ge=1)
-    max_concurrent_fetches: int = Field(16, ge=1)
+    # Images. MAX_IMAGE_SIZE / _WIDTH / _HEIGHT shrink an image before the model's own resizing
+    # (smart_resize within MIN_PIXELS..MAX_PIXELS); 0 = off, the official procedure.
+    max_image_size: int = Field(0, ge=0, description="shrink images whose longer side exceeds this before the "
+                                "model's resizing (faster, no longer the official result); 0 = off")
+    max_image_width: int = Field(0, ge=0, description="shrink wider images before the model's resizing; 0 = off")
+    max_image_height: int = Field(0, ge=0, description="shrink taller images before the model's resizing; 0 = off")
+    min_pixels: int = Field(4 * 32 * 32, ge=1, description="the model's resizing lower bound (official 4*32*32)")
+    max_pixels: int = Field(1800 * 32 * 32, ge=1, description="the model's resizing upper bound (official 1800*32*32)")
+    allow_image_urls: bool = Field(True, description="fetch http(s) image and video URLs at all")
+    allow_private_image_urls: bool = Field(False, description="allow image and video URLs that resolve to "
+                                           "private, loopback or link-local addresses")
+    allowed_image_domains: str = Field("", description="allowlist of URL hosts, comma-separated (a domain "
+                                       "allows its subdomains); empty = any public host")
+    image_fetch_timeout: float = Field(10.0, gt=0, description="seconds for a whole image fetch")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest image, fetched or base64")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="largest image in pixels, checked before decoding")
+    max_concurrent_fetches: int = Field(16, ge=1, description="image fetches in flight at once")
 
     # Video (Qwen3-VL-Embedding): limits checked before and while decoding
-    max_video_bytes: int = Field(100 * 1024 * 1024, ge=1)
-    max_video_seconds: float = Field(600.0, gt=0)
-    max_video_frames: int = Field(36_000, ge=2)  # frames a video may have, counted before decoding
-    max_video_frame_pixels: int = Field(3840 * 2160, ge=1)  # width x height from the stream header
-    video_decode_timeout: float = Field(30.0, gt=0)
-    video_fetch_timeout: float = Field(30.0, gt=0)
+    max_video_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest video file, fetched or base64")
+    max_video_seconds: float = Field(600.0, gt=0, description="longest video in seconds")
+    max_video_frames: int = Field(36_000, ge=2, description="most frames a video may have, counted before decoding")
+    max_video_frame_pixels: int = Field(3840 * 2160, ge=1, description="largest video frame (width x height)")
+    video_decode_timeout: float = Field(30.0, gt=0, description="seconds one video may take to decode")
+    video_fetch_timeout: float = Field(30.0, gt=0, description="seconds for a whole video fetch")
 
     # Batching and load
-    max_batch_size: int = Field(32, ge=1)
-    max_batch_tokens: int = Field(16384, ge=1)
+    max_batch_size: int = Field(32, ge=1, description="inputs per forward pass (1 = no batching)")
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
     # Scheduling by cost (engine/scheduling.py): text-only requests of at most this many tokens in all
     # are served before the others; 0 puts every request in one lane.
-    cheap_request_tokens: int = Field(1024, ge=0)
+    cheap_request_tokens: int = Field(1024, ge=0, description="text-only requests of at most this many tokens "
+                                      "in all are served before heavier ones; 0 = one queue")
     # While cheap requests are about, a batch of heavy inputs (images, videos, long or many texts) is cut
     # to the smallest that still spends this share of its forward on its inputs (the rest is the
     # forward's fixed cost), so that a cheap request never waits long for it; 0: no cut.
-    heavy_batch_efficiency: float = Field(0.8, ge=0, lt=1)
-    max_queued_inputs: int = Field(4096, ge=1)
-    request_timeout: float = Field(120.0, gt=0)
-    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    shutdown_grace: float = Field(30.0, ge=0)
+    heavy_batch_efficiency: float = Field(0.8, ge=0, lt=1, description="while cheap requests are about, heavy "
+                                          "batches are cut to the smallest that spends this share of a forward "
+                                          "on its inputs; 0 = no cut")
+    max_queued_inputs: int = Field(4096, ge=1, description="inputs waiting for the model; beyond: 429")
+    request_timeout: float = Field(120.0, gt=0, description="seconds from the body read to the answer; then 503")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds to finish requests in flight after SIGTERM")
     # Model processes: a model process that ends is started again, at most this many failures in a
     # row (0 = never); a forward running longer than STUCK_FORWARD_SECONDS (and 10x the longest one
     # seen) marks its worker stuck (0 = never); past STUCK_RESTART_SECONDS its process is killed and
     # restarted (0 = never).
-    model_restart_attempts: int = Field(5, ge=0)
-    stuck_forward_seconds: float = Field(60.0, ge=0)
-    stuck_restart_seconds: float = Field(300.0, ge=0)
+    model_restart_attempts: int = Field(5, ge=0, description="restarts of a model process that ended, failures "
+                                        "in a row before its worker stays down; 0 = never restart")
+    stuck_forward_seconds: float = Field(60.0, ge=0, description="a forward pass longer than this (and 10x the "
+                                         "longest seen) marks its worker stuck; 0 = never")
+    stuck_restart_seconds: float = Field(300.0, ge=0, description="a model process stuck this long in one "
+                                         "forward pass is killed and restarted; 0 = never")
 
     # Ray Serve replicas (`python -m embedding_api.ray_serve`; ignored by the plain server)
-    ray_address: str = ""  # empty: start a local Ray; else join this cluster (host:6379 or ray://host:10001)
-    ray_num_gpus_per_replica: float | None = Field(None, ge=0)  # empty: 1 if the cluster has GPUs, else 0
-    ray_num_cpus_per_replica: float = Field(1.0, ge=0)
-    ray_min_replicas: int = Field(1, ge=0)
-    ray_max_replicas: int | None = Field(None, ge=1)  # empty: one per GPU of the cluster, else RAY_MIN_REPLICAS
-    ray_target_ongoing_requests: float = Field(32.0, gt=0)  # autoscaling target per replica
-    ray_max_ongoing_requests: int = Field(128, ge=1)  # requests one replica takes at once (it batches them)
+    ray_address: str = Field("", description="Ray Serve: the cluster to join (host:6379 or ray://host:10001); "
+                             "empty = a local Ray")
+    ray_num_gpus_per_replica: float | None = Field(None, ge=0, description="Ray Serve: GPUs per replica; "
+                                                   "empty = 1 if the cluster has GPUs, else 0")
+    ray_num_cpus_per_replica: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica")
+    ray_min_replicas: int = Field(1, ge=0, description="Ray Serve: fewest replicas")
+    ray_max_replicas: int | None = Field(None, ge=1, description="Ray Serve: most replicas; empty = one per GPU "
+                                         "of the cluster, else RAY_MIN_REPLICAS")
+    ray_target_ongoing_requests: float = Field(32.0, gt=0, description="Ray Serve: autoscaling target per replica")
+    ray_max_ongoing_requests: int = Field(128, ge=1, description="Ray Serve: requests one replica takes at once")
     # Operating: log format, metrics, CORS
-    log_format: str = "plain"  # plain | json (one JSON object per line)
-    metrics_port: int | None = Field(None, ge=1, le=65535)  # empty = /metrics on PORT
-    metrics_host: str = ""  # where METRICS_PORT listens; empty = the API's address
-    cors_allow_origins: str = ""  # comma-separated origins, or *; empty = CORS off
+    log_format: str = Field("plain", description="plain text lines, or json: one JSON object per line")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics on this port only; "
+                                     "empty = /metrics on PORT")
+    metrics_host: str = Field("", description="the address METRICS_PORT listens on; empty = the API's")
+    cors_allow_origins: str = Field("", description="browser origins allowed (comma-separated, or *); "
+                                    "empty = CORS off")
 
     @field_validator("log_format")
     @classmethod
@@ -169,10 +190,13 @@ class Settings(BaseSettings):
     def cors_origins(self) -> tuple[str, ...]:
         return _split_csv(self.cors_allow_origins)
     # Reranking and several models in one process
-    model_kind: str = "auto"  # auto | embedding | reranker: the kind of MODEL_PATH's model
-    models: str = ""  # JSON list of {"name", "path", "kind"?, "aliases"?, "dimension"?}
-    max_rerank_documents: int = Field(1000, ge=1)
-    max_rerank_tokens: int = Field(0, ge=0)  # 0 = the family's official length (8192 text, 10240 VL)
+    model_kind: str = Field("auto", description="auto (read from the checkpoint), embedding or reranker: "
+                            "the kind of MODEL_PATH's model")
+    models: str = Field("", description='JSON list of {"name", "path", "kind"?, "aliases"?, "dimension"?} '
+                        "served beside or instead of MODEL_PATH")
+    max_rerank_documents: int = Field(1000, ge=1, description="most documents (or text_2 items) per request")
+    max_rerank_tokens: int = Field(0, ge=0, description="a reranker's longest prompt; 0 = the official one "
+                                   "(8192 text, 10240 VL)")
 
     @field_validator("model_kind")
     @classmethod
@@ -238,6 +262,19 @@ class Settings(BaseSettings):
     @cached_property
     def model_ids(self) -> tuple[str, ...]:
         return (self.model_name, *_split_csv(self.model_aliases))
+
+    def image_preprocessing(self) -> dict:
+        """How images are sized for the model, as /health and /v1/models report it. `official` is true when
+        images go through the official procedure alone: no shrinking before smart_resize, the official bounds."""
+        shrink = {name: getattr(self, name) for name in ("max_image_size", "max_image_width", "max_image_height")
+                  if getattr(self, name)}
+        return {
+            "resize": "smart_resize",
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "pre_shrink": shrink or None,
+            "official": not shrink and (self.min_pixels, self.max_pixels) == OFFICIAL_PIXELS,
+        }
 
     @cached_property
     def image_domains(self) -> tuple[str, ...]:

@@ -327,7 +327,10 @@ def test_health(vl_server, tiny_vl):
     assert body["model_path"] == str(tiny_vl)
     assert body["device"] == "cpu" and body["cuda_available"] is False
     assert body["embedding_dimension"] == 64
-    assert body["max_image_width"] == 512 and body["max_image_height"] == 512
+    # no shrinking before the model's resizing: images go through the official procedure alone
+    assert body["max_image_width"] == 0 and body["max_image_height"] == 0
+    assert body["image_preprocessing"] == {"resize": "smart_resize", "min_pixels": 4096, "max_pixels": 1843200,
+                                           "pre_shrink": None, "official": True}
     assert body["family"] == "qwen3_vl" and body["takes_images"] is True
 
 
@@ -338,6 +341,7 @@ def test_models_shape(client):
     assert card["object"] == "model" and card["id"] == "Qwen3-VL-Embedding-2B"
     assert isinstance(card["created"], int) and card["owned_by"]
     assert card["embedding_dimension"] == 64 and card["modalities"] == ["text", "image", "video"]
+    assert card["image_preprocessing"]["pre_shrink"] is None and card["image_preprocessing"]["official"] is True
     assert client.get("/v1/models/Qwen/Qwen3-VL-Embedding-2B").json()["id"] == "Qwen/Qwen3-VL-Embedding-2B"
 
 

@@ -337,10 +337,19 @@ NON_LOOPBACK = [
 ]
 
 
+NEVER_FETCHED = ("http://0.0.0.0/", "http://[::]/", "http://224.0.0.1/", "http://255.255.255.255/", "http://[ff02::1]/")
+PRIVATE_REFUSED = ("image URL host resolves to a non-public address (refused; the server setting "
+                   "ALLOW_PRIVATE_IMAGE_URLS=true allows private, loopback and link-local addresses)")
+
+
 @pytest.mark.parametrize("url", NON_LOOPBACK)
 def test_non_public_addresses_refused_instantly(url, no_connections):
     msg = load_error(url)  # no_connections fails the test if any connection is attempted
-    assert msg == "image URL host resolves to a non-public address (refused)"
+    if url in NEVER_FETCHED:  # no setting allows these: the message names none
+        assert msg == ("image URL host resolves to a non-public address (refused: unspecified, multicast and "
+                       "broadcast addresses are never fetched)")
+    else:  # the message names the setting that allows them
+        assert msg == PRIVATE_REFUSED
 
 
 def test_unspecified_and_multicast_refused_even_with_allow_private(srv, no_connections):
@@ -469,10 +478,34 @@ def test_bad_urls_refused(url, expected, no_connections):
 def test_allow_urls_false_refuses_urls_but_base64_works(srv, no_connections):
     policy = MediaPolicy(allow_urls=False, allow_private=True)
     msg = load_error(f"http://127.0.0.1:{srv.port}/img.png", policy)
-    assert "disabled" in msg
+    assert "disabled" in msg and "ALLOW_IMAGE_URLS=false" in msg
     assert srv.requests == []
     im = load(base64.b64encode(PNG).decode(), policy)
     assert im.size == (40, 30)
+
+
+def test_video_url_refusals_name_the_setting(no_connections):
+    """Video URLs share the image URL settings; their refusals say which setting applies."""
+    from embedding_api.media.video import VideoLimits, VideoLoader
+
+    def video_error(url: str, policy: MediaPolicy) -> str:
+        async def go():
+            loader = VideoLoader(policy, VideoLimits())
+            try:
+                await loader.load_bytes(url)
+            finally:
+                await loader.aclose()
+
+        with pytest.raises(MediaError) as info:
+            asyncio.run(go())
+        return info.value.message
+
+    assert video_error("http://10.0.0.1/a.mp4", MediaPolicy()) == (
+        "video URL host resolves to a non-public address (refused; the server setting "
+        "ALLOW_PRIVATE_IMAGE_URLS=true allows private, loopback and link-local addresses)")
+    assert "ALLOW_IMAGE_URLS=false" in video_error("http://10.0.0.1/a.mp4", MediaPolicy(allow_urls=False))
+    assert video_error("http://other.test/a.mp4", MediaPolicy(allowed_domains=("x.test",))) == (
+        "video URL host is not in the list of allowed image domains (server setting ALLOWED_IMAGE_DOMAINS)")
 
 
 # ---------------------------------------------------------------------------
@@ -526,7 +559,7 @@ def test_redirect_hop_checked_against_allowlist(srv):
     calls: list[str] = []
     policy = MediaPolicy(allow_private=True, allowed_domains=("images.test",))
     msg = load_error(f"http://images.test:{srv.port}/redirect-other", policy, mapping_resolver(LOCAL, calls))
-    assert "not in the list of allowed image domains" in msg
+    assert msg == "image URL host is not in the list of allowed image domains (server setting ALLOWED_IMAGE_DOMAINS)"
     assert calls == ["images.test"]  # other.test never even resolved
     assert srv.paths() == ["/redirect-other"]
 
@@ -555,7 +588,7 @@ def test_redirect_hop_address_checked(srv, monkeypatch):
 
     monkeypatch.setattr(httpx.AsyncClient, "send", counting_send)
     msg = load_error(f"http://127.0.0.1:{srv.port}/redirect-meta", MediaPolicy())
-    assert msg == "image URL host resolves to a non-public address (refused)"
+    assert msg == PRIVATE_REFUSED
     assert len(sent) == 1 and srv.paths() == ["/redirect-meta"]
 
 
@@ -761,6 +794,7 @@ def test_base64_too_large_is_refused_before_decoding(monkeypatch):
 # ---------------------------------------------------------------------------
 
 P = MediaPolicy()
+SHRINK = MediaPolicy(max_width=512, max_height=512, max_size=512)  # the opt-in pre-shrink at 512
 
 
 def test_one_pixel():
@@ -780,8 +814,10 @@ def test_one_pixel():
     ],
 )
 def test_downscale(size, expected):
-    im = decode_image_bytes(encode(Image.new("RGB", size, (9, 9, 9))), P)
+    im = decode_image_bytes(encode(Image.new("RGB", size, (9, 9, 9))), SHRINK)
     assert im.size == expected and im.mode == "RGB"
+    # by default nothing is shrunk: the model's own resizing (smart_resize) is the only one
+    assert decode_image_bytes(encode(Image.new("RGB", size, (9, 9, 9))), P).size == size
 
 
 def test_separate_width_height_and_size_caps():
@@ -792,8 +828,12 @@ def test_separate_width_height_and_size_caps():
 
 
 def test_large_jpeg_is_downscaled():
-    im = decode_image_bytes(encode(noise(3000, 2000), "JPEG"), P)
+    data = encode(noise(3000, 2000), "JPEG")
+    im = decode_image_bytes(data, SHRINK)
     assert im.size == (512, 341) and im.mode == "RGB"
+    # by default: the full decode, pixel for pixel what PIL gives (no reduced-scale JPEG draft)
+    full = decode_image_bytes(data, P)
+    assert full.size == (3000, 2000) and full.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
 
 
 def test_rgba_flattened_on_white():
@@ -888,7 +928,7 @@ def test_exif_orientation_6_rotates(fmt):
 
 
 def test_exif_orientation_with_big_jpeg_draft():
-    out = decode_image_bytes(_oriented((3000, 1000), 6), P)
+    out = decode_image_bytes(_oriented((3000, 1000), 6), SHRINK)
     assert out.size == (171, 512)
     assert out.getpixel((85, 10))[0] > 200 and out.getpixel((85, 500))[2] > 200
 
@@ -948,7 +988,8 @@ def test_policy_normalises_domains_and_validates():
     assert p.allowed_domains == ("example.com", "cdn.test")
     assert MediaPolicy(allowed_domains="a.test, b.test").allowed_domains == ("a.test", "b.test")
     with pytest.raises(ValueError):
-        MediaPolicy(max_width=0)
+        MediaPolicy(max_width=-1)
+    assert MediaPolicy().max_width == MediaPolicy().max_size == 0  # 0 = no shrinking (the default)
     with pytest.raises(ValueError):
         MediaPolicy(fetch_timeout=0)
     env = {"ALLOW_IMAGE_URLS": "false", "ALLOWED_IMAGE_DOMAINS": "x.test", "IMAGE_FETCH_TIMEOUT": "2.5", "MAX_IMAGE_SIZE": "256"}

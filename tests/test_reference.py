@@ -149,3 +149,14 @@ def test_dimensions_truncate_then_normalise(client, official):
     want = official.embed([{"text": "hello there"}], dim=16)
     assert _cos(got, want)[0] >= 0.9999
     assert abs(np.linalg.norm(got[0]) - 1) < 1e-5
+
+
+def test_large_image_matches_official_on_the_default_path(client, official, image_server):
+    """An image larger than 512 px goes through the official resizing alone (no shrinking before it)."""
+    large = sample_image(800, 600, seed=5)
+    url = image_server.add("/ref-large.png", png_bytes(large))
+    got = _vectors(client.post("/v1/embeddings", json={"input": [{"type": "image", "data": url}]}))
+    want = official.embed([{"image": large}])
+    assert _cos(got, want)[0] >= 0.9999, _cos(got, want)
+    usage = client.post("/v1/embeddings", json={"input": {"type": "image", "data": url}}).json()["usage"]
+    assert usage["prompt_tokens"] > (800 // 32) * (608 // 32)  # the 800x608 grid's tokens, not a 512x384 one's

@@ -242,6 +242,54 @@ def test_vl_reranker_matches_official_for_every_form(http, official_vl, image_se
     assert np.abs(got - want).max() <= 1e-4, (got, want)
 
 
+def test_vl_reranker_large_image_matches_official(http, official_vl, image_server):
+    """The default path scores an image larger than 512 px exactly as the official procedure does."""
+    large = sample_image(800, 600, seed=6)
+    url = image_server.add("/rr-large.png", png_bytes(large))
+    got = _by_index(http.post("/v1/rerank", json={
+        "model": "rr-vl", "query": "a cat", "documents": [{"type": "image", "data": url}, "a dog"]}))
+    want = official_vl.scores({"text": "a cat"}, [{"image": [large]}, {"text": "a dog"}])
+    assert np.abs(got - want).max() <= 1e-4, (got, want)
+
+
+def test_empty_instruction_is_what_each_official_code_makes_of_it(http, official_text, official_vl):
+    """Qwen3-Reranker's format_instruction takes the default only for None: "" is an empty instruction.
+    Qwen3VLReranker uses `instruct or default_instruction`: "" is the default."""
+    got = _by_index(http.post("/v1/rerank", json={"model": "rr-text", "query": "capital?", "documents": DOCS[:3],
+                                                  "instruction": ""}))
+    want = official_text.scores("capital?", DOCS[:3], "")
+    assert np.abs(got - want).max() <= 1e-4, (got, want)
+    assert np.abs(official_text.scores("capital?", DOCS[:3]) - want).max() > 1e-4  # "" is not the default here
+    got = _by_index(http.post("/v1/rerank", json={"model": "rr-vl", "query": "a cat", "documents": DOCS[:2],
+                                                  "instruction": ""}))
+    want = official_vl.scores({"text": "a cat"}, [{"text": d} for d in DOCS[:2]], "")
+    assert np.abs(got - want).max() <= 1e-4, (got, want)
+
+
+def test_tei_rerank_body_and_answer(http, official_text):
+    """TEI's body {"query", "texts"} is answered in TEI's shape: a list of {"index", "score", "text"?}."""
+    texts = DOCS[:3]
+    response = http.post("/rerank", json={"model": "rr-text", "query": "capital?", "texts": texts,
+                                          "return_text": True, "truncate": True, "truncation_direction": "Right"})
+    assert response.status_code == 200, response.text
+    ranks = response.json()
+    assert isinstance(ranks, list) and [set(r) for r in ranks] == [{"index", "score", "text"}] * 3
+    want = official_text.scores("capital?", texts)
+    assert [r["index"] for r in ranks] == sorted(range(3), key=lambda i: -want[i])  # highest score first
+    assert all(abs(r["score"] - want[r["index"]]) <= 1e-4 and r["text"] == texts[r["index"]] for r in ranks)
+    raw = http.post("/rerank", json={"model": "rr-text", "query": "capital?", "texts": texts, "raw_scores": True})
+    logits = {r["index"]: r["score"] for r in raw.json()}
+    assert all("text" not in r for r in raw.json())
+    # raw scores are the log-odds of "yes": their sigmoid is the score
+    assert all(abs(1 / (1 + np.exp(-logits[i])) - want[i]) <= 1e-4 for i in range(3)), (logits, want)
+
+
+def test_rerank_on_an_embedding_model_names_the_kind_setting(http):
+    message = http.post("/v1/rerank", json={"model": "emb", "query": "q", "documents": ["a"]}).json()["error"]["message"]
+    assert "is an embedding model" in message and "MODEL_KIND=reranker" in message, message
+    assert '"kind": "reranker" in its MODELS entry' in message, message
+
+
 def test_top_n_return_documents_and_score(http):
     documents = DOCS[:3] + [{"text": "an object document"}]
     full = http.post("/v1/rerank", json={"model": "rr-text", "query": "capital", "documents": documents}).json()
@@ -284,6 +332,10 @@ def test_pairs_of_a_request_share_one_batch(http):
     ({"query": "q", "documents": ["a", {"type": "image", "data": "aGVsbG8="}]}, 400, "documents[1]",
      "images_not_supported"),
     ({"query": "q", "documents": [LONG], "truncate": False}, 400, "documents[0]", "input_too_long"),
+    ({"query": LONG + " " + LONG, "documents": ["a"], "truncate": False}, 400, "query", "input_too_long"),
+    ({"query": "q", "texts": ["a"], "truncation_direction": "left"}, 400, "truncation_direction", "invalid_value"),
+    ({"query": "q", "texts": ["a", 3]}, 400, "texts[1]", "invalid_type"),
+    ({"query": "q", "documents": ["a"], "instruction": 3}, 400, "instruction", "invalid_type"),
     ({"model": "emb", "query": "q", "documents": ["a"]}, 400, "model", "wrong_model_kind"),
     ({"model": "nope", "query": "q", "documents": ["a"]}, 404, "model", "model_not_found"),
 ])

@@ -56,6 +56,7 @@ async def health(request: Request) -> Response:
         native_dimension=info.dimension,
         max_image_width=settings.max_image_width,
         max_image_height=settings.max_image_height,
+        image_preprocessing=settings.image_preprocessing() if info.takes_images else None,
         queued_inputs=state.service.batcher.queued,
         inputs_embedded=state.service.batcher.inputs_run,
         batches_run=state.service.batcher.batches_run,

@@ -22,6 +22,8 @@ def _model_card(request: Request, model_id: str, entry=None) -> dict:
         card.update(family=service.info.family, modalities=service.modalities)
         if entry.kind == "embedding":
             card["embedding_dimension"] = service.info.dimension
+        if service.info.takes_images:
+            card["image_preprocessing"] = entry.settings.image_preprocessing()
     return card
 
 

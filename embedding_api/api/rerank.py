@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from ..rerank_inputs import parse_rerank, parse_score
+from ..runners.scoring import relevance_scores
 from .auth import check_api_key
 from .common import parse_body, read_json, ready_model, run_watched
 from .schemas import ErrorResponse, FusedInput, NonEmpty, Part
@@ -25,12 +26,19 @@ Sides = Annotated[list[Side], Field(min_length=1)]
 
 class RerankRequest(BaseModel):
     query: Side = Field(..., description="Any input form of /v1/embeddings except token ids")
-    documents: Sides
+    documents: Sides | None = Field(None, description="Required (or TEI's `texts`)")
     model: str | None = None
     top_n: Annotated[int, Field(ge=1)] | None = None
     return_documents: bool | None = False
-    instruction: str | None = None
+    instruction: str | None = Field(None, description='The task instruction; absent = the model\'s default. "" is '
+                                    "an empty instruction for Qwen3-Reranker, the default for Qwen3-VL-Reranker "
+                                    "(as in each official code)")
     truncate: bool | None = True
+    texts: Sides | None = Field(None, description="TEI's name for `documents`: the answer is then TEI's list of "
+                                "{index, score, text?}, highest score first")
+    raw_scores: bool | None = Field(False, description="TEI body only: the log-odds of \"yes\" instead of the score")
+    return_text: bool | None = Field(False, description="TEI body only: add each text as `text`")
+    truncation_direction: str | None = Field(None, description='TEI body only: "right" (the official cut) only')
 
 
 class ScoreRequest(BaseModel):
@@ -67,9 +75,13 @@ def _json(body: dict) -> Response:
 @router.post("/rerank", responses=_ERRORS, include_in_schema=False)
 @router.post("/v2/rerank", responses=_ERRORS, include_in_schema=False)
 async def rerank(request: Request) -> Response:
-    """Scores every document against the query; results highest score first, `top_n` of them."""
-    entry, parsed, scores, tokens = await _scores(request, parse_rerank)
+    """Scores every document against the query; results highest score first, `top_n` of them.
+    A body with `texts` (TEI's) is answered in TEI's shape: a list of {"index", "score", "text"?}."""
+    entry, parsed, log_odds, tokens = await _scores(request, parse_rerank)
+    scores = relevance_scores(log_odds)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[: parsed.top_n]
+    if parsed.tei:
+        return _json([_tei_rank(i, log_odds[i] if parsed.raw_scores else scores[i], parsed) for i in order])
     results = []
     for i in order:
         result = {"index": i, "relevance_score": float(scores[i])}
@@ -86,11 +98,19 @@ async def rerank(request: Request) -> Response:
     })
 
 
+def _tei_rank(i: int, score, parsed) -> dict:
+    rank = {"index": i, "score": float(score)}
+    if parsed.return_documents:
+        rank["text"] = parsed.raw_documents[i]
+    return rank
+
+
 @router.post("/v1/score", responses=_ERRORS, openapi_extra=_body(ScoreRequest))
 @router.post("/score", responses=_ERRORS, include_in_schema=False)
 async def score(request: Request) -> Response:
     """vLLM's score API: `text_1` against each `text_2` (one to many), or pairwise (equal lists)."""
-    entry, _, scores, tokens = await _scores(request, parse_score)
+    entry, _, log_odds, tokens = await _scores(request, parse_score)
+    scores = relevance_scores(log_odds)
     return _json({
         "id": f"score-{uuid.uuid4().hex}",
         "object": "list",

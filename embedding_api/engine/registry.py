@@ -77,9 +77,14 @@ class Registry:
                                param="model", code="model_not_found")
         if entry.kind != kind:
             route = "/v1/embeddings" if kind == "embedding" else "/v1/rerank and /v1/score"
+            hint = ""
+            if kind == "reranker":  # e.g. a VL reranker with tied embeddings reads as an embedder
+                hint = (f" If '{entry.name}' is a reranker, the server must be told: set MODEL_KIND=reranker, or "
+                        f"\"kind\": \"reranker\" in its MODELS entry.")
             raise invalid(
                 f"The model '{entry.name}' is {'a reranker' if entry.kind == 'reranker' else 'an embedding model'}; "
-                f"{route} need{'s' if kind == 'embedding' else ''} {'an embedding model' if kind == 'embedding' else 'a reranker'}.",
+                f"{route} need{'s' if kind == 'embedding' else ''} {'an embedding model' if kind == 'embedding' else 'a reranker'}."
+                + hint,
                 "model", "wrong_model_kind",
             )
         return entry

@@ -37,14 +37,24 @@ class RerankService(Service):
                 prepared.append(self.runner.prepare_pair(
                     sides[qi], sides[n_queries + di], request.instruction, request.truncate, cache))
             except InputTooLong as exc:
-                raise invalid(f"{doc.param}: {exc}; send shorter texts or \"truncate\": true.", doc.param,
+                param = request.queries[qi].param if self._query_too_long(sides[qi], request, cache) else doc.param
+                raise invalid(f"{param}: {exc}; send shorter texts or \"truncate\": true.", param,
                               "input_too_long") from None
             except ValueError as exc:  # e.g. an aspect ratio the model refuses
                 raise invalid(f"{doc.param}: {exc}.", doc.param, "invalid_image") from None
         return prepared
 
+    def _query_too_long(self, query: _Side, request: RerankRequest, cache: dict) -> bool:
+        """Whether the query does not fit even with an empty document: then the query is what is too long."""
+        try:
+            self.runner.prepare_pair(query, _Side([], []), request.instruction, False, cache)
+        except InputTooLong:
+            return True
+        return False
+
     async def score(self, request: RerankRequest) -> tuple[np.ndarray, int]:
-        """One score per pair of `request.pairs`, in order, and the tokens fed to the model."""
+        """One value per pair of `request.pairs`, in order: the log-odds of "yes", whose sigmoid is the
+        relevance score (runners/scoring.py `relevance_scores`); and the tokens fed to the model."""
         items = request.queries + request.documents
         try:
             images = await asyncio.gather(*(self._load_images(item) if item.images else _none() for item in items))

@@ -25,7 +25,10 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
-from .policy import _NOT_PUBLIC, MediaError, MediaPolicy, _timed_out, _too_large
+from .policy import (
+    _NOT_PUBLIC, NOT_ALLOWED_DOMAIN, NOT_PUBLIC_NEVER, NOT_PUBLIC_PRIVATE, MediaError, MediaPolicy, _timed_out,
+    _too_large,
+)
 
 logger = logging.getLogger("embedding_api.media")
 
@@ -322,7 +325,7 @@ class Fetcher:
         if domains:
             name = host.rstrip(".")
             if not any(name == d or name.endswith("." + d) for d in domains):
-                raise MediaError(f"{self.kind} URL host is not in the list of allowed image domains")
+                raise MediaError(NOT_ALLOWED_DOMAIN.replace("image", self.kind, 1))
         return host
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
@@ -361,10 +364,10 @@ class Fetcher:
                     raise MediaError(f"could not resolve {self.kind} host")
 
         for addr in addrs:
-            if _address_never_allowed(addr) or (
-                not self.policy.allow_private and _address_refused(addr)
-            ):
-                raise MediaError(_NOT_PUBLIC.replace("image", self.kind, 1))
+            if _address_never_allowed(addr):
+                raise MediaError(NOT_PUBLIC_NEVER.replace("image", self.kind, 1))
+            if not self.policy.allow_private and _address_refused(addr):
+                raise MediaError(NOT_PUBLIC_PRIVATE.replace("image", self.kind, 1))
         return addrs
 
     async def _fetch_following_redirects(self, url: httpx.URL) -> bytes:

@@ -1,4 +1,4 @@
-"""Decoding untrusted image bytes into safe, downscaled RGB images."""
+"""Decoding untrusted image bytes into safe RGB images (shrunk only when MAX_IMAGE_SIZE / _WIDTH / _HEIGHT say so)."""
 
 from __future__ import annotations
 
@@ -50,16 +50,14 @@ def _bomb_error(policy: MediaPolicy, size: tuple[int, int] | None = None) -> Med
 
 
 def _target_size(width: int, height: int, policy: MediaPolicy) -> tuple[int, int]:
-    scale = min(
-        1.0,
-        policy.max_width / width,
-        policy.max_height / height,
-        policy.max_size / max(width, height),
-    )
+    """The size after MAX_IMAGE_WIDTH / _HEIGHT / _SIZE (each 0 = no limit; all 0: the size itself)."""
+    big = max(width, height) + 1
+    max_w, max_h, max_side = policy.max_width or big, policy.max_height or big, policy.max_size or big
+    scale = min(1.0, max_w / width, max_h / height, max_side / max(width, height))
     if scale >= 1.0:
         return width, height
-    new_w = max(1, min(round(width * scale), policy.max_width, policy.max_size))
-    new_h = max(1, min(round(height * scale), policy.max_height, policy.max_size))
+    new_w = max(1, min(round(width * scale), max_w, max_side))
+    new_h = max(1, min(round(height * scale), max_h, max_side))
     return new_w, new_h
 
 

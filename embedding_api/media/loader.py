@@ -22,7 +22,7 @@ from PIL import Image
 from .encoded import _SCHEME_RE, _data_uri_payload_start, _max_encoded_chars, _quick_base64_length_check
 from .fetch import Fetcher, Resolver
 from .images import _decode_base64_image, decode_image_bytes
-from .policy import _LOCAL_FILE, MediaError, MediaPolicy, _too_large
+from .policy import _LOCAL_FILE, URLS_DISABLED, MediaError, MediaPolicy, _too_large
 
 # A file path rather than image data: /abs, ./rel, ../rel, ~/home, C:\ or C:/, \\share, or a name
 # ending in an image extension, with a character base64 never has (base64 of a JPEG starts with
@@ -77,10 +77,7 @@ class ImageLoader:
             scheme = match.group(1).lower()
             if scheme in ("http", "https"):
                 if not policy.allow_urls:
-                    raise MediaError(
-                        "image URLs are disabled on this server; "
-                        "send the image as base64 or a data URI"
-                    )
+                    raise MediaError(URLS_DISABLED)
                 data = await self.fetcher.fetch(ref)
                 return await self._decode(decode_image_bytes, data)
             if scheme == "data":

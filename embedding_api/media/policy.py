@@ -62,9 +62,10 @@ class MediaPolicy:
     max_image_pixels: int = 64_000_000  # MAX_IMAGE_PIXELS
     max_redirects: int = 3
     max_concurrent_fetches: int = 16
-    max_width: int = 512  # MAX_IMAGE_WIDTH
-    max_height: int = 512  # MAX_IMAGE_HEIGHT
-    max_size: int = 512  # MAX_IMAGE_SIZE: cap on the longer side
+    # Shrinking before the model's own resizing (the official procedure has none): 0 = off.
+    max_width: int = 0  # MAX_IMAGE_WIDTH
+    max_height: int = 0  # MAX_IMAGE_HEIGHT
+    max_size: int = 0  # MAX_IMAGE_SIZE: cap on the longer side
 
     def __post_init__(self) -> None:
         # Normalise the allowlist (lower-case, IDNA, no leading "*." / dots);
@@ -76,12 +77,12 @@ class MediaPolicy:
             "max_image_bytes",
             "max_image_pixels",
             "max_concurrent_fetches",
-            "max_width",
-            "max_height",
-            "max_size",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("max_width", "max_height", "max_size"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no shrinking)")
         if int(self.max_redirects) < 0:
             raise ValueError("max_redirects must be >= 0")
 
@@ -131,7 +132,14 @@ def _timed_out(policy: MediaPolicy) -> MediaError:
     return MediaError(f"image fetch timed out after {policy.fetch_timeout:g}s")
 
 
-_NOT_PUBLIC = "image URL host resolves to a non-public address (refused)"
+_NOT_PUBLIC = "image URL host resolves to a non-public address"  # the prefix of both messages below
+NOT_PUBLIC_PRIVATE = (
+    _NOT_PUBLIC + " (refused; the server setting ALLOW_PRIVATE_IMAGE_URLS=true allows private, loopback and "
+    "link-local addresses)"
+)
+NOT_PUBLIC_NEVER = _NOT_PUBLIC + " (refused: unspecified, multicast and broadcast addresses are never fetched)"
+NOT_ALLOWED_DOMAIN = "image URL host is not in the list of allowed image domains (server setting ALLOWED_IMAGE_DOMAINS)"
+URLS_DISABLED = "image URLs are disabled on this server (ALLOW_IMAGE_URLS=false); send the image as base64 or a data URI"
 _NOT_BASE64 = "image data is not valid base64"
 _NOT_IMAGE = "image data is not a decodable image"
 _CORRUPT = "image data is corrupt or truncated"

@@ -112,7 +112,8 @@ class VideoLoader:
             scheme = match.group(1).lower()
             if scheme in ("http", "https"):
                 if not self.policy.allow_urls:
-                    raise MediaError("URLs are disabled on this server; send the video as base64 or a data URI")
+                    raise MediaError("video URLs are disabled on this server (ALLOW_IMAGE_URLS=false covers videos "
+                                     "too); send the video as base64 or a data URI")
                 return await self.fetcher.fetch(ref)
             if scheme != "data":
                 raise MediaError("unsupported video reference: use an http(s) URL, a data:video/...;base64 URI "

@@ -58,6 +58,10 @@ def summary(settings, info, default_dimension: int) -> str:
         urls = "private addresses allowed" if settings.allow_private_image_urls else "public addresses only"
         if settings.image_domains:
             urls += ", domains " + ",".join(settings.image_domains)
+    pre = settings.image_preprocessing()
+    shrink = ",".join(f"{k.removeprefix('max_image_')}={v}" for k, v in (pre["pre_shrink"] or {}).items())
+    images = ("official" if pre["official"] else f"pre-shrink({shrink or 'off'}) pixels={pre['min_pixels']}.."
+              f"{pre['max_pixels']}") if info.takes_images else "none"
     keys = len(settings.api_keys)
     metrics_host = settings.metrics_host or settings.host
     metrics = f"http://{metrics_host}:{settings.metrics_port}/metrics" if settings.metrics_port else \
@@ -66,7 +70,7 @@ def summary(settings, info, default_dimension: int) -> str:
         f"serving model={settings.model_name} family={info.family} path={settings.model_path} "
         f"device={info.device} dtype={info.dtype} dimension={default_dimension} (native {info.dimension}) "
         f"auth={'on (' + str(keys) + ' key' + ('s' if keys > 1 else '') + ')' if keys else 'OFF'} "
-        f"image_urls={urls} max_batch_size={settings.max_batch_size} "
+        f"image_urls={urls} image_resizing={images} max_batch_size={settings.max_batch_size} "
         f"max_batch_tokens={settings.max_batch_tokens} max_queued_inputs={settings.max_queued_inputs} "
         f"max_input_tokens={settings.max_input_tokens} metrics={metrics} "
         f"cors={','.join(settings.cors_origins) or 'off'} log_format={settings.log_format}"

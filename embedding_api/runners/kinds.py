@@ -23,6 +23,7 @@ import struct
 from pathlib import Path
 
 EMBEDDING, RERANKER = "embedding", "reranker"
+_NO_SIGN = "no sign of a reranker"
 
 
 def safetensors_keys(path: Path) -> set[str]:
@@ -52,6 +53,21 @@ def _appends_endoftext(path: Path) -> bool | None:
     return "<|endoftext|>" in json.dumps(post.get("single", post.get("processors", "")))
 
 
+def contradiction(model_path: str, config: dict, setting: str) -> str | None:
+    """A warning when MODEL_KIND (or a MODELS `kind`) names one kind and the checkpoint itself reads as the other
+    by a decisive sign (rules 2-4); None otherwise. The setting still wins: it is how a misread checkpoint is
+    served as what it is."""
+    if setting not in (EMBEDDING, RERANKER):
+        return None
+    kind, reason = detect_kind(model_path, config)
+    if kind == setting or reason == _NO_SIGN:
+        return None
+    return (f"{model_path!r} is served as {'a reranker' if setting == RERANKER else 'an embedding model'} because "
+            f"MODEL_KIND (or its \"kind\" in MODELS) says {setting}, but the checkpoint reads as "
+            f"{'a reranker' if kind == RERANKER else 'an embedding model'} ({reason}); if that is what it is, set "
+            f"MODEL_KIND={kind} or auto, or the model's \"kind\" in MODELS")
+
+
 def detect_kind(model_path: str, config: dict, setting: str = "auto") -> tuple[str, str]:
     """Returns (kind, the reason), following the rules in this module's docstring."""
     if setting in (EMBEDDING, RERANKER):
@@ -72,4 +88,4 @@ def detect_kind(model_path: str, config: dict, setting: str = "auto") -> tuple[s
             return EMBEDDING, "the tokenizer appends <|endoftext|> (Qwen3-Embedding)"
         if appends is False:
             return RERANKER, "the tokenizer appends no <|endoftext|> (Qwen3-Reranker)"
-    return EMBEDDING, "no sign of a reranker"
+    return EMBEDDING, _NO_SIGN

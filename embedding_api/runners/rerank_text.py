@@ -3,7 +3,8 @@
 prompt = prefix + `<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}` + suffix, where
 the middle part is tokenized on its own (with the tokenizer's own special tokens) and truncated at
 the end so that the whole prompt fits in the maximum length (8192 by default); the score is
-P("yes") from the softmax over the last position's ("no", "yes") logits.
+P("yes") from the softmax over the last position's ("no", "yes") logits. An instruction given as ""
+is used as it is (the card's `format_instruction` takes the default only for None).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
 from .long_text import TokenPrefix
 from .loading import load_weights
-from .scoring import ScoringMixin, read_head_rows
+from .scoring import ScoringMixin, read_head_rows, score_token_ids
 
 TEXT_RERANK_SYSTEM = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -34,8 +35,8 @@ class TextRerankRunner(ScoringMixin, Runner):
                  weights: bool = True):
         super().__init__(settings, config, device, dtype, weights)
         self.max_tokens = settings.max_rerank_tokens or TEXT_RERANK_MAX_TOKENS
-        vocab = self.tokenizer.get_vocab()
-        self.score_rows = read_head_rows(settings.model_path, config, [vocab["no"], vocab["yes"]]).to(self.home)
+        ids = score_token_ids(self.tokenizer, settings, ["no", "yes"])
+        self.score_rows = read_head_rows(settings.model_path, config, ids).to(self.home)
         self._prefix = self.encode(TEXT_RERANK_SYSTEM)
         self._suffix = self.encode(TEXT_RERANK_SUFFIX)
         # What the tokenizer's post-processor adds around the middle part (Qwen3-Reranker: nothing).
@@ -51,7 +52,7 @@ class TextRerankRunner(ScoringMixin, Runner):
     def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:
         head, tail = self._special
         room = self.max_tokens - len(self._prefix) - len(self._suffix) - len(head) - len(tail)
-        start = f"<Instruct>: {instruction or TEXT_RERANK_INSTRUCTION}\n<Query>: {''.join(query.texts)}"
+        start = f"<Instruct>: {TEXT_RERANK_INSTRUCTION if instruction is None else instruction}\n<Query>: {''.join(query.texts)}"
         # The query's tokens are the same in every pair: tokenized once per request (`cache`).
         key = ("query", id(query), instruction)
         if cache is None or key not in cache:
@@ -71,4 +72,5 @@ class TextRerankRunner(ScoringMixin, Runner):
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         logits = last @ self.score_rows.T  # (n, 2): "no", "yes"
-        return torch.log_softmax(logits, dim=1)[:, 1].exp()
+        # The card's P("yes") = softmax over ("no", "yes") = sigmoid(yes - no): the log-odds are returned
+        return logits[:, 1] - logits[:, 0]

@@ -6,7 +6,8 @@ query's images then texts, the text `\n<Document>:`, the document's images then 
 with nothing becomes the text `NULL`), all joined with nothing between them. Truncation keeps the
 last 5 tokens (the assistant prefix) and, before them, every special token (image tokens included)
 and the first other tokens up to the maximum length (10240 by default). Left padding; the score is
-sigmoid((lm_head["yes"] - lm_head["no"]) . last hidden state).
+sigmoid((lm_head["yes"] - lm_head["no"]) . last hidden state). An empty instruction means the default one,
+as in the official `instruct or self.default_instruction`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..settings import Settings
 from .base import InputTooLong, PreparedInput
 from .long_text import LONG_TEXT_CHARS
 from .qwen3_vl import VLRunner
-from .scoring import ScoringMixin, read_head_rows, truncate_keep_special
+from .scoring import ScoringMixin, read_head_rows, score_token_ids, truncate_keep_special
 
 VL_RERANK_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -49,8 +50,7 @@ class VLRerankRunner(ScoringMixin, VLRunner):
                  weights: bool = True):
         super().__init__(settings, config, device, dtype, weights)
         self.max_tokens = settings.max_rerank_tokens or VL_RERANK_MAX_TOKENS
-        vocab = self.tokenizer.get_vocab()
-        rows = read_head_rows(settings.model_path, config, [vocab["yes"], vocab["no"]])
+        rows = read_head_rows(settings.model_path, config, score_token_ids(self.tokenizer, settings, ["yes", "no"]))
         self.score_rows = (rows[0] - rows[1]).to(self.home)
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
         self._special_texts = [t for t in self.tokenizer.convert_ids_to_tokens(sorted(self._special_ids)) if t]
@@ -158,4 +158,4 @@ class VLRerankRunner(ScoringMixin, VLRunner):
         return any(0 <= window.find(s, max(0, len(text) - len(window))) < len(text) for s in self._special_texts)
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(last @ self.score_rows)
+        return last @ self.score_rows  # the log-odds; the score is their sigmoid

@@ -39,9 +39,31 @@ def read_head_rows(model_path: str, config: dict, token_ids: list[int]) -> torch
                 rows = fh.get_slice(key)
                 return torch.stack([rows[i: i + 1][0] for i in token_ids]).float()
     raise ModelLoadError(
-        f"The weights in {model_path!r} have no lm_head.weight (and no tied embeddings) to score with. "
-        f"{weights_hint(model_path)}"
+        f"The weights in {model_path!r} have no lm_head.weight (and no tied embeddings) to score with: it cannot be "
+        f"served as a reranker. If it is an embedding model, set MODEL_KIND=embedding or auto (or the model's "
+        f"\"kind\" in MODELS). {weights_hint(model_path)}"
     )
+
+
+def score_token_ids(tokenizer, settings, words: list[str]) -> list[int]:
+    """The ids of the answer words a reranker scores ("yes", "no"); a tokenizer without them is no Qwen3
+    reranker's, and the message says which setting made it one."""
+    vocab = tokenizer.get_vocab()
+    missing = [w for w in words if w not in vocab]
+    if missing:
+        source = ("MODEL_KIND=reranker, or \"kind\": \"reranker\" in MODELS, made it one"
+                  if settings.model_kind == "reranker" else "it was read as one from the checkpoint")
+        raise ModelLoadError(
+            f"{settings.model_path!r} cannot be served as a reranker: its tokenizer has no {missing[0]!r} token to "
+            f"score with, so it is not a Qwen3 reranker checkpoint ({source}). For an embedding model set "
+            f"MODEL_KIND=embedding or auto (or the model's \"kind\" in MODELS)."
+        )
+    return [vocab[w] for w in words]
+
+
+def relevance_scores(log_odds: np.ndarray) -> np.ndarray:
+    """The official scores (P("yes")) from the log-odds the runners return, in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(log_odds, dtype=np.float64)))
 
 
 def truncate_keep_special(ids: list[int], max_length: int, special: frozenset[int]) -> list[int]:
@@ -60,7 +82,8 @@ def truncate_keep_special(ids: list[int], max_length: int, special: frozenset[in
 
 
 class ScoringMixin:
-    """forward() for a reranker: one relevance score per pair, in float32."""
+    """forward() for a reranker: one value per pair, in float32: the log-odds of "yes", whose sigmoid is the
+    relevance score (`relevance_scores`)."""
 
     kind = "reranker"
     score_rows: torch.Tensor  # on the device, in float32
