@@ -19,10 +19,11 @@ import pytest
 from embedding_api.api.playground import STATIC
 
 from .browser import TIMEOUT_MS, browser, offline_page  # noqa: F401 - the fixture
-from .util import API_KEY, png_bytes, sample_image
+from .util import API_KEY, ROOT, png_bytes, sample_image
 
 TEXTS = ["a red ball on the grass", "a dog in the park", "the capital of France is Paris"]
 QUERY = "a round red toy"
+VIDEO = ROOT / "examples" / "ball.mp4"
 
 
 @pytest.fixture(scope="module")
@@ -126,36 +127,40 @@ def test_page_shows_the_api_numbers_in_a_browser(browser, server, tmp_path):
         assert page.eval_on_selector_all("#rerank-model option", "os => os.map(o => o.value)") == ["pg-rerank"]
         assert page.locator("#rerank-note").is_hidden() and page.locator("#rerank-controls").is_visible()
 
-        # 3 texts and 1 image: the matrix equals the cosines of the vectors /v1/embeddings gives.
-        page.set_input_files("#files", str(image_file))
-        page.locator("#media li").wait_for()
+        # 3 texts, 1 image and 1 video: the matrix equals the cosines of the vectors /v1/embeddings gives.
+        page.set_input_files("#files", [str(image_file), str(VIDEO)])
+        page.locator("#media li[data-kind=video]").wait_for()
+        assert page.eval_on_selector_all("#media li", "ls => ls.map(l => l.dataset.kind)") == ["image", "video"]
         with page.expect_response(lambda r: r.url.endswith("/v1/embeddings")) as computed:
             page.click("#compute")
         assert computed.value.status == 200, computed.value.text()
         page.locator("#matrix td.cell").first.wait_for()
         cells = page.eval_on_selector_all(
             "#matrix td.cell", "cs => cs.map(c => [+c.dataset.row, +c.dataset.col, c.dataset.value, c.textContent])")
-        assert len(cells) == 16
-        shown = np.zeros((4, 4))
+        assert len(cells) == 25
+        shown = np.zeros((5, 5))
         for row, col, value, text in cells:
             assert value == text and re.fullmatch(r"-?\d\.\d{4}", value)
             shown[row, col] = float(value)
         data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
-        inputs = [*TEXTS, {"type": "image", "data": data_uri}]
+        video_uri = "data:video/mp4;base64," + base64.b64encode(VIDEO.read_bytes()).decode()
+        inputs = [*TEXTS, {"type": "image", "data": data_uri}, {"type": "video", "data": video_uri}]
         with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
             answer = http.post("/v1/embeddings", json={"model": "pg-emb", "input": inputs})
             assert answer.status_code == 200, answer.text
             want = _cosines(np.array([d["embedding"] for d in answer.json()["data"]]))
             assert np.abs(shown - want).max() <= 1e-3, (shown, want)
 
-            # Rerank the same 4 inputs: the bars carry /v1/rerank's scores.
+            # Rerank: the VL reranker takes text and images, so the video is left out, and the page says so;
+            # the bars carry /v1/rerank's scores for the other 4.
             page.fill("#query", QUERY)
             with page.expect_response(lambda r: r.url.endswith("/v1/rerank")) as reranked:
                 page.click("#rerank")
             assert reranked.value.status == 200, reranked.value.text()
             page.locator("#bars li.bar").first.wait_for()
             bars = page.eval_on_selector_all("#bars li.bar", "bs => bs.map(b => [+b.dataset.index, +b.dataset.value])")
-            answer = http.post("/v1/rerank", json={"model": "pg-rerank", "query": QUERY, "documents": inputs})
+            assert "[video] ball.mp4" in page.inner_text("#rerank-left-out")
+            answer = http.post("/v1/rerank", json={"model": "pg-rerank", "query": QUERY, "documents": inputs[:4]})
             assert answer.status_code == 200, answer.text
             want_scores = {r["index"]: r["relevance_score"] for r in answer.json()["results"]}
         assert sorted(i for i, _ in bars) == [0, 1, 2, 3]

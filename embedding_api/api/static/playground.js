@@ -117,8 +117,8 @@ function renderMedia() {
 function currentItems() {
   const texts = $("texts").value.split("\n").map((t) => t.trim()).filter((t) => t);
   return [
-    ...texts.map((t) => ({ label: t.length > 40 ? t.slice(0, 39) + "\u2026" : t, input: t })),
-    ...state.media.map((m) => ({ label: `[${m.kind}] ${m.name}`, input: { type: m.kind, data: m.data } })),
+    ...texts.map((t) => ({ kind: "text", label: t.length > 40 ? t.slice(0, 39) + "\u2026" : t, input: t })),
+    ...state.media.map((m) => ({ kind: m.kind, label: `[${m.kind}] ${m.name}`, input: { type: m.kind, data: m.data } })),
   ];
 }
 
@@ -194,25 +194,34 @@ async function compute() {
 
 // ------------------------------------------------------------------ rerank
 
+// The inputs are the documents, less those of a kind the reranker does not take (said on the page).
 async function rerank() {
   const items = currentItems();
   const query = $("query").value.trim();
   if (!query) return showError("Type a query to rerank the inputs against.");
-  if (!items.length) return showError("Add texts (one per line) or files to rerank.");
+  const reranker = (state.models || []).find((m) => m.id === $("rerank-model").value);
+  const takes = (reranker && reranker.modalities) || ["text", "image", "video"];
+  const kept = items.map((item, i) => ({ item, i })).filter(({ item }) => takes.includes(item.kind));
+  const left = items.filter((item) => !takes.includes(item.kind));
+  $("rerank-left-out").hidden = !left.length;
+  $("rerank-left-out").textContent = left.length
+    ? `Left out (the reranker takes ${takes.join(", ")}): ${left.map((item) => item.label).join(", ")}` : "";
+  if (!kept.length) return showError("Add texts (one per line) or files to rerank.");
   const button = $("rerank");
   button.disabled = true;
   try {
     const answer = await api("POST", "v1/rerank", {
-      model: $("rerank-model").value || undefined, query, documents: items.map((i) => i.input),
+      model: $("rerank-model").value || undefined, query, documents: kept.map(({ item }) => item.input),
     });
     $("bars").replaceChildren(...answer.results.map((r) => {
+      const { item, i } = kept[r.index];
       const li = document.createElement("li");
       li.className = "bar";
-      li.dataset.index = r.index;
+      li.dataset.index = i;  // the position among the inputs
       li.dataset.value = r.relevance_score.toFixed(6);
       const label = document.createElement("div");
       label.className = "bar-label";
-      label.textContent = items[r.index].label;
+      label.textContent = item.label;
       const track = document.createElement("div");
       track.className = "bar-track";
       const fill = document.createElement("div");
