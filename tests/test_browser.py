@@ -1,63 +1,22 @@
 """/docs in a real browser: Debian's Chromium driven by Playwright renders the Swagger UI page from
 the server's own files, lists the routes, and its Authorize dialog sends the key as a Bearer token.
 
-Chromium is the system's (/usr/bin/chromium, `.ci/run` installs it), not one `playwright install`
-downloads. Without it the test is skipped locally; in CI (`CI` set) its absence is a failure.
+The browser and the skip-or-fail rule: tests/browser.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
+from .browser import browser, offline_page  # noqa: F401 - the fixture
 from .util import API_KEY
-
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000  # a hang guard on a loaded machine, not a speed requirement
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the browser test must run; .ci/run installs chromium)")
-    pytest.skip(f"{reason}; install it with `apt-get install -y chromium` (CI installs it)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)) and not shutil.which(CHROMIUM):
-        _unavailable(f"no Chromium at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright package is not installed (requirements-dev.txt)")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=TIMEOUT_MS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture()
 def page(browser, vl_server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    # Offline: every request must go to the server itself; anything else is refused and recorded.
-    elsewhere: list[str] = []
-
-    def only_the_server(route):
-        if route.request.url.startswith(vl_server.base_url + "/"):
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_server)
-    page.elsewhere = elsewhere
+    context, page = offline_page(browser, vl_server.base_url)
     yield page
     context.close()
 

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import embeddings, health, models, rerank
+from . import embeddings, health, models, playground, rerank
 
 router = APIRouter()
-for _module in (embeddings, rerank, models, health):
+for _module in (embeddings, rerank, models, health, playground):
     router.include_router(_module.router)
