@@ -192,8 +192,13 @@ def _drain_on_signals(app: FastAPI):
 
         def chained(signum, frame, _next=handler):
             if signum == signal.SIGINT and app.state.status in ("draining", "stopping") and \
-                    answer_inflight_then(app, lambda: _next(signum, frame)):
-                return
+                    not getattr(app.state, "answered_inflight", False):
+                # A second Ctrl-C: answer what is in flight now and let uvicorn's own shutdown run on
+                # (it has nothing left to wait for). uvicorn's forced exit would skip the lifespan's
+                # shutdown and log its cancellation as a traceback; a third Ctrl-C still forces it.
+                app.state.answered_inflight = True
+                if answer_inflight_then(app, lambda: None):
+                    return
             begin_draining(app)
             _next(signum, frame)
 
