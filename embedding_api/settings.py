@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Each model copy runs its forward passes in a child process of its own (engine/model_process.py),
     # off the HTTP process's GIL; false keeps them on a thread of the HTTP process.
     model_process: bool = True
+    # Keys and values of a prompt's shared beginning (instruction, template, judge prompt) computed
+    # once per model copy and reused (runners/prefix.py); PREFIX_CACHE_SIZE prefixes at most.
+    prefix_cache: bool = True
+    prefix_cache_size: int = Field(64, ge=1)
 
     # Prompting
     default_instruction: str = "Represent the user's input."

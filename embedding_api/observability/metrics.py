@@ -195,6 +195,11 @@ class _StateCollector:
             PREFIX + "model_info", "The served model (value 1)",
             labels=["model", "family", "device", "dtype", "dimension"],
         )
+        prefixes = GaugeMetricFamily(
+            PREFIX + "prefix_cache_entries",
+            "Prompt prefixes whose keys and values the model copy holds (PREFIX_CACHE_SIZE at most)",
+            labels=["model", "worker"],
+        )
         now = time.perf_counter()
         for model, service in services:
             batcher = service.batcher
@@ -203,6 +208,8 @@ class _StateCollector:
                 busy = stats.busy_total()
                 busy_total.add_metric([model, worker], busy)
                 busy_share.add_metric([model, worker], self._share((model, worker), batcher, now, busy))
+            for worker, runner in enumerate(getattr(service, "runners", [])):
+                prefixes.add_metric([model, str(worker)], runner.prefix_cache_entries())
             queued.add_metric([model], batcher.queued)
             model_info = service.info
             info.add_metric(
@@ -211,6 +218,7 @@ class _StateCollector:
         yield queued
         yield busy_share
         yield busy_total
+        yield prefixes
         yield info
 
     def _share(self, worker: tuple[str, str], batcher, now: float, busy: float) -> float:

@@ -56,7 +56,12 @@ class TextRerankRunner(ScoringMixin, Runner):
         room = self.max_tokens - len(self._prefix) - len(self._suffix) - len(head) - len(tail)
         if len(body) > room and not truncate:
             raise InputTooLong(f"the pair is {len(body) - room} tokens longer than the model's {self.max_tokens}")
-        return PreparedInput(input_ids=self._prefix + head + body[:room] + tail + self._suffix)
+        ids = self._prefix + head + body[:room] + tail + self._suffix
+        instruction = instruction or TEXT_RERANK_INSTRUCTION
+        # The judge prompt and the instruction: the same for every pair with this instruction.
+        shared = self.shared_prefix(
+            ids, instruction, lambda: self._prefix + head + self.encode(f"<Instruct>: {instruction}\n<Query>:"))
+        return PreparedInput(input_ids=ids, prefix=shared)
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         logits = last @ self.score_rows.T  # (n, 2): "no", "yes"

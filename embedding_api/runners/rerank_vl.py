@@ -50,10 +50,11 @@ class VLRerankRunner(ScoringMixin, VLRunner):
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
 
     def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:
+        instruction = instruction or VL_RERANK_INSTRUCTION
         conversation = [
             {"role": "system", "content": [{"type": "text", "text": VL_RERANK_SYSTEM}]},
             {"role": "user", "content": [
-                {"type": "text", "text": "<Instruct>: " + (instruction or VL_RERANK_INSTRUCTION)},
+                {"type": "text", "text": "<Instruct>: " + instruction},
                 *_side("<Query>:", len(query.images), query.texts),
                 *_side("\n<Document>:", len(document.images), document.texts),
             ]},
@@ -83,7 +84,18 @@ class VLRerankRunner(ScoringMixin, VLRunner):
             if grids and ids.count(self.image_pad_id) != sum(t * h * w // merge for t, h, w in grids):
                 raise InputTooLong(f"the image tokens of this pair do not fit in {self.max_tokens} tokens")
         pixel_values = np.concatenate(patch_list) if patch_list else None
-        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids)
+        shared = self.shared_prefix(ids, instruction, lambda: self._judge_prefix(instruction))
+        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids, prefix=shared)
+
+    def _judge_prefix(self, instruction: str) -> list[int]:
+        """The prompt up to the query: the judge system turn and `<Instruct>: {instruction}`."""
+        marker = "\u2063QUERY\u2063"
+        prompt = self._render([
+            {"role": "system", "content": [{"type": "text", "text": VL_RERANK_SYSTEM}]},
+            {"role": "user", "content": [{"type": "text", "text": "<Instruct>: " + instruction},
+                                         {"type": "text", "text": marker}]},
+        ])
+        return self.encode(prompt.split(marker)[0], special=True) if marker in prompt else []
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(last @ self.score_rows)
