@@ -43,7 +43,9 @@ def cache_kwarg(model) -> str:
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer of a filled DynamicCache, whichever transformers version made it."""
-    return [(item[0], item[1]) for item in cache]
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
 
 
 class PrefixCache:
