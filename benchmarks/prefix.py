@@ -3,6 +3,7 @@
     python -m benchmarks.prefix                       # qwen3_vl/wide (6 layers x 512), float32, batch 32
     python -m benchmarks.prefix --family qwen3        # Qwen3-Embedding queries (`Instruct: ...\\nQuery:`)
     python -m benchmarks.prefix --denormal            # also torch.set_flush_denormal(True) vs off
+    python -m benchmarks.prefix --family qwen3 --kind reranker   # Qwen3-Reranker pairs (judge prompt)
 
 In-process, no HTTP: one runner with PREFIX_CACHE=true and one with false, the same checkpoint and
 inputs, `runner.forward` timed on one batch at a time, the two alternating (which goes first
@@ -48,6 +49,20 @@ def inputs(runner: Runner, batch: int, mixed: bool) -> list[PreparedInput]:
     else:
         wanted = [INSTRUCTIONS[i % len(INSTRUCTIONS)] if mixed else None for i in range(batch)]
     return [runner.prepare([t], [], None, w) for t, w in zip(texts, wanted)]
+
+
+def pairs(runner: Runner, batch: int, mixed: bool) -> list[PreparedInput]:
+    """Reranker pairs as benchmarks/rerank.py sends them: a query and its 8 documents per request."""
+    from types import SimpleNamespace
+
+    from .rerank import workload
+
+    out = []
+    for i, (query, docs) in enumerate(workload()):
+        instruction = "Find the passage that answers the question" if mixed and i % 2 else None
+        out += [runner.prepare_pair(SimpleNamespace(texts=[query], images=[]),
+                                    SimpleNamespace(texts=[d], images=[]), instruction) for d in docs]
+    return out[:batch]
 
 
 def timed(runner: Runner, batch: list[PreparedInput]) -> tuple[float, np.ndarray]:
@@ -96,6 +111,7 @@ def denormal(on: Runner, off: Runner, batch: list[PreparedInput], rounds: int) -
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("qwen3_vl", "qwen3"), default="qwen3_vl")
+    p.add_argument("--kind", choices=("embedding", "reranker"), default="embedding")
     p.add_argument("--size", default="wide")
     p.add_argument("--model-path", help="a checkpoint directory instead of the written one")
     p.add_argument("--batch", type=int, default=32)
@@ -106,7 +122,16 @@ def main(argv=None) -> int:
     p.add_argument("--denormal", action="store_true", help="also measure torch.set_flush_denormal(True)")
     args = p.parse_args(argv)
 
-    path = Path(args.model_path) if args.model_path else checkpoint(HERE / ".cache", args.family, args.size)
+    if args.kind == "reranker" and args.family != "qwen3" and not args.model_path:
+        p.error("--kind reranker writes a Qwen3-Reranker checkpoint: use --family qwen3 (or --model-path)")
+    if args.model_path:
+        path = Path(args.model_path)
+    elif args.kind == "reranker":
+        from .rerank import reranker_checkpoint
+
+        path = reranker_checkpoint(HERE / ".cache", args.size)
+    else:
+        path = checkpoint(HERE / ".cache", args.family, args.size)
     common = dict(_env_file=None, model_path=str(path), torch_threads=args.threads, dtype=args.dtype,
                   device=args.device, log_level="WARNING")
     on = load_runner(Settings(**common))
@@ -117,9 +142,15 @@ def main(argv=None) -> int:
              f"{'scenario':<26} {'tokens/prefix':>16} {'off ms':>9} {'on ms':>9} {'speedup':>8} {'paired':>8} range",
              "-" * 92]
     worst = 0.0
-    for label, mixed in (("one instruction", False), ("four instructions" if args.family == "qwen3_vl"
-                                                       else "half queries, half docs", True)):
-        batch = inputs(on, args.batch, mixed)
+    make = pairs if on.kind == "reranker" else inputs
+    if on.kind == "reranker":
+        scenarios = (("4 queries x 8 docs", False), ("same, two instructions", True))
+    elif on.family == "qwen3_vl":
+        scenarios = (("one instruction", False), ("four instructions", True))
+    else:
+        scenarios = (("queries", False), ("half queries, half docs", True))
+    for label, mixed in scenarios:
+        batch = make(on, args.batch, mixed)
         timed(on, batch), timed(off, batch)  # warm-up, and the prefixes' keys and values computed once
         got, want = on.forward(batch), off.forward(batch)
         worst = max(worst, float(np.abs(got - want).max()))
@@ -127,10 +158,11 @@ def main(argv=None) -> int:
         n = statistics.mean(x.n_tokens for x in batch)
         shared = statistics.mean(x.prefix for x in batch)
         lines.append(summary(label, f"{n:.1f}/{shared:.1f}", t_on, t_off))
-    lines.append(f"largest |difference| between the vectors with and without reuse: {worst:.2e}")
+    what = "scores" if on.kind == "reranker" else "vectors"
+    lines.append(f"largest |difference| between the {what} with and without reuse: {worst:.2e}")
 
     if args.denormal:
-        lines.append(denormal(on, off, inputs(on, args.batch, False), args.rounds))
+        lines.append(denormal(on, off, make(on, args.batch, False), args.rounds))
     load_after = os.getloadavg()
     lines.append(f"load average (1, 5, 15 min): before {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}, "
                  f"after {load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f}")
