@@ -185,10 +185,13 @@ def _vision_positions(runner, batch, vision: dict, width: int, lengths: list[int
     mm[full == runner.image_pad_id] = 1
     mm[full == runner.video_pad_id] = 2
     device = runner.device
-    positions, _ = runner.model.get_rope_index(
-        full.to(device), mm_token_type_ids=mm.to(device),
-        image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
-        attention_mask=full_mask.to(device),
+    rope_index = runner.model.get_rope_index
+    extra = {}
+    if "mm_token_type_ids" in inspect.signature(rope_index).parameters:  # recent transformers; older ones take no such argument
+        extra["mm_token_type_ids"] = mm.to(device)
+    positions, _ = rope_index(
+        full.to(device), image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
+        attention_mask=full_mask.to(device), **extra,
     )
     need = max(lengths) + width
     if positions.shape[2] < need:
