@@ -187,7 +187,7 @@ def _vision_positions(runner, batch, vision: dict, width: int, lengths: list[int
     device = runner.device
     rope_index = runner.model.get_rope_index
     extra = {}
-    if "mm_token_type_ids" in inspect.signature(rope_index).parameters:  # recent transformers; older ones take no such argument
+    if "mm_token_type_ids" in inspect.signature(rope_index).parameters:  # recent transformers only
         extra["mm_token_type_ids"] = mm.to(device)
     positions, _ = rope_index(
         full.to(device), image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
