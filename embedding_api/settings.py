@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # off the HTTP process's GIL; false keeps them on a thread of the HTTP process.
     model_process: bool = Field(True, description="run each model copy in a child process of its own "
                                 "(false: on a thread of the server process)")
+    # Keys and values of a prompt's shared beginning (instruction, template, judge prompt) computed
+    # once per model copy and reused (runners/prefix.py); PREFIX_CACHE_SIZE prefixes at most.
+    prefix_cache: bool = Field(True, description="compute the keys and values of a prompt's shared beginning "
+                               "(instruction, template, judge prompt) once per model copy and reuse them")
+    prefix_cache_size: int = Field(64, ge=1, description="prompt prefixes kept per model copy (least recently "
+                                   "used dropped first)")
 
     # Prompting
     default_instruction: str = Field("Represent the user's input.",

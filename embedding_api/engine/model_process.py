@@ -11,7 +11,7 @@ Protocol, over a socket pair (multiprocessing.connection framing, pickle protoco
   parent -> child   the Settings, the device, the torch thread count; then one batch
                     (list[PreparedInput]) per message
   child -> parent   ("ready", pid) or ("failed", message) once; then per batch
-                    ("ok", rows) or ("error", message)
+                    ("ok", rows, prefix cache entries) or ("error", message)
 A second pipe, never written, tells the child that its parent has gone: its read returns at
 once when the parent exits for any reason, and the child ends itself.
 """
@@ -60,6 +60,7 @@ class ModelProcess:
         self._swap = threading.Lock()  # guards the child's handles against close() from another thread
         self._closed = False
         self._ended: str | None = None
+        self.prefix_cache_entries = 0  # as the child last said (runners/prefix.py)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -104,7 +105,7 @@ class ModelProcess:
                 raise ModelProcessEnded(self._ended)
             try:
                 self._conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
-                status, value = pickle.loads(self._conn.recv_bytes())
+                status, value, *extra = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 if self._closed:  # the server is stopping: not a fault
                     self._ended = f"the model process for {self.device} was closed"
@@ -112,6 +113,8 @@ class ModelProcess:
                     code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
                     self._ended = f"the model process for {self.device} (pid {self.pid}) {_exit_text(code)}"
                 raise ModelProcessEnded(self._ended) from None
+        if extra:
+            self.prefix_cache_entries = extra[0]
         if status != "ok":
             raise RuntimeError(value)  # the child logged the traceback; "out of memory" stays in the text
         return value
@@ -226,7 +229,7 @@ def _serve(conn: Connection) -> None:
         except (EOFError, OSError):
             return
         try:
-            reply = ("ok", runner.forward(batch))
+            reply = ("ok", runner.forward(batch), runner.prefix_cache_entries())
         except Exception as exc:  # noqa: BLE001 - a failed batch fails that batch, never this process
             message = f"{exc.__class__.__name__}: {exc}"
             if "out of memory" in message.lower() and cuda:

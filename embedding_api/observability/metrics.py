@@ -213,6 +213,11 @@ class _StateCollector:
             PREFIX + "model_info", "The served model (value 1)",
             labels=["model", "family", "device", "dtype", "dimension"],
         )
+        prefixes = GaugeMetricFamily(
+            PREFIX + "prefix_cache_entries",
+            "Prompt prefixes whose keys and values the model copy holds (PREFIX_CACHE_SIZE at most)",
+            labels=["model", "worker"],
+        )
         now = time.perf_counter()
         for model, service in services:
             batcher = service.batcher
@@ -225,6 +230,8 @@ class _StateCollector:
                 stuck.add_metric([model, worker], 1 if stats.stuck else 0)
                 restarts.add_metric([model, worker], stats.restarts)
             ready.add_metric([model], 1 if any(w.serving for w in batcher.workers) else 0)
+            for worker, runner in enumerate(getattr(service, "runners", [])):
+                prefixes.add_metric([model, str(worker)], runner.prefix_cache_entries())
             queued.add_metric([model], batcher.queued)
             model_info = service.info
             info.add_metric(
@@ -237,6 +244,7 @@ class _StateCollector:
         yield stuck
         yield restarts
         yield ready
+        yield prefixes
         yield info
 
     def _share(self, worker: tuple[str, str], batcher, now: float, busy: float) -> float:

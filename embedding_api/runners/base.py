@@ -17,6 +17,7 @@ from ..settings import Settings
 from ..tools.download import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer, TokenPrefix
+from . import prefix as prefix_reuse
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -36,6 +37,7 @@ class PreparedInput:
     video_pixel_values: np.ndarray | None = None  # (patches, patch_dim), float32
     video_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
     truncated: bool = False  # cut at MAX_INPUT_TOKENS
+    prefix: int = 0  # leading tokens shared by every input with this instruction (runners/prefix.py)
 
     @property
     def n_tokens(self) -> int:
@@ -89,6 +91,10 @@ class Runner:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.model = self._load_model() if weights else None
+        # Keys and values of shared prompt prefixes, in the process that runs the forward passes.
+        self.prefix_cache = prefix_reuse.PrefixCache(settings.prefix_cache_size) \
+            if weights and settings.prefix_cache else None
+        self._prefix_ids: dict = {}  # what `shared_prefix` compares against, per instruction
         # Where small tensors the runner keeps (e.g. a reranker's score rows) live: never a GPU in a
         # process without the model, so that it creates no CUDA context.
         self.home = device if weights else torch.device("cpu")
@@ -158,6 +164,27 @@ class Runner:
             )
         return prefix + body[:room] + suffix
 
+    _PREFIXES_KEPT = 64  # instructions whose prefix token ids are kept
+
+    def shared_prefix(self, ids: list[int], key, make) -> int:
+        """How many leading tokens of `ids` are the prefix every input with `key` (its instruction)
+        starts with: `make()` gives that prefix's token ids, made once per key."""
+        if not self.settings.prefix_cache:
+            return 0
+        candidate = self._prefix_ids.get(key)
+        if candidate is None:
+            candidate = make()
+            if len(self._prefix_ids) >= self._PREFIXES_KEPT:
+                self._prefix_ids.pop(next(iter(self._prefix_ids)), None)
+            self._prefix_ids[key] = candidate
+        return prefix_reuse.shared_length(ids, candidate)
+
+    def prefix_cache_entries(self) -> int:
+        """Prefixes whose keys and values this model copy holds (as its model process last said)."""
+        if self.process is not None:
+            return getattr(self.process, "prefix_cache_entries", 0)
+        return len(self.prefix_cache) if self.prefix_cache is not None else 0
+
     def _pool(self, hidden: torch.Tensor, last: torch.Tensor) -> np.ndarray:
         rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
         return rows.float().cpu().numpy()
@@ -177,9 +204,11 @@ class Runner:
     @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
         """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
-        ids, mask, last = self._collate_ids(batch)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this worker thread's device, for anything placed implicitly
+        if self.prefix_cache is not None and any(p.prefix for p in batch):
+            return self._pool(*prefix_reuse.run(self, batch))
+        ids, mask, last = self._collate_ids(batch)
         out = self.model(
             input_ids=ids.to(self.device, non_blocking=True),
             attention_mask=mask.to(self.device, non_blocking=True),

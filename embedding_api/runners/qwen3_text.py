@@ -49,4 +49,7 @@ class TextRunner(Runner):
             body = self.encode_head(f"Instruct: {instruction}\nQuery:{text}" if instruction else text, room)
         ids = self.fit(body, self._special_prefix, self._special_suffix, truncate, isinstance(body, TokenPrefix))
         full = len(body) + len(self._special_prefix) + len(self._special_suffix)
-        return PreparedInput(input_ids=ids, truncated=len(ids) < full)
+        prefix = self.shared_prefix(
+            ids, instruction, lambda: self._special_prefix + self.encode(f"Instruct: {instruction}\nQuery:")
+        ) if instruction else 0  # a query's `Instruct: ...\nQuery:`; documents have none
+        return PreparedInput(input_ids=ids, truncated=len(ids) < full, prefix=prefix)

@@ -195,13 +195,15 @@ class VLRunner(Runner):
                 raise ValueError("the model's chat template does not place an input's content exactly once")
             body = parts[0] + token_ids + parts[1]
             ids = self.fit(body, *special, truncate)
-            return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
+            return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]),
+                                 prefix=self._prefix_length(ids, instruction))
         if not images and not videos and len(texts) == 1:
             shortcut = self._text_ids(instruction, texts[0])
             if shortcut is not None:
                 body, cut = shortcut
                 ids = self.fit(body, *special, truncate, cut)
-                return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]))
+                return PreparedInput(input_ids=ids, truncated=len(ids) < len(body) + len(special[0]) + len(special[1]),
+                                     prefix=self._prefix_length(ids, instruction))
         grids, patch_list = [], []
         for image in images:
             patches, grid = self._image_patches(image)
@@ -243,7 +245,15 @@ class VLRunner(Runner):
         pixel_values = np.concatenate(patch_list) if patch_list else None
         video_values = np.concatenate(video_list) if video_list else None
         return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids,
-                             video_pixel_values=video_values, video_grid_thw=video_grids, truncated=truncated)
+                             video_pixel_values=video_values, video_grid_thw=video_grids, truncated=truncated,
+                             prefix=self._prefix_length(ids, instruction))
+
+    def _prefix_length(self, ids: list[int], instruction: str) -> int:
+        """The system turn and `<|im_start|>user\\n`: the same for every input with this instruction."""
+        def make() -> list[int]:
+            parts = self._template_parts(instruction)
+            return self._special_prefix + parts[0] if parts is not None else []
+        return self.shared_prefix(ids, instruction, make)
 
     def _vision_inputs(self, batch: list[PreparedInput], ids: torch.Tensor) -> dict[str, Any]:
         pixels = [p.pixel_values for p in batch if p.pixel_values is not None]

@@ -68,7 +68,12 @@ class TextRerankRunner(ScoringMixin, Runner):
         if len(body) > room and not truncate:
             longer = "longer than" if cut else f"{len(body) - room} tokens longer than"
             raise InputTooLong(f"the pair is {longer} the model's {self.max_tokens}")
-        return PreparedInput(input_ids=self._prefix + head + body[:room] + tail + self._suffix)
+        ids = self._prefix + head + body[:room] + tail + self._suffix
+        instruction = TEXT_RERANK_INSTRUCTION if instruction is None else instruction
+        # The judge prompt and the instruction: the same for every pair with this instruction.
+        shared = self.shared_prefix(
+            ids, instruction, lambda: self._prefix + head + self.encode(f"<Instruct>: {instruction}\n<Query>:"))
+        return PreparedInput(input_ids=ids, prefix=shared)
 
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         logits = last @ self.score_rows.T  # (n, 2): "no", "yes"

@@ -58,6 +58,7 @@ class VLRerankRunner(ScoringMixin, VLRunner):
         self._long_chars = 4 * self.max_tokens + LONG_TEXT_CHARS
 
     def prepare_pair(self, query, document, instruction: str | None, truncate: bool = True, cache=None) -> PreparedInput:
+        instruction = instruction or VL_RERANK_INSTRUCTION
         cache = {} if cache is None else cache
         images = list(query.images) + list(document.images)
         grids, patch_list = [], []
@@ -84,7 +85,18 @@ class VLRerankRunner(ScoringMixin, VLRunner):
             if grids and ids.count(self.image_pad_id) != sum(t * h * w // merge for t, h, w in grids):
                 raise InputTooLong(f"the image tokens of this pair do not fit in {self.max_tokens} tokens")
         pixel_values = np.concatenate(patch_list) if patch_list else None
-        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids)
+        shared = self.shared_prefix(ids, instruction, lambda: self._judge_prefix(instruction))
+        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grids, prefix=shared)
+
+    def _judge_prefix(self, instruction: str) -> list[int]:
+        """The prompt up to the query: the judge system turn and `<Instruct>: {instruction}`."""
+        marker = "\u2063QUERY\u2063"
+        prompt = self._render([
+            {"role": "system", "content": [{"type": "text", "text": VL_RERANK_SYSTEM}]},
+            {"role": "user", "content": [{"type": "text", "text": "<Instruct>: " + instruction},
+                                         {"type": "text", "text": marker}]},
+        ])
+        return self.encode(prompt.split(marker)[0], special=True) if marker in prompt else []
 
     def _pair_prompt(self, instruction: str | None, grids: list, n_query_images: int, n_document_images: int,
                      query_texts: list[str], document_texts: list[str], document_images: bool = True) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import prefix as prefix_reuse
 from .base import PreparedInput, _padded
 from ..tools.download import weights_hint
 from .loading import ModelLoadError
@@ -97,6 +98,11 @@ class ScoringMixin:
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
+        if self.prefix_cache is not None and any(p.prefix for p in batch):
+            # The judge prompt's keys and values reused; each pair's own tokens right-padded.
+            hidden, last = prefix_reuse.run(self, batch)
+            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+            return self._scores(rows.float()).cpu().numpy()
         ids, mask = self._collate_left(batch)
         out = self.model(
             input_ids=ids.to(self.device, non_blocking=True),

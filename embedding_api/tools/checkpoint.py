@@ -15,7 +15,7 @@ Only the shapes, the data flow and the cost are realistic.
 Usage::
 
     python -m embedding_api.tools.checkpoint OUT_DIR [--family qwen3_vl|qwen3]
-        [--size tiny|cpu|demo|2b|0.6b] [--kind embedding|reranker] [--seed N] [--overwrite]
+        [--size tiny|cpu|wide|demo|2b|0.6b] [--kind embedding|reranker] [--seed N] [--overwrite]
         [--append-eos|--no-append-eos]
 
 ``--kind reranker`` writes the layout of Qwen3-VL-Reranker / Qwen3-Reranker
@@ -32,7 +32,7 @@ Differences from the real checkpoints (by design):
   always read ids from the tokenizer or the config.
 * ``config.json`` is written by the installed transformers (5.x field names,
   e.g. ``rope_parameters`` instead of 4.x ``rope_scaling``/``rope_theta``).
-* "tiny" and "cpu" sizes are stored in float32; "2b" and "0.6b" in bfloat16.
+* "tiny", "cpu" and "wide" sizes are stored in float32; "2b" and "0.6b" in bfloat16.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ __all__ = [
 
 FAMILIES = ("qwen3_vl", "qwen3")
 SIZES: dict[str, tuple[str, ...]] = {
-    "qwen3_vl": ("tiny", "cpu", "demo", "2b"),
-    "qwen3": ("tiny", "cpu", "0.6b"),
+    "qwen3_vl": ("tiny", "cpu", "wide", "demo", "2b"),
+    "qwen3": ("tiny", "cpu", "wide", "0.6b"),
 }
 
 # Qwen's special tokens, in the order (and so with the relative offsets) of the
@@ -261,6 +261,36 @@ _SPECS: dict[tuple[str, str], _Spec] = {
         vocab_size=None,
         dtype="float32",
     ),
+    # A wide, shallow shape (6 layers x 512): compute-bound on a CPU, where the work per token
+    # (not the per-layer overhead) decides the speed, as on the real models.
+    ("qwen3_vl", "wide"): _Spec(
+        family="qwen3_vl",
+        size="wide",
+        text=dict(
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            intermediate_size=1536,
+            max_position_embeddings=262144,
+            rope_parameters=_vl_rope(5000000.0, [12, 10, 10]),
+        ),
+        vision=dict(
+            depth=4,
+            hidden_size=128,
+            num_heads=2,
+            intermediate_size=384,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=512,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=576,
+        ),
+        vocab_size=None,
+        dtype="float32",
+    ),
     # `make demo`: the real output width (2048, so every `dimensions` up to 2048 works) and a config
     # vocabulary of 16384 ids (the README's token-id examples fit), on 2 narrow layers: ~35M
     # parameters, ~70 MB in bfloat16, written and loaded in seconds.
@@ -347,6 +377,23 @@ _SPECS: dict[tuple[str, str], _Spec] = {
             num_key_value_heads=2,
             head_dim=16,
             intermediate_size=192,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        vision=None,
+        vocab_size=None,
+        dtype="float32",
+    ),
+    ("qwen3", "wide"): _Spec(  # 6 layers x 512, as the Qwen3-VL one
+        family="qwen3",
+        size="wide",
+        text=dict(
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            intermediate_size=1536,
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         ),
