@@ -9,6 +9,8 @@ import base64
 import json
 
 import cohere
+import voyageai
+import voyageai.error
 import httpx
 import numpy as np
 import pytest
@@ -196,3 +198,120 @@ def test_cohere_sdk_rerank(co, client):
     with pytest.raises(cohere.BadRequestError) as caught:
         co.rerank(model=EMB, query="q", documents=docs)
     assert "model" in caught.value.body["message"]
+
+
+# --------------------------------------------------------------------------- Voyage
+
+
+@pytest.fixture(scope="module")
+def vo(server):
+    return voyageai.Client(api_key=API_KEY, base_url=server.base_url + "/v1", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def image_url(image_server):
+    return image_server.add("/compat-img.png", png_bytes(sample_image(72, 56, seed=5)))
+
+
+def test_voyage_sdk_embed_matches_v1_embeddings(vo, client):
+    got = vo.embed(TEXTS, model=EMB, input_type="document")
+    assert got.total_tokens > 0
+    assert_same(got.embeddings, reference(client, TEXTS))
+    query = vo.embed(TEXTS, model=EMB, input_type="query", output_dimension=16, output_dtype="float")
+    assert np.asarray(query.embeddings).shape == (2, 16)
+    assert_same(query.embeddings, reference(client, TEXTS, input_type="query", dimensions=16))
+
+
+def test_voyage_truncation(vo, client):
+    long_text = "word " * (4 * MAX_TOKENS)
+    assert_same(vo.embed([long_text], model=EMB, truncation=True).embeddings, reference(client, [long_text]))
+    with pytest.raises(voyageai.error.InvalidRequestError) as caught:
+        vo.embed([long_text], model=EMB, truncation=False)
+    assert "input[0]" in str(caught.value) and "MAX_INPUT_TOKENS" in str(caught.value)
+
+
+def test_voyage_sdk_errors_are_detail(vo, server):
+    for kwargs, field in ((dict(output_dtype="int8"), "output_dtype"), (dict(output_dimension=0), "output_dimension"),
+                          (dict(input_type="search"), "input_type")):
+        with pytest.raises(voyageai.error.InvalidRequestError) as caught:
+            vo.embed(TEXTS, model=EMB, **kwargs)
+        assert set(caught.value.json_body) == {"detail"}, caught.value.json_body
+        assert field in caught.value.json_body["detail"]
+    with pytest.raises(voyageai.error.InvalidRequestError) as caught:
+        vo.embed(["ok", ""], model=EMB)
+    assert "input[1]" in caught.value.json_body["detail"]
+    wrong = voyageai.Client(api_key="wrong", base_url=server.base_url + "/v1", max_retries=0)
+    with pytest.raises(voyageai.error.AuthenticationError):
+        wrong.multimodal_embed([["x"]], model=EMB)
+    # /v1/embeddings refuses a wrong key before reading the body, in the OpenAI envelope
+    with pytest.raises(voyageai.error.APIError) as caught:
+        wrong.embed(TEXTS, model=EMB)
+    assert caught.value.http_status == 401
+
+
+def test_voyage_fields_without_the_sdk(client):
+    """The dialect is read from Voyage's field names as well; errors then come as {"detail"}."""
+    response = client.post("/v1/embeddings", json={"input": TEXTS, "model": EMB, "output_dimension": 8,
+                                                   "truncation": True})
+    assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 8
+    response = client.post("/v1/embeddings", json={"input": TEXTS, "model": EMB, "truncation": "yes"})
+    assert response.status_code == 400 and response.json() == {"detail": "truncation must be true or false."}
+    response = client.post("/v1/embeddings", json={"input": TEXTS, "output_dimension": 8, "dimensions": 16})
+    assert response.status_code == 400 and "output_dimension" in response.json()["detail"]
+    # an OpenAI body keeps the OpenAI envelope
+    response = client.post("/v1/embeddings", json={"input": TEXTS, "dimensions": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "dimensions"
+
+
+def test_voyage_sdk_multimodal(vo, client, image_url):
+    uri = data_uri(seed=7)
+    got = vo.multimodal_embed([
+        {"content": [{"type": "text", "text": "a picture"}, {"type": "image_url", "image_url": image_url}]},
+        {"content": [{"type": "image_base64", "image_base64": uri}]},
+        {"content": [{"type": "text", "text": "only text"}]},
+    ], model=EMB, input_type="document")
+    want = reference(client, [{"text": "a picture", "image": image_url}, {"type": "image", "image": uri}, "only text"])
+    assert_same(got.embeddings, want)
+    assert got.image_pixels > 0 and got.video_pixels == 0
+    assert 0 < got.text_tokens < got.total_tokens
+    # the SDK's own list form: strings and PIL images
+    query = vo.multimodal_embed([["a picture", sample_image(72, 56, seed=5)]], model=EMB, input_type="query",
+                                output_dimension=16)
+    assert_same(query.embeddings, reference(client, [{"text": "a picture", "image": image_url}],
+                                            input_type="query", dimensions=16))
+    text_only = vo.multimodal_embed([["just words"]], model=EMB)
+    assert text_only.image_pixels == 0 and text_only.text_tokens == text_only.total_tokens
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"inputs": [{"content": [{"type": "text", "text": "x"}]}]}, "model"),
+    ({"model": EMB}, "inputs"),
+    ({"model": EMB, "inputs": []}, "inputs"),
+    ({"model": EMB, "inputs": ["x"]}, "inputs[0]"),
+    ({"model": EMB, "inputs": [{"content": []}]}, "inputs[0].content"),
+    ({"model": EMB, "inputs": [{"content": [{"type": "audio", "audio": "x"}]}]}, "inputs[0].content[0].type"),
+    ({"model": EMB, "inputs": [{"content": [{"type": "image_base64", "image_url": "x"}]}]},
+     "inputs[0].content[0].image_base64"),
+    ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": ""}]}]}, "inputs[0].content[0].text"),
+    ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "output_dtype": "binary"},
+     "output_dtype"),
+    ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "truncation": 1}, "truncation"),
+    ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "encoding_format": "hex"},
+     "encoding_format"),
+    ({"model": RR, "inputs": [{"content": [{"type": "text", "text": "x"}]}]}, "model"),
+    ("text", "JSON object"),
+])
+def test_voyage_multimodal_bad_bodies_are_400_detail(client, body, field):
+    response = client.post("/v1/multimodalembeddings", json=body)
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"detail"}
+    assert field in response.json()["detail"]
+
+
+def test_voyage_multimodal_bad_image_is_400(client, image_server):
+    broken = image_server.add("/compat-broken.png", b"not an image", ctype="image/png")
+    for part in ({"type": "image_url", "image_url": broken},
+                 {"type": "image_base64", "image_base64": "data:image/png;base64,AAAA"}):
+        response = client.post("/v1/multimodalembeddings", json={"model": EMB, "inputs": [{"content": [part]}]})
+        assert response.status_code == 400, response.text
+        assert "inputs[0]" in response.json()["detail"]

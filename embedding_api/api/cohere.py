@@ -22,8 +22,7 @@ from ..inputs import (EmbedInput, EmbedRequest, InputRules, _check_item, _dimens
 from ..observability import note_error
 from . import rerank as rerank_route
 from .auth import check_api_key
-from .common import parse_body, read_json, ready_model, ready_service
-from .embeddings import embed_parsed
+from .common import embed_parsed, parse_body, read_json, ready_model, ready_service
 from .errors import APIError, invalid
 from .vector_types import check_types, encode_vectors
 
@@ -146,7 +145,7 @@ async def _embed(request: Request) -> Response:
                       "missing_required_parameter")
     entry = ready_model(request, body, "embedding")
     parsed, types = await parse_body(request, parse_cohere_embed, body, entry.service.rules)
-    vectors, tokens, headers = await embed_parsed(request, entry, parsed, settings.request_timeout)
+    vectors, tokens, headers, _ = await embed_parsed(request, entry, parsed, settings.request_timeout)
     billed: dict[str, int] = {"input_tokens": tokens}
     images = sum(len(item.images) for item in parsed.inputs)
     if images:

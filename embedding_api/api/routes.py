@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import cohere, embeddings, health, models, rerank
+from . import cohere, embeddings, health, models, rerank, voyage
 
 router = APIRouter()
-for _module in (embeddings, rerank, cohere, models, health):
+for _module in (embeddings, rerank, cohere, voyage, models, health):
     router.include_router(_module.router)
