@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import cohere
 import voyageai
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 
 from embedding_api.api.cohere import CLASSIFICATION_INSTRUCTION, CLUSTERING_INSTRUCTION
+from embedding_api.runners.qwen3_text import TEXT_DEFAULT_QUERY_INSTRUCTION
 
-from .util import API_KEY, png_bytes, sample_image
+from .util import API_KEY, official_smart_resize, png_bytes, sample_image
 
+ROOT = Path(__file__).resolve().parent.parent
 EMB = "emb"
 RR = "rr-text"
-MAX_TOKENS = 64
+MAX_TOKENS = 512  # room for a short video clip (4 frames)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ def co(server):
 
 
 def data_uri(seed: int = 3) -> str:
+    """An 80 x 64 PNG."""
     return "data:image/png;base64," + base64.b64encode(png_bytes(sample_image(80, 64, seed=seed))).decode()
 
 
@@ -272,7 +276,10 @@ def test_voyage_sdk_multimodal(vo, client, image_url):
     ], model=EMB, input_type="document")
     want = reference(client, [{"text": "a picture", "image": image_url}, {"type": "image", "image": uri}, "only text"])
     assert_same(got.embeddings, want)
-    assert got.image_pixels > 0 and got.video_pixels == 0
+    # the pixels the model saw: each image resized as the official embedder does (defaults of MIN/MAX_PIXELS)
+    seen = [official_smart_resize(56, 72, 4 * 32 * 32, 1800 * 32 * 32),
+            official_smart_resize(64, 80, 4 * 32 * 32, 1800 * 32 * 32)]
+    assert got.image_pixels == sum(h * w for h, w in seen) and got.video_pixels == 0
     assert 0 < got.text_tokens < got.total_tokens
     # the SDK's own list form: strings and PIL images
     query = vo.multimodal_embed([["a picture", sample_image(72, 56, seed=5)]], model=EMB, input_type="query",
@@ -315,3 +322,40 @@ def test_voyage_multimodal_bad_image_is_400(client, image_server):
         response = client.post("/v1/multimodalembeddings", json={"model": EMB, "inputs": [{"content": [part]}]})
         assert response.status_code == 400, response.text
         assert "inputs[0]" in response.json()["detail"]
+
+
+def test_voyage_multimodal_video(vo, client, image_server):
+    url = image_server.add("/compat-ball.mp4", (ROOT / "examples" / "ball.mp4").read_bytes(), ctype="video/mp4")
+    got = vo.multimodal_embed([{"content": [{"type": "text", "text": "a rolling ball"},
+                                            {"type": "video_url", "video_url": url}]}], model=EMB)
+    want = reference(client, [{"content": [{"type": "text", "text": "a rolling ball"},
+                                           {"type": "video_url", "video_url": {"url": url}}]}])
+    assert_same(got.embeddings, want)
+    assert got.video_pixels > 0 and got.image_pixels == 0 and 0 < got.text_tokens < got.total_tokens
+
+
+@pytest.fixture(scope="module")
+def text_server(start_server, tiny_text):
+    return start_server({"MODEL_PATH": str(tiny_text), "MODEL_NAME": "Qwen3-Embedding-0.6B", "TORCH_THREADS": "1"})
+
+
+def test_input_types_on_the_text_family(text_server):
+    """search_query / query: the family's query instruction; search_document / document: none at all."""
+    name = "Qwen3-Embedding-0.6B"
+    co = cohere.ClientV2(api_key="none", base_url=text_server.base_url, timeout=120)
+    vo = voyageai.Client(api_key="none", base_url=text_server.base_url + "/v1", max_retries=0, timeout=120)
+    with httpx.Client(base_url=text_server.base_url, timeout=120) as plain:
+        def ref(**extra):
+            response = plain.post("/v1/embeddings", json={"input": TEXTS, **extra})
+            assert response.status_code == 200, response.text
+            return np.array([d["embedding"] for d in response.json()["data"]])
+
+        bare, query = ref(), ref(instruction=TEXT_DEFAULT_QUERY_INSTRUCTION)
+        assert np.abs(bare - query).max() > 1e-3
+        assert_same(co.embed(model=name, texts=TEXTS, input_type="search_document").embeddings.float_, bare)
+        assert_same(co.embed(model=name, texts=TEXTS, input_type="search_query").embeddings.float_, query)
+        assert_same(vo.embed(TEXTS, model=name, input_type="document").embeddings, bare)
+        assert_same(vo.embed(TEXTS, model=name, input_type="query").embeddings, query)
+        with pytest.raises(cohere.BadRequestError) as caught:
+            co.embed(model=name, images=[data_uri()], input_type="image")
+        assert "images[0]" in caught.value.body["message"]
