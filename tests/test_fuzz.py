@@ -243,6 +243,58 @@ def test_fuzz_raw_bytes_and_headers(fuzz_client):
     run()
 
 
+def compat_bodies(image_url: str, bad_url: str):
+    """Bodies for Cohere's /v2/embed and Voyage's /v1/multimodalembeddings: their fields, right and wrong."""
+    images = image_strings(image_url, bad_url)
+    peer_part = st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["image_base64", "image_url", "text", "video_url"])},
+                              optional={"image_base64": images, "image_url": images, "text": ODD_TEXT}),
+        parts(images),
+        JSON_SCALARS,
+    )
+    content = st.fixed_dictionaries({}, optional={"content": st.lists(peer_part, max_size=3) | JSON_SCALARS})
+    return st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from([MODEL, "embed-v4.0"]) | JSON_SCALARS,
+        "texts": st.lists(ODD_TEXT | JSON_SCALARS, max_size=3) | JSON_VALUES,
+        "images": st.lists(images, max_size=2) | JSON_SCALARS,
+        "inputs": st.lists(content | JSON_SCALARS, max_size=3) | JSON_SCALARS,
+        "input_type": st.sampled_from(["search_query", "search_document", "classification", "clustering", "image",
+                                       "query", "document"]) | JSON_SCALARS,
+        "embedding_types": st.lists(st.sampled_from(["float", "int8", "base64", "x"]) | JSON_SCALARS, max_size=3),
+        "output_dimension": st.sampled_from([1, 8, 10**9, 0, -1, 8.0, "8"]) | JSON_SCALARS,
+        "output_dtype": st.sampled_from(["float", "int8", "binary"]) | JSON_SCALARS,
+        "truncate": st.sampled_from(["NONE", "START", "END"]) | JSON_SCALARS,
+        "truncation": JSON_SCALARS,
+        "encoding_format": st.sampled_from(["base64", "float"]) | JSON_SCALARS,
+        "max_tokens": JSON_SCALARS,
+    })
+
+
+def test_fuzz_cohere_and_voyage_routes(fuzz_client, urls):
+    """Cohere's and Voyage's routes: never a 5xx, every refusal in the peer API's own error body."""
+    @settings(FUZZ, max_examples=examples(150))
+    @given(body=compat_bodies(*urls) | JSON_VALUES,
+           route=st.sampled_from(["/v2/embed", "/v1/multimodalembeddings", "/v1/embeddings"]))
+    def run(body, route):
+        if route == "/v1/embeddings":  # Voyage's dialect there: its field names in an /v1/embeddings body
+            body = {"input": body.get("texts") if isinstance(body, dict) else body, "truncation": True,
+                    **({k: body[k] for k in ("output_dimension", "output_dtype", "input_type")
+                        if k in body} if isinstance(body, dict) else {})}
+        response = fuzz_client.post(route, content=json.dumps(body).encode(),
+                                    headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, f"{response.status_code}: {response.content[:500]!r}"
+        payload = response.json()
+        if response.status_code == 200:
+            rows = payload["embeddings"]["float"] if route == "/v2/embed" else payload["data"]
+            assert rows
+            return
+        assert set(payload) == ({"id", "message"} if route == "/v2/embed" else {"detail"}), payload
+        message = payload["message"] if route == "/v2/embed" else payload["detail"]
+        assert isinstance(message, str) and message and "Traceback" not in message
+
+    run()
+
+
 def test_fuzz_other_routes(fuzz_client):
     @settings(FUZZ, max_examples=examples(80))
     @given(path=st.lists(st.one_of(st.sampled_from(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/"),

@@ -14,6 +14,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from ..engine.service import Service
+from ..engine.timing import StageTimes
+from ..inputs import EmbedRequest
+from ..observability import record_of
 from .errors import APIError, invalid
 
 
@@ -146,3 +149,26 @@ async def run_watched(request: Request, work: Awaitable, timeout: float):
         headers={"Retry-After": "1"},
     )
 
+
+async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: float):
+    """The parsed request through the model's service, recorded for the request log:
+    (vectors, prompt tokens, the timing headers, the StageTimes). Shared by every API shape that embeds."""
+    times = StageTimes()
+    record = record_of(request.scope)
+    if record is not None:
+        kinds: dict[str, int] = {}
+        for item in parsed.inputs:
+            kinds[item.kind] = kinds.get(item.kind, 0) + 1
+        record.model, record.kinds, record.times = entry.name, kinds, times
+    vectors, tokens = await run_watched(request, entry.service.embed(parsed, times), timeout)
+    headers = {
+        "x-queue-time": f"{times.queue_s * 1e3:.2f}",
+        "x-inference-time": f"{times.forward_s * 1e3:.2f}",
+        "x-prompt-tokens": str(tokens),
+    }
+    if times.truncated:
+        headers["x-truncated-inputs"] = str(times.truncated)
+    if record is not None:
+        record.tokens = tokens
+        headers["x-total-time"] = f"{record.elapsed_ms():.2f}"
+    return vectors, tokens, headers, times

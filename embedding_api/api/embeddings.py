@@ -5,11 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..engine.timing import StageTimes
 from ..inputs import parse_request
-from ..observability import record_of
+from . import voyage
 from .auth import check_api_key
-from .common import parse_body, read_json, ready_model, ready_service, run_watched
+from .common import embed_parsed, parse_body, read_json, ready_model, ready_service
 from .schemas import EmbeddingResponse, ErrorResponse, embedding_response, request_body_openapi
 
 router = APIRouter()
@@ -28,26 +27,11 @@ async def create_embeddings(request: Request) -> Response:
     check_api_key(request)
     settings = ready_service(request).settings
     body = await read_json(request, settings.max_request_bytes)
+    if voyage.voyage_body(body):  # Voyage's field names: its dialect and its error body
+        return await voyage.embeddings(request, body, settings)
     entry = ready_model(request, body, "embedding")
     service = entry.service
     parsed = await parse_body(request, parse_request, body, service.rules, entry.ids)
-    times = StageTimes()
-    record = record_of(request.scope)
-    if record is not None:
-        kinds: dict[str, int] = {}
-        for item in parsed.inputs:
-            kinds[item.kind] = kinds.get(item.kind, 0) + 1
-        record.model, record.kinds, record.times = entry.name, kinds, times
-    vectors, tokens = await run_watched(request, service.embed(parsed, times), settings.request_timeout)
-    headers = {
-        "x-queue-time": f"{times.queue_s * 1e3:.2f}",
-        "x-inference-time": f"{times.forward_s * 1e3:.2f}",
-        "x-prompt-tokens": str(tokens),
-    }
-    if times.truncated:
-        headers["x-truncated-inputs"] = str(times.truncated)
-    if record is not None:
-        record.tokens = tokens
-        headers["x-total-time"] = f"{record.elapsed_ms():.2f}"
+    vectors, tokens, headers, _ = await embed_parsed(request, entry, parsed, settings.request_timeout)
     return embedding_response(vectors, parsed.encoding_format, entry.name, tokens, headers)
 

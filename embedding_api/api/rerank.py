@@ -1,4 +1,4 @@
-"""POST /v1/rerank (Cohere / Jina shape, also at /rerank and /v2/rerank) and POST /v1/score (vLLM shape)."""
+"""POST /v1/rerank (Cohere / Jina shape, also at /rerank; /v2/rerank is in cohere.py) and POST /v1/score (vLLM shape)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,6 @@ def _json(body: dict) -> Response:
 
 @router.post("/v1/rerank", responses=_ERRORS, openapi_extra=_body(RerankRequest))
 @router.post("/rerank", responses=_ERRORS, include_in_schema=False)
-@router.post("/v2/rerank", responses=_ERRORS, include_in_schema=False)
 async def rerank(request: Request) -> Response:
     """Scores every document against the query; results highest score first, `top_n` of them.
     A body with `texts` (TEI's) is answered in TEI's shape: a list of {"index", "score", "text"?}."""

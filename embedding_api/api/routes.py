@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import embeddings, health, models, playground, rerank
+from . import cohere, embeddings, health, models, playground, rerank, voyage
 
 router = APIRouter()
-for _module in (embeddings, rerank, models, health, playground):
+for _module in (embeddings, rerank, cohere, voyage, models, health, playground):
     router.include_router(_module.router)

@@ -248,6 +248,7 @@ class Service:
         if times is not None:
             times.prepare_s = time.perf_counter() - started
             times.truncated = sum(p.truncated for p in prepared)
+            _count_media(times, prepared, self.runner)
         try:
             futures = self.batcher.submit(prepared, times)
         except WorkerUnavailable as exc:
@@ -275,6 +276,19 @@ class Service:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue
         vectors = finalize(np.stack(rows), request.dimensions)
         return vectors, sum(p.n_tokens for p in prepared)
+
+
+def _count_media(times: StageTimes, prepared: list[PreparedInput], runner) -> None:
+    """Pixels and tokens of the images and videos as the model saw them (a grid is (t, h, w) patches)."""
+    patch, merge = getattr(runner, "patch_size", 0), getattr(runner, "merge_size", 1)
+    temporal = getattr(runner, "temporal_patch", 1)
+    for p in prepared:
+        for t, h, w in p.image_grid_thw:
+            times.image_pixels += h * w * patch * patch
+            times.vision_tokens += t * h * w // (merge * merge)
+        for t, h, w in p.video_grid_thw:
+            times.video_pixels += t * temporal * h * w * patch * patch
+            times.vision_tokens += t * h * w // (merge * merge)
 
 
 def model_failure(error: BaseException) -> BaseException:

@@ -14,7 +14,8 @@ import time
 
 
 class StageTimes:
-    __slots__ = ("prepare_s", "submitted", "forward_s", "ready", "last_batch", "truncated")
+    __slots__ = ("prepare_s", "submitted", "forward_s", "ready", "last_batch", "truncated", "image_pixels",
+                 "video_pixels", "vision_tokens")
 
     def __init__(self) -> None:
         self.prepare_s = 0.0
@@ -23,6 +24,9 @@ class StageTimes:
         self.ready = 0.0  # perf_counter() when the last of its vectors was ready
         self.last_batch = 0  # the batch counted last (a batch is counted once per request)
         self.truncated = 0  # inputs cut at MAX_INPUT_TOKENS
+        self.image_pixels = 0  # pixels of the images as the model saw them (resized)
+        self.video_pixels = 0  # pixels of the video frames as the model saw them (sampled, resized)
+        self.vision_tokens = 0  # of the prompt tokens, those that stand for image and video patches
 
     @property
     def queue_s(self) -> float:
