@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(16384, ge=1)
     max_queued_inputs: int = Field(4096, ge=1)
+    calibrate_at_startup: bool = False  # embed the int8/uint8 calibration set before reporting ready
     request_timeout: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(30.0, ge=0)

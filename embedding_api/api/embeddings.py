@@ -38,7 +38,7 @@ async def create_embeddings(request: Request) -> Response:
         for item in parsed.inputs:
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
         record.model, record.kinds, record.times = entry.name, kinds, times
-    vectors, tokens = await run_watched(request, service.embed(parsed, times), settings.request_timeout)
+    embeddings, tokens = await run_watched(request, service.embed_output(parsed, times), settings.request_timeout)
     headers = {
         "x-queue-time": f"{times.queue_s * 1e3:.2f}",
         "x-inference-time": f"{times.forward_s * 1e3:.2f}",
@@ -49,5 +49,5 @@ async def create_embeddings(request: Request) -> Response:
     if record is not None:
         record.tokens = tokens
         headers["x-total-time"] = f"{record.elapsed_ms():.2f}"
-    return embedding_response(vectors, parsed.encoding_format, entry.name, tokens, headers)
+    return embedding_response(embeddings, parsed.encoding_format, entry.name, tokens, headers)
 

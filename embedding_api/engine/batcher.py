@@ -50,6 +50,7 @@ class _Entry:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     times: StageTimes | None = None
+    alone: bool = False  # run in a batch of its own: no padding, the same numbers whatever else is queued
 
 
 def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
@@ -140,13 +141,16 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, items: Sequence[PreparedInput], times: StageTimes | None = None) -> list[asyncio.Future]:
+    def submit(self, items: Sequence[PreparedInput], times: StageTimes | None = None,
+               alone: bool = False) -> list[asyncio.Future]:
         """Queue a request's inputs, all or none; raises QueueFull when there is no room.
 
         With `times`, the worker records there the forward passes that carry these inputs.
+        With `alone`, each input runs in a batch of its own (the calibration set: its vectors then
+        do not depend on the traffic or on the batch settings).
         """
         loop = asyncio.get_running_loop()
-        entries = [_Entry(p, loop.create_future(), loop, times) for p in items]
+        entries = [_Entry(p, loop.create_future(), loop, times, alone) for p in items]
         if times is not None:
             times.mark_submitted()
         with self._cond:
@@ -205,6 +209,8 @@ class Batcher:
         if not pending:
             return []
         anchor = pending.popleft()
+        if anchor.alone:
+            return [anchor]
         size = anchor.prepared.n_tokens
         window = []
         for _ in range(min(len(pending), self.max_batch_size * 4)):
@@ -220,6 +226,8 @@ class Batcher:
         for i in order:
             if len(batch) >= self.max_batch_size:
                 break
+            if window[i].alone:
+                continue
             width = max(longest, window[i].prepared.n_tokens)
             if width * (len(batch) + 1) > self.max_batch_tokens:
                 continue

@@ -14,9 +14,11 @@ from typing import Awaitable, Callable, Sequence, Union
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull
+from .calibration import Calibration
 from .model_process import ModelProcessEnded
 from .timing import StageTimes
 from ..api.errors import APIError, invalid
+from ..formats import encode_rows
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
 from ..media.video import VideoLimits, VideoLoader, decode_video
@@ -115,6 +117,7 @@ class Service:
             on_batch=on_batch,
         )
         self.batcher.start()
+        self.calibration = Calibration(self) if self.info.kind == "embedding" else None
 
     def alive(self) -> bool:
         """Every model worker thread, and every model process, still running."""
@@ -192,12 +195,7 @@ class Service:
         try:
             futures = self.batcher.submit(prepared, times)
         except QueueFull:
-            raise APIError(
-                429,
-                "The server is at capacity; retry shortly.",
-                code="server_overloaded",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise capacity_error() from None
         try:
             await asyncio.wait(futures)  # the route bounds the whole request by REQUEST_TIMEOUT
             # Read every outcome, so no failed future is left unretrieved.
@@ -214,6 +212,21 @@ class Service:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue
         vectors = finalize(np.stack(rows), request.dimensions)
         return vectors, sum(p.n_tokens for p in prepared)
+
+    async def embed_output(self, request: EmbedRequest, times: StageTimes | None = None) -> tuple[object, int]:
+        """`embed`, with the vectors in the request's output format: the float32 array itself for
+        float/base64 float32, else one encoded value per row (formats.encode_rows)."""
+        vectors, tokens = await self.embed(request, times)
+        output = request.output
+        if output.plain:
+            return vectors, tokens
+        ranges = await self.calibration.ranges(request.dimensions) if output.calibrated else None
+        return encode_rows(vectors, output, ranges), tokens
+
+
+def capacity_error() -> APIError:
+    return APIError(429, "The server is at capacity; retry shortly.", code="server_overloaded",
+                    headers={"Retry-After": "1"})
 
 
 def model_failure(error: BaseException) -> BaseException:
