@@ -2,7 +2,8 @@
 
 A real server on a random-weight checkpoint (embedding_api/tools/checkpoint.py; the `tiny` VL
 checkpoint, 64 dims, and the `demo` one, 2048 dims, at its full size and at 256) embeds N
-generated sentences in float32 and publishes its int8/uint8 ranges; each format is then made from
+generated sentences in float32 (once, at full size; a smaller size is truncated and normalised
+here exactly as the server does) and publishes its int8/uint8 ranges; each format is made from
 those vectors by the server's own encoder (embedding_api.formats.encode_rows, which
 tests/test_formats.py checks against the server's responses) and decoded as a client would.
 The first Q sentences are the queries, all N the corpus (the query itself left out). For each
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding_api.formats import OutputFormat, dequantize, encode_rows
+from embedding_api.normalize import finalize
 from embedding_api.tools import checkpoint as checkpoint_module
 from embedding_api.tools.checkpoint import write_checkpoint
 
@@ -97,7 +99,7 @@ def _call(port: int, path: str, body: dict | None = None) -> dict:
 def embed(port: int, texts: list[str], dimensions: int, fields: dict) -> list:
     rows = []
     for start in range(0, len(texts), 64):
-        body = {"input": texts[start:start + 64], "dimensions": dimensions, **fields}
+        body = {"input": texts[start:start + 64], **fields, **({"dimensions": dimensions} if dimensions else {})}
         rows += [d["embedding"] for d in _call(port, "/v1/embeddings", body)["data"]]
     return rows
 
@@ -149,12 +151,14 @@ def compare(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     return float(np.mean(overlaps)), float(np.mean(rhos))
 
 
-def measure(port: int, model: str, texts: list[str], n_queries: int, dimensions: int) -> list[dict]:
-    reference = np.array(embed(port, texts, dimensions, {"encoding_format": "float"}), dtype=np.float32)
+def measure(port: int, model: str, native: np.ndarray, n_queries: int, dimensions: int) -> list[dict]:
+    reference = finalize(native, dimensions)  # what the server returns for `dimensions` (to float rounding)
     quant = _call(port, f"/v1/models/{model}/quantization?dimensions={dimensions}")
     ranges = np.array(quant["ranges"], dtype=np.float32)
     base = similarities("float", reference[:n_queries], reference, dimensions)
     base[np.arange(n_queries), np.arange(n_queries)] = np.nan  # the query itself is not a result
+    spread = {"cosine_mean": float(np.nanmean(base)), "cosine_std": float(np.nanstd(base))}
+    print(f"float32 cosine between inputs: mean {spread['cosine_mean']:.3f}, std {spread['cosine_std']:.3f}")
     rows = []
     for label, fields in FORMATS:
         fmt = OutputFormat(**fields)
@@ -163,7 +167,7 @@ def measure(port: int, model: str, texts: list[str], n_queries: int, dimensions:
         overlap, rho = compare(base, sims)
         inside = float(((reference >= ranges[0]) & (reference <= ranges[1])).mean())
         rows.append({"format": label, "dimensions": dimensions, "bytes": int(np.ceil(dimensions * BYTES_PER_DIM[label])),
-                     "top10_overlap": overlap, "spearman": rho,
+                     "top10_overlap": overlap, "spearman": rho, **spread,
                      **({"inside_calibrated_range": inside} if label in ("int8", "uint8") else {})})
     return rows
 
@@ -180,17 +184,22 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         path = checkpoint(args.cache.resolve(), size)
         run_dir = HERE / "results" / f"formats-{size}"
-        with Server({"MODEL_PATH": str(path), "MODEL_NAME": "model", "MAX_INPUTS_PER_REQUEST": "64"},
-                    run_dir, size) as server:
-            native = _call(server.port, "/v1/models/model")["embedding_dimension"]
-            for dimensions in sorted({native, min(native, 256)}, reverse=True):
-                for row in measure(server.port, "model", texts, args.queries, dimensions):
+        # Calibrated before ready: on a busy CPU the demo model's calibration set takes minutes.
+        server = Server({"MODEL_PATH": str(path), "MODEL_NAME": "model", "MAX_INPUTS_PER_REQUEST": "64",
+                         "CALIBRATE_AT_STARTUP": "true", "REQUEST_TIMEOUT": "600"}, run_dir, size).start()
+        try:
+            server.wait_ready(timeout=1800)
+            native = np.array(embed(server.port, texts, None, {"encoding_format": "float"}), dtype=np.float32)
+            for dimensions in sorted({native.shape[1], min(native.shape[1], 256)}, reverse=True):
+                for row in measure(server.port, "model", native, args.queries, dimensions):
                     row["checkpoint"] = size
                     results.append(row)
                     print(f"{size:5} {dimensions:5}d {row['format']:17} {row['bytes']:5} B  "
                           f"top-10 overlap {row['top10_overlap']:.3f}  Spearman {row['spearman']:.4f}"
                           + (f"  in range {row['inside_calibrated_range']:.3f}" if "inside_calibrated_range" in row else ""),
                           flush=True)
+        finally:
+            server.stop()
     out = HERE / "results" / f"formats-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"inputs": args.inputs, "queries": args.queries, "results": results}, indent=1))

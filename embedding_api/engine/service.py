@@ -125,6 +125,8 @@ class Service:
             r.process.alive() for r in self.runners if getattr(r, "process", None) is not None)
 
     async def close(self) -> None:
+        if self.calibration is not None:
+            self.calibration.cancel()
         self.batcher.stop()
         for runner in self.runners:
             if getattr(runner, "process", None) is not None:
