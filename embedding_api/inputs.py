@@ -12,7 +12,6 @@ from typing import Any
 from .api.errors import APIError, invalid
 from .formats import PLAIN, FormatError, OutputFormat, parse_output_format
 
-ENCODING_FORMATS = ("float", "base64")
 INPUT_TYPES = ("query", "document")
 
 
