@@ -12,8 +12,8 @@ from functools import lru_cache
 from typing import Any
 
 from .api.errors import APIError, invalid
+from .formats import PLAIN, FormatError, OutputFormat, parse_output_format
 
-ENCODING_FORMATS = ("float", "base64")
 INPUT_TYPES = ("query", "document")
 
 
@@ -57,6 +57,7 @@ class EmbedRequest:
     dimensions: int | None
     encoding_format: str
     model: str | None
+    output: OutputFormat = PLAIN  # encoding_format, embed_dtype, endianness, output_dtype (formats.py)
 
 
 @dataclass(frozen=True)
@@ -427,9 +428,11 @@ def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> E
                 param="model",
                 code="model_not_found",
             )
-    encoding_format = body.get("encoding_format") or "float"
-    if encoding_format not in ENCODING_FORMATS:
-        raise invalid("encoding_format must be 'float' or 'base64'.", "encoding_format", "invalid_value")
+    try:
+        output = parse_output_format(body)
+    except FormatError as exc:
+        raise invalid(exc.message, exc.param, exc.code) from None
+    encoding_format = output.encoding_format
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user must be a string.", "user", "invalid_type")
@@ -452,4 +455,5 @@ def parse_request(body: Any, rules: InputRules, model_ids: tuple[str, ...]) -> E
         dimensions=dimensions if dimensions is not None else rules.default_dimension,
         encoding_format=encoding_format,
         model=model,
+        output=output,
     )

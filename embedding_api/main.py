@@ -360,6 +360,13 @@ def create_app(
             if app.state.status != "loading":  # shutting down already: serve nothing
                 await service.close()
                 return
+            if entry.settings.calibrate_at_startup and service.calibration is not None:
+                try:
+                    await service.calibration.vectors()
+                except Exception as exc:  # noqa: BLE001 - a model that cannot embed its calibration set
+                    on_fatal(f"CALIBRATE_AT_STARTUP: the model {entry.name!r} could not embed the calibration "
+                             f"set: {exc}")
+                    return
             entry.service = service
         app.state.service = app.state.models.default.service
         # The ~400k long-lived objects torch and transformers created are never garbage; moving them

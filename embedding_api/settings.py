@@ -140,6 +140,8 @@ class Settings(BaseSettings):
                                           "batches are cut to the smallest that spends this share of a forward "
                                           "on its inputs; 0 = no cut")
     max_queued_inputs: int = Field(4096, ge=1, description="inputs waiting for the model; beyond: 429")
+    calibrate_at_startup: bool = Field(False, description="embed the int8/uint8 calibration set before "
+                                       "reporting ready (else on the first request that needs it)")
     request_timeout: float = Field(120.0, gt=0, description="seconds from the body read to the answer; then 503")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds to finish requests in flight after SIGTERM")

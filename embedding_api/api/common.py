@@ -150,9 +150,10 @@ async def run_watched(request: Request, work: Awaitable, timeout: float):
     )
 
 
-async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: float):
+async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: float, formatted: bool = False):
     """The parsed request through the model's service, recorded for the request log:
-    (vectors, prompt tokens, the timing headers, the StageTimes). Shared by every API shape that embeds."""
+    (vectors, prompt tokens, the timing headers, the StageTimes). Shared by every API shape that embeds.
+    `formatted`: the vectors in the request's output format (Service.embed_output)."""
     times = StageTimes()
     record = record_of(request.scope)
     if record is not None:
@@ -160,7 +161,9 @@ async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: f
         for item in parsed.inputs:
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
         record.model, record.kinds, record.times = entry.name, kinds, times
-    vectors, tokens = await run_watched(request, entry.service.embed(parsed, times), timeout)
+    service = entry.service
+    work = service.embed_output(parsed, times) if formatted else service.embed(parsed, times)
+    vectors, tokens = await run_watched(request, work, timeout)
     headers = {
         "x-queue-time": f"{times.queue_s * 1e3:.2f}",
         "x-inference-time": f"{times.forward_s * 1e3:.2f}",

@@ -32,6 +32,8 @@ async def create_embeddings(request: Request) -> Response:
     entry = ready_model(request, body, "embedding")
     service = entry.service
     parsed = await parse_body(request, parse_request, body, service.rules, entry.ids)
-    vectors, tokens, headers, _ = await embed_parsed(request, entry, parsed, settings.request_timeout)
-    return embedding_response(vectors, parsed.encoding_format, entry.name, tokens, headers)
+    # The vectors in the request's output format (float32 rows, or encoded rows: formats.py).
+    embeddings, tokens, headers, _ = await embed_parsed(request, entry, parsed, settings.request_timeout,
+                                                        formatted=True)
+    return embedding_response(embeddings, parsed.encoding_format, entry.name, tokens, headers)
 

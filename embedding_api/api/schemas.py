@@ -67,7 +67,15 @@ class EmbeddingRequest(BaseModel):
     model: str | None = None
     dimensions: Dimensions = Field(None, description="Output size (Matryoshka), 1..model size")
     dimension: Dimensions = Field(None, description="Alias of `dimensions`; if both are sent they must agree")
-    encoding_format: Literal["float", "base64"] | None = "float"
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="float: JSON numbers (ints for the integer output_dtype values); base64: the raw bytes")
+    embed_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        "float32", description="Width of the float bytes with encoding_format=base64 (vLLM's field)")
+    endianness: Literal["little", "big", "native"] | None = Field(
+        "little", description="Byte order of those bytes (vLLM's field)")
+    output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = Field(
+        "float", description="float, scalar-quantized int8/uint8 (ranges: GET /v1/models/{model}/quantization), "
+        "or sign bits packed 8 per byte (binary = ubinary - 128)")
     user: str | None = None
     instruction: str | None = None
     input_type: Literal["query", "document"] | None = None
@@ -79,7 +87,7 @@ class EmbeddingRequest(BaseModel):
 class EmbeddingObject(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str]
+    embedding: Union[list[float], list[int], str]
 
 
 class Usage(BaseModel):
@@ -117,10 +125,13 @@ def request_body_openapi() -> dict[str, Any]:
 
 
 def embedding_response(
-    vectors: np.ndarray, encoding_format: str, model: str, tokens: int, headers: dict[str, str] | None = None
+    vectors: np.ndarray | list, encoding_format: str, model: str, tokens: int, headers: dict[str, str] | None = None
 ) -> Response:
-    """JSON straight from the float32 rows: orjson serialises numpy, base64 is the raw little-endian buffer."""
-    if encoding_format == "base64":
+    """JSON straight from the float32 rows: orjson serialises numpy, base64 is the raw little-endian buffer.
+    A list holds each row already encoded in another output format (formats.encode_rows)."""
+    if isinstance(vectors, list):
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors)]
+    elif encoding_format == "base64":
         rows = vectors.astype("<f4", copy=False)
         data = [
             {"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode("ascii")}

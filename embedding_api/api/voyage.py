@@ -28,7 +28,9 @@ from .vector_types import check_types, encode_vectors
 
 router = APIRouter()
 
-VOYAGE_FIELDS = frozenset(("output_dimension", "output_dtype", "truncation"))
+# A body with one of these is read as Voyage's dialect (its SDK always sends `truncation`).
+# `output_dtype` alone is not among them: /v1/embeddings takes it itself (formats.py).
+VOYAGE_FIELDS = frozenset(("output_dimension", "truncation"))
 OUTPUT_DTYPES = ("float", "int8", "uint8", "binary", "ubinary")
 INPUT_TYPES = ("query", "document")
 PART_TYPES = ("text", "image_url", "image_base64", "video_url", "video_base64")

@@ -55,6 +55,7 @@ class _Entry:
     times: StageTimes | None = None
     retries: int = 0  # times its batch went back to the queue because its worker went down
     lane: int = CHEAP  # engine/scheduling.py
+    alone: bool = False  # run in a batch of its own: no padding, the same numbers whatever else is queued
 
 
 def _deliver(pairs: list[tuple[asyncio.Future, object, bool]]) -> None:
@@ -190,14 +191,17 @@ class Batcher(WorkerRecovery):
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, items: Sequence[PreparedInput], times: StageTimes | None = None) -> list[asyncio.Future]:
+    def submit(self, items: Sequence[PreparedInput], times: StageTimes | None = None,
+               alone: bool = False) -> list[asyncio.Future]:
         """Queue a request's inputs, all or none; raises QueueFull when there is no room.
 
         With `times`, the worker records there the forward passes that carry these inputs.
+        With `alone`, each input runs in a batch of its own (the calibration set: its vectors then
+        do not depend on the traffic or on the batch settings).
         """
         loop = asyncio.get_running_loop()
         lane = CHEAP if self.cheap_request_tokens is None else request_lane(items, self.cheap_request_tokens)
-        entries = [_Entry(p, loop.create_future(), loop, times, lane=lane) for p in items]
+        entries = [_Entry(p, loop.create_future(), loop, times, lane=lane, alone=alone) for p in items]
         if times is not None:
             times.mark_submitted()
         with self._cond:

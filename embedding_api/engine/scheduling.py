@@ -215,6 +215,8 @@ class LaneQueue:
         first, so a batch of mixed lengths wastes little on padding; within `max_batch_size` inputs,
         `max_batch_tokens` padded tokens and a cost of `budget` (batch_cost). Costs O(window), not O(queue)."""
         anchor = pending.popleft()
+        if getattr(anchor, "alone", False):  # runs in a batch of its own (the calibration set)
+            return [anchor]
         size = anchor.prepared.n_tokens
         window = []
         for _ in range(min(len(pending), self.max_batch_size * 4)):
@@ -231,6 +233,8 @@ class LaneQueue:
         for i in order:
             if len(batch) >= self.max_batch_size:
                 break
+            if getattr(window[i], "alone", False):
+                continue
             p = window[i].prepared
             width = max(longest, p.n_tokens)
             more = cost(p) - p.n_tokens

@@ -15,8 +15,10 @@ from typing import Awaitable, Callable, Sequence, Union
 import numpy as np
 
 from .batcher import Batcher, InputFailed, QueueFull, WorkerUnavailable
+from .calibration import Calibration
 from .timing import StageTimes
 from ..api.errors import APIError, invalid
+from ..formats import encode_rows
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
 from ..media.memory import release_freed_memory
@@ -125,6 +127,7 @@ class Service:
         self._closing = threading.Event()
         if settings.stuck_forward_seconds:
             threading.Thread(target=self._watch_stuck, name="stuck-watch", daemon=True).start()
+        self.calibration = Calibration(self) if self.info.kind == "embedding" else None
 
     def alive(self) -> bool:
         """The model can serve, or may again: not every model worker has failed for good."""
@@ -168,6 +171,8 @@ class Service:
 
     async def close(self) -> None:
         self._closing.set()
+        if self.calibration is not None:
+            self.calibration.cancel()
         self.batcher.stop(timeout=0)  # no new batches, and no restarts, from here on
         for runner in self.runners:
             if _process(runner) is not None:
@@ -254,12 +259,7 @@ class Service:
         except WorkerUnavailable as exc:
             raise model_failure(exc) from None
         except QueueFull:
-            raise APIError(
-                429,
-                "The server is at capacity; retry shortly.",
-                code="server_overloaded",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise capacity_error() from None
         try:
             await asyncio.wait(futures)  # the route bounds the whole request by REQUEST_TIMEOUT
             # Read every outcome, so no failed future is left unretrieved.
@@ -276,6 +276,21 @@ class Service:
                 future.cancel()  # no-op for finished ones; drops the rest from the queue
         vectors = finalize(np.stack(rows), request.dimensions)
         return vectors, sum(p.n_tokens for p in prepared)
+
+    async def embed_output(self, request: EmbedRequest, times: StageTimes | None = None) -> tuple[object, int]:
+        """`embed`, with the vectors in the request's output format: the float32 array itself for
+        float/base64 float32, else one encoded value per row (formats.encode_rows)."""
+        vectors, tokens = await self.embed(request, times)
+        output = request.output
+        if output.plain:
+            return vectors, tokens
+        ranges = await self.calibration.ranges(request.dimensions) if output.calibrated else None
+        return encode_rows(vectors, output, ranges), tokens
+
+
+def capacity_error() -> APIError:
+    return APIError(429, "The server is at capacity; retry shortly.", code="server_overloaded",
+                    headers={"Retry-After": "1"})
 
 
 def _count_media(times: StageTimes, prepared: list[PreparedInput], runner) -> None:
