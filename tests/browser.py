@@ -12,7 +12,7 @@ import pytest
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000  # a hang guard on a loaded machine, not a speed requirement
+TIMEOUT_MS = 180_000  # a hang guard on a loaded machine, not a speed requirement
 
 
 def _unavailable(reason: str):
