@@ -41,20 +41,49 @@ def image_server():
     server.close()
 
 
-@pytest.fixture(scope="session")
-def start_server(tmp_path_factory):
-    """Factory: start a real server with the given settings; all are stopped at the end of the session."""
-    started: list[ServerProcess] = []
+class _Servers:
+    """Every server the session starts; each is stopped when the module that started it ends.
 
-    def start(env: dict[str, str], wait: bool = True) -> ServerProcess:
-        log_dir = tmp_path_factory.mktemp("server")
+    Only servers started with `keep=True` (the shared `vl_server`) live to the end of the session, so
+    the suite holds a few servers at once rather than all of them (each is an HTTP process and a model
+    process), and two runs of it fit on one machine side by side.
+    """
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.module: list[ServerProcess] = []
+        self.session: list[ServerProcess] = []
+
+    def start(self, env: dict[str, str], wait: bool = True, keep: bool = False) -> ServerProcess:
+        log_dir = self.tmp_path_factory.mktemp("server")
         server = ServerProcess(env, log_dir / "server.log")
-        started.append(server)
+        (self.session if keep else self.module).append(server)
         return server.wait_ready() if wait else server
 
-    yield start
-    for server in started:
+    def stop_module_servers(self) -> None:
+        while self.module:
+            self.module.pop().stop()
+
+
+@pytest.fixture(scope="session")
+def _servers(tmp_path_factory):
+    servers = _Servers(tmp_path_factory)
+    yield servers
+    servers.stop_module_servers()
+    for server in servers.session:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server(_servers):
+    """Factory: start a real server with the given settings; it is stopped when its test module ends."""
+    return _servers.start
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_servers_at_module_end(_servers):
+    yield
+    _servers.stop_module_servers()
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +96,7 @@ def vl_server(start_server, tiny_vl) -> ServerProcess:
         "ALLOW_PRIVATE_IMAGE_URLS": "true",
         "MAX_INPUTS_PER_REQUEST": "64",
         "TORCH_THREADS": "1",
-    })
+    }, keep=True)
 
 
 @pytest.fixture()
