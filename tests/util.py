@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test run that started it dies (Linux), so a killed
+    pytest leaves no server behind."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerProcess:
     """`python -m uvicorn embedding_api.main:app` on a loopback port, with the given settings."""
 
@@ -111,7 +122,7 @@ class ServerProcess:
                        "--port", str(self.port), "--log-level", "warning"]
         self.proc = subprocess.Popen(
             command, cwd=str(log_path.parent), env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=bool(module),
+            start_new_session=bool(module), preexec_fn=_end_with_parent,
         )
 
     def wait_ready(self, timeout: float = 600) -> "ServerProcess":
