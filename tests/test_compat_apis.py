@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_api.api.cohere import CLASSIFICATION_INSTRUCTION, CLUSTERING_INSTRUCTION
+from embedding_api.inputs.cohere import CLASSIFICATION_INSTRUCTION, CLUSTERING_INSTRUCTION
 from embedding_api.runners.qwen3_text import TEXT_DEFAULT_QUERY_INSTRUCTION
 
 from .util import API_KEY, official_smart_resize, png_bytes, sample_image
