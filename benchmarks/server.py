@@ -222,7 +222,7 @@ _THREADS = (("model-worker", "model worker"), ("prepare", "prepare pool"), ("any
 _STAGES = (
     ("embedding_api/api/schemas.py", "response encoding"),
     ("embedding_api/engine/model_process.py", "model process I/O"),
-    ("embedding_api/inputs.py", "request validation"),
+    ("embedding_api/inputs/", "request validation"),
     ("embedding_api/api/", "route handler"),
     ("embedding_api/engine/batcher.py", "batcher"),
     ("embedding_api/engine/service.py", "embed path (service)"),

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_api.api.cohere import CLASSIFICATION_INSTRUCTION, CLUSTERING_INSTRUCTION
+from embedding_api.inputs.cohere import CLASSIFICATION_INSTRUCTION, CLUSTERING_INSTRUCTION
 from embedding_api.runners.qwen3_text import TEXT_DEFAULT_QUERY_INSTRUCTION
 
 from .util import API_KEY, official_smart_resize, png_bytes, sample_image
@@ -114,6 +114,39 @@ def test_cohere_output_dimension_is_matryoshka(co, client):
     assert_same(got.embeddings.float_, reference(client, TEXTS, input_type="query", dimensions=16))
 
 
+def compact(client, inputs, dtype, **extra) -> np.ndarray:
+    """What /v1/embeddings answers with `output_dtype`: the integer codes of formats.py."""
+    response = client.post("/v1/embeddings", json={"input": inputs, "model": EMB, "output_dtype": dtype,
+                                                   "encoding_format": "float", **extra})
+    assert response.status_code == 200, response.text
+    return np.array([d["embedding"] for d in response.json()["data"]])
+
+
+def test_cohere_sdk_every_embedding_type_in_one_request(co, client):
+    """float, int8, uint8, binary, ubinary and base64 at once, each as the Cohere SDK reads it, each the
+    codes /v1/embeddings gives for the same vectors (one implementation: formats.py)."""
+    types = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    got = co.embed(model=EMB, texts=TEXTS, input_type="search_query", embedding_types=types, output_dimension=20)
+    emb = got.embeddings
+    floats = np.asarray(emb.float_, dtype=np.float32)
+    assert floats.shape == (2, 20)
+    assert_same(floats, reference(client, TEXTS, input_type="query", dimensions=20))
+    for kind in ("int8", "uint8", "binary", "ubinary"):
+        rows = getattr(emb, kind)
+        assert all(isinstance(x, int) for row in rows for x in row), kind
+        assert np.array_equal(rows, compact(client, TEXTS, kind, input_type="query", dimensions=20)), kind
+    assert np.asarray(emb.int8).shape == np.asarray(emb.uint8).shape == (2, 20)
+    assert np.asarray(emb.ubinary).shape == (2, 3)  # 20 bits, padded to 3 bytes
+    assert np.array_equal(np.asarray(emb.ubinary, dtype=np.uint8), np.packbits(floats > 0, axis=-1))
+    assert np.array_equal(np.asarray(emb.binary), np.asarray(emb.ubinary) - 128)
+    decoded = np.stack([np.frombuffer(base64.b64decode(row), dtype="<f4") for row in emb.base64])
+    assert np.array_equal(decoded, floats)
+    # each type once, in the order asked; a type not asked for is absent
+    raw = client.post("/v2/embed", json={"model": EMB, "texts": TEXTS, "embedding_types": ["ubinary", "int8",
+                                                                                          "ubinary"]}).json()
+    assert list(raw["embeddings"]) == ["ubinary", "int8"]
+
+
 def test_cohere_truncate(co, client):
     long_text = "word " * (4 * MAX_TOKENS)
     end = co.embed(model=EMB, texts=[long_text], input_type="search_document", embedding_types=["float"],
@@ -130,7 +163,7 @@ def test_cohere_truncate(co, client):
 
 def test_cohere_sdk_errors_name_the_field(co):
     cases = [
-        (dict(texts=TEXTS, embedding_types=["int8", "float"]), "embedding_types"),
+        (dict(texts=TEXTS, embedding_types=["int4", "float"]), "embedding_types"),
         (dict(texts=TEXTS, embedding_types=["float"], output_dimension=100000), "output_dimension"),
         (dict(texts=TEXTS, input_type="search"), "input_type"),
         (dict(texts=["ok", ""]), "texts[1]"),
@@ -145,8 +178,9 @@ def test_cohere_sdk_errors_name_the_field(co):
         assert set(body) == {"id", "message"}, body
         assert field in body["message"], (field, body)
     with pytest.raises(cohere.BadRequestError) as caught:
-        co.embed(model=EMB, texts=TEXTS, input_type="search_document", embedding_types=["uint8"])
-    assert "supported: float" in caught.value.body["message"]
+        co.embed(model=EMB, texts=TEXTS, input_type="search_document", embedding_types=["double"])
+    assert caught.value.body["message"] == ("invalid request: embedding_types must be one of float, int8, uint8, "
+                                            "binary, ubinary, base64, got 'double'.")
     with pytest.raises(cohere.NotFoundError) as caught:
         co.embed(model="embed-v4.0", texts=TEXTS, input_type="search_document")
     assert EMB in caught.value.body["message"]
@@ -226,6 +260,24 @@ def test_voyage_sdk_embed_matches_v1_embeddings(vo, client):
     assert_same(query.embeddings, reference(client, TEXTS, input_type="query", dimensions=16))
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "binary", "ubinary"])
+def test_voyage_sdk_output_dtypes(vo, client, dtype):
+    """The SDK asks for base64 and decodes the bytes as int8 / uint8: the codes of /v1/embeddings."""
+    want = compact(client, TEXTS, dtype, input_type="query", dimensions=24)
+    got = vo.embed(TEXTS, model=EMB, input_type="query", output_dtype=dtype, output_dimension=24)
+    assert np.array_equal(got.embeddings, want)
+    assert np.asarray(got.embeddings).shape == (2, 24 if dtype.endswith("int8") else 3)
+    multimodal = vo.multimodal_embed([["the capital of France"], ["a recipe for bread"]], model=EMB,
+                                     input_type="query", output_dtype=dtype, output_dimension=24)
+    assert np.array_equal(multimodal.embeddings, want)
+    # without the SDK (no encoding_format): JSON integers
+    raw = client.post("/v1/multimodalembeddings", json={
+        "model": EMB, "inputs": [{"content": [{"type": "text", "text": t}]} for t in TEXTS], "input_type": "query",
+        "output_dtype": dtype, "output_dimension": 24})
+    assert raw.status_code == 200, raw.text
+    assert [d["embedding"] for d in raw.json()["data"]] == want.tolist()
+
+
 def test_voyage_truncation(vo, client):
     long_text = "word " * (4 * MAX_TOKENS)
     assert_same(vo.embed([long_text], model=EMB, truncation=True).embeddings, reference(client, [long_text]))
@@ -235,7 +287,7 @@ def test_voyage_truncation(vo, client):
 
 
 def test_voyage_sdk_errors_are_detail(vo, server):
-    for kwargs, field in ((dict(output_dtype="int8"), "output_dtype"), (dict(output_dimension=0), "output_dimension"),
+    for kwargs, field in ((dict(output_dtype="int4"), "output_dtype"), (dict(output_dimension=0), "output_dimension"),
                           (dict(input_type="search"), "input_type")):
         with pytest.raises(voyageai.error.InvalidRequestError) as caught:
             vo.embed(TEXTS, model=EMB, **kwargs)
@@ -300,7 +352,7 @@ def test_voyage_sdk_multimodal(vo, client, image_url):
     ({"model": EMB, "inputs": [{"content": [{"type": "image_base64", "image_url": "x"}]}]},
      "inputs[0].content[0].image_base64"),
     ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": ""}]}]}, "inputs[0].content[0].text"),
-    ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "output_dtype": "binary"},
+    ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "output_dtype": "int4"},
      "output_dtype"),
     ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "truncation": 1}, "truncation"),
     ({"model": EMB, "inputs": [{"content": [{"type": "text", "text": "x"}]}], "encoding_format": "hex"},

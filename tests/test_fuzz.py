@@ -270,6 +270,46 @@ def compat_bodies(image_url: str, bad_url: str):
     })
 
 
+COHERE_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+
+
+def check_compat_answer(route: str, body, payload: dict) -> None:
+    """A 200 of Cohere's /v2/embed (one array per embedding type asked) or of Voyage's routes."""
+    if route == "/v2/embed":
+        asked = body.get("embedding_types") or ["float"]
+        assert list(payload["embeddings"]) == list(dict.fromkeys(asked)), (asked, list(payload["embeddings"]))
+        counts = {len(rows) for rows in payload["embeddings"].values()}
+        assert len(counts) == 1 and counts.pop() > 0
+        for kind, rows in payload["embeddings"].items():
+            for row in rows:
+                if kind == "base64":
+                    assert base64.b64decode(row, validate=True)
+                elif kind == "float":
+                    assert row and all(isinstance(x, float) and math.isfinite(x) for x in row)
+                else:
+                    low = -128 if kind in ("int8", "binary") else 0
+                    assert row and all(isinstance(x, int) and low <= x <= low + 255 for x in row), kind
+        return
+    assert payload["data"] and [d["index"] for d in payload["data"]] == list(range(len(payload["data"])))
+    for item in payload["data"]:
+        emb = item["embedding"]
+        assert base64.b64decode(emb, validate=True) if isinstance(emb, str) else (
+            emb and all(isinstance(x, (float, int)) and math.isfinite(x) for x in emb))
+
+
+def peer_refusal(route: str, response) -> str:
+    """The message of a refusal in the peer API's error body (Cohere's {"id", "message"}, Voyage's
+    {"detail"}); never a 5xx, never a trace."""
+    assert response.status_code < 500, f"{response.status_code}: {response.content[:500]!r}"
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    payload = response.json()
+    cohere_route = route in ("/v2/embed", "/v2/rerank")
+    assert set(payload) == ({"id", "message"} if cohere_route else {"detail"}), payload
+    message = payload["message"] if cohere_route else payload["detail"]
+    assert isinstance(message, str) and message and "Traceback" not in message
+    return message
+
+
 def test_fuzz_cohere_and_voyage_routes(fuzz_client, urls):
     """Cohere's and Voyage's routes: never a 5xx, every refusal in the peer API's own error body."""
     @settings(FUZZ, max_examples=examples(150))
@@ -285,14 +325,144 @@ def test_fuzz_cohere_and_voyage_routes(fuzz_client, urls):
         assert response.status_code < 500, f"{response.status_code}: {response.content[:500]!r}"
         payload = response.json()
         if response.status_code == 200:
-            rows = payload["embeddings"]["float"] if route == "/v2/embed" else payload["data"]
-            assert rows
+            check_compat_answer(route, body, payload)
             return
         assert set(payload) == ({"id", "message"} if route == "/v2/embed" else {"detail"}), payload
         message = payload["message"] if route == "/v2/embed" else payload["detail"]
         assert isinstance(message, str) and message and "Traceback" not in message
 
     run()
+
+
+def near_valid_compat_bodies(image_url: str, bad_url: str):
+    """(route, a valid body of Cohere's or Voyage's embedding routes with one field replaced by anything, that field)."""
+    images = image_strings(image_url, bad_url)
+    dimension = st.sampled_from([1, 8, 10**9, 0, -1, 8.0, "8", "", "x"]) | JSON_SCALARS
+    texts = st.lists(VALID_TEXT, min_size=1, max_size=3)
+    text_inputs = texts.map(lambda ts: [{"content": [{"type": "text", "text": t}]} for t in ts])
+    peer_part = st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["image_base64", "image_url", "text", "video_url"])},
+                              optional={"image_base64": images, "image_url": images, "text": ODD_TEXT}),
+        parts(images), JSON_SCALARS)
+    routes = {
+        "/v2/embed": (
+            st.fixed_dictionaries({"model": st.just(MODEL), "texts": texts}, optional={
+                "input_type": st.sampled_from(["search_query", "search_document", "classification", "clustering"]),
+                "embedding_types": st.lists(st.sampled_from(COHERE_TYPES), min_size=1, max_size=3),
+                "output_dimension": st.integers(1, 64), "truncate": st.sampled_from(["END", "NONE"])}),
+            {"model": st.sampled_from(["embed-v4.0", ""]) | JSON_SCALARS,
+             "texts": st.lists(ODD_TEXT | JSON_SCALARS, max_size=3) | JSON_VALUES,
+             "images": st.lists(images, max_size=2) | JSON_SCALARS,
+             "inputs": st.lists(st.fixed_dictionaries({"content": st.lists(peer_part, max_size=3)}), max_size=2),
+             "input_type": st.sampled_from(["query", "image", "SEARCH_QUERY"]) | JSON_SCALARS,
+             "embedding_types": st.lists(st.sampled_from([*COHERE_TYPES, "int4"]) | JSON_SCALARS, max_size=3)
+             | JSON_SCALARS,
+             "output_dimension": dimension, "truncate": st.sampled_from(["START", "end", ""]) | JSON_SCALARS,
+             "max_tokens": JSON_SCALARS}),
+        "/v1/multimodalembeddings": (
+            st.fixed_dictionaries({"model": st.just(MODEL), "inputs": text_inputs}, optional={
+                "input_type": st.sampled_from(["query", "document"]),
+                "output_dtype": st.sampled_from(["float", "int8", "uint8", "binary", "ubinary"]),
+                "output_dimension": st.integers(1, 64), "truncation": st.booleans(),
+                "encoding_format": st.just("base64")}),
+            {"model": st.sampled_from(["voyage-multimodal-3", ""]) | JSON_SCALARS,
+             "inputs": st.lists(st.fixed_dictionaries({}, optional={"content": st.lists(peer_part, max_size=3)
+                                                                     | JSON_SCALARS}) | JSON_SCALARS, max_size=3)
+             | JSON_VALUES,
+             "input_type": st.sampled_from(["search_query", ""]) | JSON_SCALARS,
+             "output_dtype": st.sampled_from(["int4", "base64", "FLOAT"]) | JSON_SCALARS,
+             "output_dimension": dimension, "truncation": JSON_SCALARS,
+             "encoding_format": st.sampled_from(["float", "hex"]) | JSON_SCALARS}),
+        "/v1/embeddings": (  # Voyage's dialect there (its SDK always sends truncation)
+            st.fixed_dictionaries({"model": st.just(MODEL), "input": texts, "truncation": st.booleans()}, optional={
+                "input_type": st.sampled_from(["query", "document"]),
+                "output_dtype": st.sampled_from(["float", "int8", "uint8", "binary", "ubinary"]),
+                "output_dimension": st.integers(1, 64), "encoding_format": st.sampled_from(["float", "base64"])}),
+            {"model": st.sampled_from(["voyage-3", ""]) | JSON_SCALARS,
+             "input": st.lists(ODD_TEXT | JSON_SCALARS, max_size=3) | JSON_VALUES,
+             "input_type": st.sampled_from(["search_query", ""]) | JSON_SCALARS,
+             "output_dtype": st.sampled_from(["int4", "base64"]) | JSON_SCALARS,
+             "output_dimension": dimension, "truncation": st.sampled_from([0, 1, "true"]) | JSON_SCALARS,
+             "encoding_format": st.sampled_from(["hex", ""]) | JSON_SCALARS}),
+    }
+
+    def one(route):
+        valid, fields = routes[route]
+        return st.tuples(st.just(route), valid, st.sampled_from(sorted(fields))).flatmap(
+            lambda t: st.tuples(st.just(t[0]), fields[t[2]].map(lambda v, t=t: {**t[1], t[2]: v}), st.just(t[2])))
+
+    return st.sampled_from(sorted(routes)).flatmap(one)
+
+
+def test_fuzz_cohere_and_voyage_refusals_name_the_field(fuzz_client, urls):
+    """A valid Cohere or Voyage body with one field replaced: a 200, or a 400 (404 for an unknown model)
+    in that API's error body whose message names the replaced field; never a 5xx."""
+    statuses: dict[int, int] = {}
+
+    @settings(FUZZ, max_examples=examples(200))
+    @given(case=near_valid_compat_bodies(*urls))
+    def run(case):
+        route, body, field = case
+        response = fuzz_client.post(route, content=json.dumps(body).encode(),
+                                    headers={"Content-Type": "application/json"})
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        if response.status_code == 200:
+            check_compat_answer(route, body, response.json())
+            return
+        message = peer_refusal(route, response)
+        assert response.status_code == 400 or (response.status_code == 404 and field == "model"), (body, message)
+        assert field in message, (field, body, message)
+
+    run()
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
+
+
+@pytest.fixture(scope="module")
+def rerank_client(start_server, tiny_text_reranker):
+    server = start_server({"MODEL_PATH": str(tiny_text_reranker), "MODEL_NAME": "rr", "API_KEY": API_KEY,
+                           "MAX_RERANK_DOCUMENTS": "8", "TORCH_THREADS": "1"})
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=300) as c:
+        yield c
+
+
+def test_fuzz_cohere_rerank(rerank_client):
+    """Cohere's /v2/rerank: anything, or a valid body with one field replaced: a 200 with results, or a
+    refusal in Cohere's error body (naming the replaced field); never a 5xx."""
+    docs = st.lists(VALID_TEXT, min_size=1, max_size=4)
+    valid = st.fixed_dictionaries({"model": st.just("rr"), "query": VALID_TEXT, "documents": docs}, optional={
+        "top_n": st.integers(1, 5), "return_documents": st.booleans(), "instruction": VALID_TEXT})
+    fields = {
+        "model": st.sampled_from(["rerank-v3.5", ""]) | JSON_SCALARS,
+        "query": ODD_TEXT | JSON_VALUES,
+        "documents": st.lists(ODD_TEXT | JSON_SCALARS | st.fixed_dictionaries({"text": ODD_TEXT}), max_size=10)
+        | JSON_VALUES,
+        "top_n": st.integers(-2, 20) | JSON_SCALARS,
+        "return_documents": JSON_SCALARS,
+        "instruction": ODD_TEXT | JSON_SCALARS,
+        "truncate": JSON_SCALARS,
+    }
+    near = st.tuples(valid, st.sampled_from(sorted(fields))).flatmap(
+        lambda t: st.tuples(fields[t[1]].map(lambda v, t=t: {**t[0], t[1]: v}), st.just(t[1])))
+    statuses: dict[int, int] = {}
+
+    @settings(FUZZ, max_examples=examples(150))
+    @given(case=near | JSON_VALUES.map(lambda body: (body, None)))
+    def run(case):
+        body, field = case
+        response = rerank_client.post("/v2/rerank", content=json.dumps(body).encode(),
+                                      headers={"Content-Type": "application/json"})
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        if response.status_code == 200:
+            results = response.json()["results"]
+            assert results and all(0.0 <= r["relevance_score"] <= 1.0 for r in results)
+            return
+        message = peer_refusal("/v2/rerank", response)
+        if field is not None:
+            assert response.status_code == 400 or (response.status_code == 404 and field == "model"), (body, message)
+            assert field in message, (field, body, message)
+
+    run()
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
 
 
 def test_fuzz_other_routes(fuzz_client):

@@ -491,7 +491,6 @@ def test_video_url_object_options_are_honoured(vclient, official, image_server):
 
 def test_video_forms_parse_to_one_input_each():
     """Every request shape for video, parsed without a server: one input per element, options kept."""
-    import embedding_api.main  # noqa: F401 - the package's import order
     from embedding_api.inputs import InputRules, parse_request
 
     rules = InputRules(max_inputs=16, native_dimension=64, default_dimension=64, takes_images=True,

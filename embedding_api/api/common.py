@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from ..engine.service import Service
 from ..engine.timing import StageTimes
+from ..formats import OutputFormat
 from ..inputs import EmbedRequest
 from ..observability import record_of
 from .errors import APIError, invalid
@@ -150,10 +151,12 @@ async def run_watched(request: Request, work: Awaitable, timeout: float):
     )
 
 
-async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: float, formatted: bool = False):
+async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: float, formatted: bool = False,
+                       outputs: dict[str, OutputFormat] | None = None):
     """The parsed request through the model's service, recorded for the request log:
     (vectors, prompt tokens, the timing headers, the StageTimes). Shared by every API shape that embeds.
-    `formatted`: the vectors in the request's output format (Service.embed_output)."""
+    `formatted`: the vectors in the request's output format (Service.embed_output); `outputs`: in each
+    of these formats, {name: vectors} (Service.embed_outputs)."""
     times = StageTimes()
     record = record_of(request.scope)
     if record is not None:
@@ -162,7 +165,10 @@ async def embed_parsed(request: Request, entry, parsed: EmbedRequest, timeout: f
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
         record.model, record.kinds, record.times = entry.name, kinds, times
     service = entry.service
-    work = service.embed_output(parsed, times) if formatted else service.embed(parsed, times)
+    if outputs is not None:
+        work = service.embed_outputs(parsed, outputs, times)
+    else:
+        work = service.embed_output(parsed, times) if formatted else service.embed(parsed, times)
     vectors, tokens = await run_watched(request, work, timeout)
     headers = {
         "x-queue-time": f"{times.queue_s * 1e3:.2f}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable
 
 import orjson
 from fastapi import FastAPI, Request
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from ..inputs import InputError
 from ..observability import note_error
 from .not_found import not_found_message
 
@@ -53,6 +55,35 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
     return APIError(400, message, param=param, code=code)
 
 
+def from_input_error(exc: InputError) -> APIError:
+    """The input layer's refusal as the HTTP layer's: the one place where one becomes the other."""
+    return APIError(exc.status, exc.message, param=exc.field, code=exc.code)
+
+
+def handler_for(app: FastAPI, exc: Exception):
+    """The app's exception handler for `exc`: the one registered for its nearest class."""
+    for cls in type(exc).__mro__:
+        handler = app.exception_handlers.get(cls)
+        if handler is not None:
+            return handler
+    return app.exception_handlers[Exception]
+
+
+ErrorShape = Callable[[Request, APIError], Response]
+
+
+async def answer_as(shape: ErrorShape, request: Request, handler: Callable[..., Awaitable[Response]],
+                    *args) -> Response:
+    """`await handler(request, *args)`, its refusals (APIError and InputError) answered in another
+    API's error body by `shape` (Cohere's, Voyage's) instead of the OpenAI envelope."""
+    try:
+        return await handler(request, *args)
+    except InputError as exc:
+        return shape(request, from_input_error(exc))
+    except APIError as exc:
+        return shape(request, exc)
+
+
 def error_response(
     status: int,
     message: str,
@@ -87,6 +118,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> Response:
         note_error(request.scope, exc.code)
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> Response:
+        return await _api_error(request, from_input_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from ..observability import ObservabilityMiddleware
 from . import embeddings
-from .errors import APIError
+from .errors import handler_for
 
 
 def hot_routes(app: FastAPI, metrics) -> dict[tuple[str, str], ObservabilityMiddleware]:
@@ -38,8 +38,7 @@ def _direct(app: FastAPI, route: Route, metrics) -> ObservabilityMiddleware:
         try:
             response = await endpoint(request)
         except Exception as exc:  # answered by the app's own handlers, as through the router
-            handler = app.exception_handlers[APIError if isinstance(exc, APIError) else Exception]
-            response = await handler(request, exc)
+            response = await handler_for(app, exc)(request, exc)
         await response(scope, receive, send)
 
     return ObservabilityMiddleware(answer, metrics)

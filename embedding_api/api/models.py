@@ -8,7 +8,7 @@ from starlette.responses import Response
 from .auth import check_api_key
 from ..engine.calibration import Calibration
 from ..formats import EMBED_DTYPES, OUTPUT_DTYPES
-from ..inputs import _parse_dimensions
+from ..inputs import parse_dimensions
 from .common import json_response, ready_model, run_watched
 from .errors import APIError
 from .schemas import ErrorResponse
@@ -48,7 +48,7 @@ async def get_quantization(request: Request, model_id: str) -> Response:
     `quantize_embeddings(..., ranges=...)` takes them."""
     entry = ready_model(request, {"model": model_id}, "embedding")
     service = entry.service
-    given = _parse_dimensions(dict(request.query_params), service.rules)
+    given = parse_dimensions(dict(request.query_params), service.rules)
     dimensions = given if given is not None else service.rules.default_dimension
     ranges = await run_watched(request, service.calibration.ranges(dimensions), service.settings.request_timeout)
     return json_response({

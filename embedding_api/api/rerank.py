@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from ..rerank_inputs import parse_rerank, parse_score
+from ..inputs import parse_rerank, parse_score
 from ..runners.scoring import relevance_scores
 from .auth import check_api_key
 from .common import parse_body, read_json, ready_model, run_watched

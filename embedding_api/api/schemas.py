@@ -124,21 +124,21 @@ def request_body_openapi() -> dict[str, Any]:
     }
 
 
+def embedding_rows(vectors: np.ndarray | list, encoding_format: str) -> np.ndarray | list:
+    """Each vector's JSON value: float32 rows as they are (orjson writes numpy), or in base64 their raw
+    little-endian bytes; a list holds rows already encoded in another output format (formats.encode_rows)."""
+    if isinstance(vectors, list) or encoding_format != "base64":
+        return vectors
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors.astype("<f4", copy=False)]
+
+
 def embedding_response(
     vectors: np.ndarray | list, encoding_format: str, model: str, tokens: int, headers: dict[str, str] | None = None
 ) -> Response:
     """JSON straight from the float32 rows: orjson serialises numpy, base64 is the raw little-endian buffer.
     A list holds each row already encoded in another output format (formats.encode_rows)."""
-    if isinstance(vectors, list):
-        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors)]
-    elif encoding_format == "base64":
-        rows = vectors.astype("<f4", copy=False)
-        data = [
-            {"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode("ascii")}
-            for i, row in enumerate(rows)
-        ]
-    else:
-        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors)]
+    rows = embedding_rows(vectors, encoding_format)
+    data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
     body = {
         "object": "list",
         "data": data,

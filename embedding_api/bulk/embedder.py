@@ -22,9 +22,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ..api.errors import APIError
 from ..engine.service import input_rules, load_video, media_policy, video_limits
-from ..inputs import parse_item
+from ..inputs import InputError, parse_item
 from ..media import ImageLoader, MediaError, decode_image_bytes
 from ..media.video import VideoLoader
 from ..media.encoded import _SCHEME_RE
@@ -209,7 +208,7 @@ class WindowEmbedder:
                 continue
             try:
                 items.append((row, self._item(row)))
-            except APIError as exc:
+            except InputError as exc:
                 errors.append((row, self._column(exc.message)))
         media = any(i.images or i.videos for _, i in items)
         loaded = self.loop.run_until_complete(self._all_media(items)) if media else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..api.errors import APIError, invalid
-from ..rerank_inputs import RerankRequest
+from ..inputs import RerankRequest
 from ..runners import InputTooLong, PreparedInput
 from .batcher import InputFailed, QueueFull, WorkerUnavailable
 from .service import Service, model_failure

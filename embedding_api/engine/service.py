@@ -18,7 +18,7 @@ from .batcher import Batcher, InputFailed, QueueFull, WorkerUnavailable
 from .calibration import Calibration
 from .timing import StageTimes
 from ..api.errors import APIError, invalid
-from ..formats import encode_rows
+from ..formats import OutputFormat, encode_rows
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy
 from ..media.memory import release_freed_memory
@@ -281,11 +281,22 @@ class Service:
         """`embed`, with the vectors in the request's output format: the float32 array itself for
         float/base64 float32, else one encoded value per row (formats.encode_rows)."""
         vectors, tokens = await self.embed(request, times)
-        output = request.output
+        return await self.encode(vectors, request.output, request.dimensions), tokens
+
+    async def embed_outputs(self, request: EmbedRequest, outputs: dict[str, OutputFormat],
+                            times: StageTimes | None = None) -> tuple[dict[str, object], int]:
+        """`embed` once, the vectors in each of several output formats (Cohere's `embedding_types`)."""
+        vectors, tokens = await self.embed(request, times)
+        encoded = {name: await self.encode(vectors, output, request.dimensions) for name, output in outputs.items()}
+        return encoded, tokens
+
+    async def encode(self, vectors: np.ndarray, output: OutputFormat, dimensions: int) -> object:
+        """The finished float32 rows in `output`: themselves when plain, else formats.encode_rows, with
+        the calibrated ranges of `dimensions` for int8 and uint8."""
         if output.plain:
-            return vectors, tokens
-        ranges = await self.calibration.ranges(request.dimensions) if output.calibrated else None
-        return encode_rows(vectors, output, ranges), tokens
+            return vectors
+        ranges = await self.calibration.ranges(dimensions) if output.calibrated else None
+        return encode_rows(vectors, output, ranges)
 
 
 def capacity_error() -> APIError:

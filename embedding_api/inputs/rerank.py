@@ -1,7 +1,7 @@
 """Rerank and score request JSON -> validated pairs.
 
 The query and every document take the input forms of /v1/embeddings (strings, image
-references, typed objects, content parts, fused text+image), parsed by inputs.py; token id
+references, typed objects, content parts, fused text+image), parsed by the shared element parser; token id
 lists are not a form of a query or a document. Every refusal names its field.
 """
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .api.errors import invalid
-from .inputs import EmbedInput, InputRules, _check_item, _is_int, _parse_element, _unicode, check_reserved
+from .elements import check_item, parse_element
+from .errors import invalid
+from .fields import bool_value, check_reserved, is_int, require_object, unicode_text
+from .types import EmbedInput, InputRules
 
 
 @dataclass
@@ -33,18 +35,9 @@ def _side(value: Any, param: str, rules: InputRules) -> EmbedInput:
         raise invalid(f"{param} is required.", param, "missing_required_parameter")
     if isinstance(value, list):
         raise invalid(f"{param} must be a string or an object (text, image, or both).", param, "invalid_type")
-    item = _parse_element(value, param, rules)
-    _check_item(item, rules)
+    item = parse_element(value, param, rules)
+    check_item(item, rules)
     return item
-
-
-def _bool(body: dict, key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(f"{key} must be true or false.", key, "invalid_type")
-    return value
 
 
 def _documents(value: Any, param: str, rules: InputRules, limit: int) -> list[EmbedInput]:
@@ -61,15 +54,14 @@ def _documents(value: Any, param: str, rules: InputRules, limit: int) -> list[Em
 
 
 def _common(body: Any, rules: InputRules) -> tuple[str | None, bool]:
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", None, "invalid_json")
+    body = require_object(body)
     instruction = body.get("instruction")  # used as given, "" included: each family does what its official code does
     if instruction is not None:
         if not isinstance(instruction, str):
             raise invalid("instruction must be a string.", "instruction", "invalid_type")
-        _unicode(instruction, "instruction")
+        unicode_text(instruction, "instruction")
         check_reserved(instruction, "instruction", rules)
-    return instruction, _bool(body, "truncate", True)
+    return instruction, bool_value(body, "truncate", True)
 
 
 def _tei_options(body: dict) -> tuple[bool, bool]:
@@ -78,7 +70,7 @@ def _tei_options(body: dict) -> tuple[bool, bool]:
     if direction is not None and (not isinstance(direction, str) or direction.strip().lower() != "right"):
         raise invalid("truncation_direction must be \"right\": over-long pairs are cut at the end, the official "
                       "way.", "truncation_direction", "invalid_value")
-    return _bool(body, "raw_scores", False), _bool(body, "return_text", False)
+    return bool_value(body, "raw_scores", False), bool_value(body, "return_text", False)
 
 
 def parse_rerank(body: Any, rules: InputRules, max_documents: int) -> RerankRequest:
@@ -89,14 +81,14 @@ def parse_rerank(body: Any, rules: InputRules, max_documents: int) -> RerankRequ
     query = _side(body.get("query"), "query", rules)
     documents = _documents(body.get(key), key, rules, max_documents)
     top_n = body.get("top_n")
-    if top_n is not None and (not _is_int(top_n) or top_n < 1):
+    if top_n is not None and (not is_int(top_n) or top_n < 1):
         raise invalid("top_n must be an integer of at least 1.", "top_n", "invalid_value")
     raw_scores, return_text = _tei_options(body) if key == "texts" else (False, False)
     raw = body[key] if isinstance(body[key], list) else [body[key]]
     return RerankRequest(
         queries=[query], documents=documents, pairs=[(0, i) for i in range(len(documents))],
         instruction=instruction if instruction is not None else query.instruction, truncate=truncate, top_n=top_n,
-        return_documents=return_text or _bool(body, "return_documents", False), raw_documents=raw,
+        return_documents=return_text or bool_value(body, "return_documents", False), raw_documents=raw,
         tei=key == "texts", raw_scores=raw_scores,
     )
 
