@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        from ..main import settings_error_message
+        from ..lifespan import settings_error_message
 
         return _fail(2, settings_error_message(exc))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
