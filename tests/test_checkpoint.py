@@ -331,3 +331,24 @@ def test_size_table_matches_real_configs():
         if spec.family == "qwen3_vl":
             assert sum(spec.text["rope_parameters"]["mrope_section"]) == spec.text["head_dim"] // 2
             assert spec.vision["out_hidden_size"] == spec.text["hidden_size"]
+
+
+@pytest.mark.parametrize("family,size", list(ck.SPECS))
+def test_every_size_builds_a_consistent_config(family: str, size: str):
+    """Each row of the size table gives a config the model classes accept (heads, rope sections, vision
+    width and grid agree), in the family's real layout, without writing any weights."""
+    from embedding_api.tools.checkpoint_sizes import build_config
+
+    spec = ck.SPECS[(family, size)]
+    assert size in ck.SIZES[family]
+    ids = {token: 1000 + i for i, token in enumerate(ck.SPECIAL_TOKENS)}
+    config = build_config(spec, ids, spec.vocab_size or 1088)
+    text = config.text_config if family == "qwen3_vl" else config
+    assert (text.hidden_size, text.num_hidden_layers, text.head_dim) == (
+        spec.text["hidden_size"], spec.text["num_hidden_layers"], spec.text["head_dim"])
+    assert text.max_position_embeddings == (262144 if family == "qwen3_vl" else 32768)
+    if family == "qwen3_vl":
+        assert config.vision_config.out_hidden_size == text.hidden_size
+        assert config.image_token_id == ids["<|image_pad|>"] and config.architectures == ["Qwen3VLForConditionalGeneration"]
+    else:
+        assert spec.vision is None and config.architectures == ["Qwen3ForCausalLM"]
