@@ -35,7 +35,7 @@ from .observability import configure_logging
 from .observability.startup import no_key_warning, report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, detect_kind
 from .runners.kinds import contradiction as kind_contradiction
-from .settings import Settings
+from .settings import Settings, settings_error_message
 
 log = logging.getLogger("embedding_api")
 
@@ -47,16 +47,6 @@ def exit_process(message: str) -> None:
     log.critical(message)
     logging.shutdown()
     os._exit(1)
-
-
-def settings_error_message(exc: ValidationError) -> str:
-    """A pydantic error about the environment as one line per bad setting, named as it is set."""
-    lines = []
-    for error in exc.errors():
-        name = "_".join(str(part) for part in error.get("loc", ())).upper() or "settings"
-        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        lines.append(f"{name}={error.get('input')!r}: {message}" if "input" in error else f"{name}: {message}")
-    return "Invalid settings: " + "; ".join(lines)
 
 
 def load_settings(**overrides) -> Settings:
