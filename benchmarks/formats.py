@@ -76,9 +76,7 @@ def sentences(n: int, seed: int = 11) -> list[str]:
 
 
 def checkpoint(cache: Path, size: str) -> Path:
-    import hashlib
-
-    digest = hashlib.sha256(Path(checkpoint_module.__file__).read_bytes()).hexdigest()[:10]
+    digest = checkpoint_module.source_digest()[:10]
     path = cache / f"qwen3-vl-{size}-{digest}"
     if not (path / "config.json").exists():
         for old in cache.glob(f"qwen3-vl-{size}-*"):

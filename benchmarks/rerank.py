@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ DOCS_PER_REQUEST = 8
 
 
 def reranker_checkpoint(cache: Path, size: str = "cpu") -> Path:
-    digest = hashlib.sha256(Path(checkpoint_module.__file__).read_bytes()).hexdigest()[:10]
+    digest = checkpoint_module.source_digest()[:10]
     path = cache / f"qwen3-reranker-{size}-{digest}"
     if not (path / "config.json").exists():
         for old in cache.glob(f"qwen3-reranker-{size}-*"):

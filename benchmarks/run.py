@@ -25,7 +25,6 @@ Prints one table and writes benchmarks/results/<timestamp>.json and latest.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -104,9 +103,9 @@ def log(message: str) -> None:
 
 
 def checkpoint(cache: Path, family: str, size: str) -> Path:
-    """The cached random-weight checkpoint, rewritten whenever embedding_api/checkpoint.py changes
-    (its shapes are defined there), older versions removed."""
-    digest = hashlib.sha256(Path(checkpoint_module.__file__).read_bytes()).hexdigest()[:10]
+    """The cached random-weight checkpoint, rewritten whenever the checkpoint writer changes
+    (embedding_api/tools/checkpoint*.py: its shapes are defined there), older versions removed."""
+    digest = checkpoint_module.source_digest()[:10]
     path = cache / f"{family}-{size}-{digest}"
     if not (path / "config.json").exists():
         for old in cache.glob(f"{family}-{size}-*"):

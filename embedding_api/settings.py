@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -287,3 +287,13 @@ class Settings(BaseSettings):
     @cached_property
     def image_domains(self) -> tuple[str, ...]:
         return tuple(d.lower() for d in _split_csv(self.allowed_image_domains))
+
+
+def settings_error_message(exc: ValidationError) -> str:
+    """A pydantic error about the environment as one line per bad setting, named as it is set."""
+    lines = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error.get("loc", ())).upper() or "settings"
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        lines.append(f"{name}={error.get('input')!r}: {message}" if "input" in error else f"{name}: {message}")
+    return "Invalid settings: " + "; ".join(lines)

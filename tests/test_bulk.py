@@ -304,3 +304,12 @@ def test_ray_engine_gives_the_same_ids_and_vectors(local_job, corpus, tiny_vl, r
     assert [(e["id"], e["row"]) for e in errors] == [(e["id"], e["row"]) for e in local_errors]
     assert np.sum(vectors * local_vectors, axis=1).min() >= 0.9999
     assert [s["first_row"] for s in manifest["shards"]] == [s["first_row"] for s in local_manifest["shards"]]
+
+
+def test_a_bad_setting_is_one_line_naming_it_and_exit_2(tiny_vl, tmp_path):
+    result = run_job([tmp_path / "in.jsonl", tmp_path / "out"], job_env(tiny_vl, LOG_LEVEL="loud"), tmp_path,
+                     timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("embedding_api.bulk: Invalid settings: LOG_LEVEL='loud': LOG_LEVEL must be "
+                                     "one of CRITICAL, ERROR, WARNING, INFO, DEBUG"), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -313,7 +313,7 @@ def test_cli(tmp_path: Path, capsys):
 
 def test_size_table_matches_real_configs():
     """The real-size configurations (never instantiated in tests) match the reference facts."""
-    vl = ck._SPECS[("qwen3_vl", "2b")]
+    vl = ck.SPECS[("qwen3_vl", "2b")]
     assert vl.vocab_size == 151936 and vl.dtype == "bfloat16"
     assert vl.text["hidden_size"] == 2048 and vl.text["num_hidden_layers"] == 28
     assert (vl.text["num_attention_heads"], vl.text["num_key_value_heads"], vl.text["head_dim"]) == (16, 8, 128)
@@ -322,12 +322,33 @@ def test_size_table_matches_real_configs():
     assert vl.text["rope_parameters"]["rope_theta"] == 5e6
     assert vl.vision["depth"] == 24 and vl.vision["deepstack_visual_indexes"] == [5, 11, 17]
     assert vl.vision["out_hidden_size"] == 2048 and vl.vision["num_position_embeddings"] == 2304
-    t = ck._SPECS[("qwen3", "0.6b")]
+    t = ck.SPECS[("qwen3", "0.6b")]
     assert t.vocab_size == 151669 and t.dtype == "bfloat16"
     assert (t.text["hidden_size"], t.text["num_hidden_layers"], t.text["intermediate_size"]) == (1024, 28, 3072)
     assert t.text["rope_parameters"]["rope_theta"] == 1e6 and t.text["max_position_embeddings"] == 32768
-    for spec in ck._SPECS.values():
+    for spec in ck.SPECS.values():
         assert spec.text["max_position_embeddings"] >= 8192
         if spec.family == "qwen3_vl":
             assert sum(spec.text["rope_parameters"]["mrope_section"]) == spec.text["head_dim"] // 2
             assert spec.vision["out_hidden_size"] == spec.text["hidden_size"]
+
+
+@pytest.mark.parametrize("family,size", list(ck.SPECS))
+def test_every_size_builds_a_consistent_config(family: str, size: str):
+    """Each row of the size table gives a config the model classes accept (heads, rope sections, vision
+    width and grid agree), in the family's real layout, without writing any weights."""
+    from embedding_api.tools.checkpoint_sizes import build_config
+
+    spec = ck.SPECS[(family, size)]
+    assert size in ck.SIZES[family]
+    ids = {token: 1000 + i for i, token in enumerate(ck.SPECIAL_TOKENS)}
+    config = build_config(spec, ids, spec.vocab_size or 1088)
+    text = config.text_config if family == "qwen3_vl" else config
+    assert (text.hidden_size, text.num_hidden_layers, text.head_dim) == (
+        spec.text["hidden_size"], spec.text["num_hidden_layers"], spec.text["head_dim"])
+    assert text.max_position_embeddings == (262144 if family == "qwen3_vl" else 32768)
+    if family == "qwen3_vl":
+        assert config.vision_config.out_hidden_size == text.hidden_size
+        assert config.image_token_id == ids["<|image_pad|>"] and config.architectures == ["Qwen3VLForConditionalGeneration"]
+    else:
+        assert spec.vision is None and config.architectures == ["Qwen3ForCausalLM"]

@@ -23,7 +23,7 @@ import pytest
 
 from embedding_api.observability.startup import is_loopback, no_key_warning
 from embedding_api.tools import torch_wheel
-from embedding_api.tools.download import KNOWN_REPOS, repo_for, weights_hint
+from embedding_api.model_paths import KNOWN_REPOS, repo_for, weights_hint
 from embedding_api.tools.checkpoint import write_checkpoint
 
 from .util import ROOT, _SETTING_NAMES, ImageServer, free_port, png_bytes, sample_image

@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from embedding_api.media import encoded
-from embedding_api.media import fetch as media
+from embedding_api.media import addresses
 from embedding_api.media import ImageLoader, MediaError, MediaPolicy, decode_image_bytes
 
 SMALL_CAP = 4096  # max_image_bytes used by the oversize tests
@@ -277,13 +277,13 @@ PRIVATE_OK = MediaPolicy(allow_private=True)
 @pytest.fixture(autouse=True)
 def only_localhost_dns(monkeypatch):
     """The real (getaddrinfo) resolver may only ever be asked about "localhost"."""
-    real = media._default_resolver
+    real = addresses.default_resolver
 
     async def guarded(host: str, port: int) -> list[str]:
         assert host == "localhost", f"test tried a real DNS lookup of {host!r}"
         return await real(host, port)
 
-    monkeypatch.setattr(media, "_default_resolver", guarded)
+    monkeypatch.setattr(addresses, "default_resolver", guarded)
 
 
 # ---------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def test_unresolvable_host(no_connections):
     ],
 )
 def test_address_classification(addr, refused):
-    assert media._address_refused(ipaddress.ip_address(addr)) is refused
+    assert addresses.address_refused(ipaddress.ip_address(addr)) is refused
 
 
 @pytest.mark.parametrize(
@@ -449,7 +449,7 @@ def test_address_classification(addr, refused):
     ],
 )
 def test_numeric_host_notation(host, expected):
-    got = media._host_as_ipv4(host)
+    got = addresses.host_as_ipv4(host)
     if isinstance(expected, str):
         assert got == ipaddress.IPv4Address(expected)
     else:
@@ -575,9 +575,9 @@ def test_allowlist_subdomains(srv):
 
 def test_redirect_hop_address_checked(srv, monkeypatch):
     """With loopback treated as public, a redirect to the metadata IP is still refused."""
-    original = media._address_refused
+    original = addresses.address_refused
     loopback = ipaddress.ip_address("127.0.0.1")
-    monkeypatch.setattr(media, "_address_refused", lambda a: False if a == loopback else original(a))
+    monkeypatch.setattr(addresses, "address_refused", lambda a: False if a == loopback else original(a))
     sent: list[str] = []
     real_send = httpx.AsyncClient.send
 

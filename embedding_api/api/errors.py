@@ -1,4 +1,7 @@
-"""Errors in the OpenAI envelope: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in the OpenAI envelope: {"error": {"message", "type", "param", "code"}}.
+
+`APIError` and `invalid` (from `embedding_api.errors`, where the lower layers raise them) are
+answered here."""
 
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from ..errors import APIError, invalid
 from ..inputs import InputError
 from ..observability import note_error
 from .not_found import not_found_message
+
+__all__ = ["APIError", "UnhandledErrors", "error_response", "install_handlers", "invalid"]
 
 log = logging.getLogger("embedding_api")
 
@@ -29,30 +35,6 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
-
-
-class APIError(Exception):
-    """An error answered to the client as it is."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
 
 
 def from_input_error(exc: InputError) -> APIError:

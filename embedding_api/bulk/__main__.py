@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..settings import Settings
+from ..settings import Settings, settings_error_message
 from .reading import Columns, InputError, check_columns, count_rows, discover, iter_rows
 
 # Flags that set a server setting; each overrides the environment and .env.
@@ -89,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        from ..main import settings_error_message
-
         return _fail(2, settings_error_message(exc))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("--shard-rows", args.shard_rows), ("--window", args.window)):

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from ..errors import APIError
 from ..engine.service import input_rules, load_video, media_policy, video_limits
 from ..inputs import InputError, parse_item
 from ..media import ImageLoader, MediaError, decode_image_bytes

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..api.errors import APIError, invalid
+from ..errors import APIError, invalid
 from ..settings import Settings, parse_models
 
 

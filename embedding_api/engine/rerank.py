@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..api.errors import APIError, invalid
+from ..errors import APIError, invalid
 from ..inputs import RerankRequest
 from ..runners import InputTooLong, PreparedInput
 from .batcher import InputFailed, QueueFull, WorkerUnavailable

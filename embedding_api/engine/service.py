@@ -17,7 +17,7 @@ import numpy as np
 from .batcher import Batcher, InputFailed, QueueFull, WorkerUnavailable
 from .calibration import Calibration
 from .timing import StageTimes
-from ..api.errors import APIError, invalid
+from ..errors import APIError, invalid
 from ..formats import OutputFormat, encode_rows
 from ..inputs import EmbedInput, EmbedRequest, InputRules, VideoRef
 from ..media import ImageLoader, MediaError, MediaPolicy

@@ -2,7 +2,7 @@
 
 The URL is parsed once with ``httpx.URL``; that parsed object is what is
 validated and what is fetched. The host is resolved once (``resolver``,
-default ``loop.getaddrinfo``), every resolved address is checked, and the
+default ``loop.getaddrinfo``), every resolved address is checked (``addresses.py``), and the
 request is sent to a validated IP literal, so no second DNS lookup can be
 rebound. The original ``Host`` header is kept and, for https, the original host
 name is used for SNI and certificate verification (httpcore's ``sni_hostname``
@@ -14,25 +14,19 @@ the same checks. Bodies are streamed with a hard byte cap and the whole fetch
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
-import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
-from .policy import (
-    _NOT_PUBLIC, NOT_ALLOWED_DOMAIN, NOT_PUBLIC_NEVER, NOT_PUBLIC_PRIVATE, MediaError, MediaPolicy, _timed_out,
-    _too_large,
-)
+from . import addresses
+from .addresses import IPAddress, Resolver, resolve_checked
+from .policy import _NOT_PUBLIC, NOT_ALLOWED_DOMAIN, MediaError, MediaPolicy, _timed_out, _too_large
 
 logger = logging.getLogger("embedding_api.media")
-
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 USER_AGENT = "embedding-api/1"
 _MAX_URL_LENGTH = 8192
@@ -63,118 +57,6 @@ def failure_reason(exc: MediaError) -> str:
         if exc.message.startswith(prefix):
             return reason
     return "other"
-
-
-# ---------------------------------------------------------------------------
-# Address checks
-# ---------------------------------------------------------------------------
-
-_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-_ULA = ipaddress.IPv6Network("fc00::/7")
-_LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _address_refused(addr: IPAddress) -> bool:
-    """True when ``addr`` is not a globally routable unicast address."""
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.scope_id:
-            return True
-        mapped = addr.ipv4_mapped  # ::ffff:a.b.c.d
-        if mapped is not None:
-            return _address_refused(mapped)
-        if addr in _NAT64:  # well-known NAT64 prefix: judge the embedded IPv4
-            return _address_refused(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
-        if int(addr) >> 32 == 0:  # ::, ::1 and IPv4-compatible ::a.b.c.d
-            return True
-        if addr in _NAT64_LOCAL or addr in _ULA or addr in _LINK_LOCAL6 or addr.is_site_local:
-            return True
-        sixtofour = addr.sixtofour  # 2002:AABB:CCDD::/48
-        if sixtofour is not None and _address_refused(sixtofour):
-            return True
-        teredo = addr.teredo  # 2001:0::/32 (server, client)
-        if teredo is not None and (_address_refused(teredo[0]) or _address_refused(teredo[1])):
-            return True
-    elif addr in _CGNAT:
-        return True
-    return (
-        not addr.is_global
-        or addr.is_private
-        or addr.is_loopback
-        or addr.is_link_local
-        or addr.is_multicast
-        or addr.is_reserved
-        or addr.is_unspecified
-    )
-
-
-def _address_never_allowed(addr: IPAddress) -> bool:
-    """Addresses refused even with allow_private (never a real HTTP server)."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr.is_unspecified or addr.is_multicast:
-        return True
-    return isinstance(addr, ipaddress.IPv4Address) and int(addr) == 0xFFFFFFFF
-
-
-def _parse_ipv4_number(part: str) -> int | None:
-    if not part:
-        return None
-    try:
-        if part[:2] in ("0x", "0X"):
-            return int(part[2:], 16) if len(part) > 2 else 0
-        if len(part) > 1 and part[0] == "0":
-            return int(part[1:], 8)
-        if not part.isdigit() or not part.isascii():
-            return None
-        return int(part, 10)
-    except ValueError:
-        return None
-
-
-_HEX_LABEL = re.compile(r"^0[xX][0-9a-fA-F]*$")
-# Host names handed to the resolver: letters, digits, "-" and "_" in labels of
-# 1-63 characters, optional trailing dot (IDNA is already applied by httpx).
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_-]{1,63})(\.[A-Za-z0-9_-]{1,63})*\.?$")
-
-
-def _host_as_ipv4(host: str) -> ipaddress.IPv4Address | None | bool:
-    """Interpret legacy numeric host notations the way browsers/inet_aton do.
-
-    Returns an IPv4Address when ``host`` ends in a number and parses as IPv4
-    (``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1``, ...), ``False``
-    when it ends in a number but is not a valid IPv4 (refused), and ``None``
-    when it is an ordinary host name.
-    """
-    parts = host.split(".")
-    if len(parts) > 1 and parts[-1] == "":
-        parts = parts[:-1]
-    last = parts[-1]
-    if not ((last.isascii() and last.isdigit()) or _HEX_LABEL.match(last)):
-        return None
-    if len(parts) > 4:
-        return False
-    numbers = [_parse_ipv4_number(p) for p in parts]
-    if any(n is None for n in numbers):
-        return False
-    *head, tail = numbers  # type: ignore[misc]
-    if any(n > 255 for n in head) or tail >= 256 ** (5 - len(numbers)):
-        return False
-    value = tail
-    for i, n in enumerate(head):
-        value += n << (8 * (3 - i))
-    return ipaddress.IPv4Address(value)
-
-
-async def _default_resolver(host: str, port: int) -> list[str]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
-    return [str(info[4][0]) for info in infos]
 
 
 def _has_ssl_cause(exc: BaseException) -> bool:
@@ -209,7 +91,7 @@ class Fetcher:
     ):
         self.policy = policy
         self.kind = kind  # "image" or "video": the word in messages and the Accept header
-        self._resolver: Resolver = resolver or _default_resolver
+        self._resolver: Resolver = resolver or addresses.default_resolver
         self._ssl_context = ssl_context  # None = httpx default (certifi CAs)
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -329,46 +211,8 @@ class Fetcher:
         return host
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
-        if ":" in host:  # IPv6 literal (httpx strips the brackets)
-            if "%" in host:
-                raise MediaError(f"{self.kind} URL host is not valid")
-            try:
-                addrs: list[IPAddress] = [ipaddress.IPv6Address(host)]
-            except ValueError:
-                raise MediaError(f"{self.kind} URL host is not valid") from None
-        else:
-            if not _HOSTNAME_RE.match(host):
-                raise MediaError(f"{self.kind} URL host is not valid")
-            v4 = _host_as_ipv4(host)
-            if v4 is False:
-                raise MediaError(f"{self.kind} URL host is not valid")
-            if isinstance(v4, ipaddress.IPv4Address):
-                addrs = [v4]
-            else:
-                try:
-                    results = await self._resolver(host, port)
-                except MediaError:
-                    raise
-                except (OSError, UnicodeError, ValueError) as exc:
-                    logger.debug("resolving %r failed: %r", host, exc)
-                    raise MediaError(f"could not resolve {self.kind} host") from None
-                addrs = []
-                for item in results or ():
-                    try:
-                        addr = ipaddress.ip_address(str(item))
-                    except ValueError:
-                        raise MediaError(f"could not resolve {self.kind} host") from None
-                    if addr not in addrs:
-                        addrs.append(addr)
-                if not addrs:
-                    raise MediaError(f"could not resolve {self.kind} host")
-
-        for addr in addrs:
-            if _address_never_allowed(addr):
-                raise MediaError(NOT_PUBLIC_NEVER.replace("image", self.kind, 1))
-            if not self.policy.allow_private and _address_refused(addr):
-                raise MediaError(NOT_PUBLIC_PRIVATE.replace("image", self.kind, 1))
-        return addrs
+        return await resolve_checked(host, port, self._resolver, allow_private=self.policy.allow_private,
+                                     kind=self.kind)
 
     async def _fetch_following_redirects(self, url: httpx.URL) -> bytes:
         policy = self.policy

@@ -20,7 +20,8 @@ import ssl
 from PIL import Image
 
 from .encoded import _SCHEME_RE, _data_uri_payload_start, _max_encoded_chars, _quick_base64_length_check
-from .fetch import Fetcher, Resolver
+from .addresses import Resolver
+from .fetch import Fetcher
 from .images import _decode_base64_image, decode_image_bytes
 from .policy import _LOCAL_FILE, URLS_DISABLED, MediaError, MediaPolicy, _too_large
 

@@ -25,7 +25,8 @@ from fractions import Fraction
 from PIL import Image
 
 from .encoded import _SCHEME_RE, _decode_base64
-from .fetch import Fetcher, Resolver
+from .addresses import Resolver
+from .fetch import Fetcher
 from .policy import MediaError, MediaPolicy
 
 log = logging.getLogger("embedding_api")

@@ -15,7 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ..main import configure_logging, load_settings
+from ..lifespan import load_settings
+from ..observability import configure_logging
 from ..runners import ModelLoadError, check_startup, read_config
 
 log = logging.getLogger("embedding_api")

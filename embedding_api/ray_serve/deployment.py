@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from ray import serve
 
-from ..main import configure_logging, create_app
+from ..main import create_app
+from ..observability import configure_logging
 from ..engine.model_process import load_for_serving
 from ..settings import Settings
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..settings import Settings
-from ..tools.download import weights_hint
+from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer, TokenPrefix
 from . import prefix as prefix_reuse

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..settings import Settings
-from ..tools.download import weights_hint
+from ..model_paths import weights_hint
 
 
 

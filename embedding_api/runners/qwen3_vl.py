@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..settings import Settings
 from .base import InputTooLong, PreparedInput, Runner
-from ..tools.download import weights_hint
+from ..model_paths import weights_hint
 from .loading import ModelLoadError, load_weights
 from .long_text import TokenPrefix
 from .vision import smart_resize

@@ -12,7 +12,7 @@ import torch
 
 from . import prefix as prefix_reuse
 from .base import PreparedInput, _padded
-from ..tools.download import weights_hint
+from ..model_paths import weights_hint
 from .loading import ModelLoadError
 
 

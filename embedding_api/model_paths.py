@@ -1,0 +1,43 @@
+"""How to fill a missing or incomplete model directory: `weights_hint(MODEL_PATH)`.
+
+The server's start-up error, the bulk job and `make run` (through `python -m
+embedding_api.tools.download`) all print the same sentence. The directory given is the one in the
+command; where its name is a known Qwen checkpoint, the repository is that checkpoint's. Only the
+standard library is imported, so that it answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+DEFAULT_REPO = "Qwen/Qwen3-VL-Embedding-2B"
+KNOWN_REPOS = tuple(f"Qwen/{name}" for name in (
+    "Qwen3-VL-Embedding-2B", "Qwen3-VL-Embedding-8B",
+    "Qwen3-Embedding-0.6B", "Qwen3-Embedding-4B", "Qwen3-Embedding-8B",
+    "Qwen3-Reranker-0.6B", "Qwen3-Reranker-4B", "Qwen3-Reranker-8B",
+    "Qwen3-VL-Reranker-2B", "Qwen3-VL-Reranker-8B",
+))
+_BY_NAME = {repo.split("/", 1)[1].lower(): repo for repo in KNOWN_REPOS}
+DEMO_COMMAND = "python -m embedding_api.tools.checkpoint ./models/demo-random --size demo"
+
+
+def repo_for(model_path: str) -> str | None:
+    """The Hugging Face repository whose name the directory carries (any case), else None."""
+    name = os.path.basename(os.path.normpath(str(model_path))) if str(model_path).strip() else ""
+    return _BY_NAME.get(name.lower())
+
+
+def download_command(model_path: str, bin_dir: str = "") -> str:
+    """`pip install -U huggingface_hub && hf download REPO --local-dir MODEL_PATH`."""
+    prefix = bin_dir.rstrip("/") + "/" if bin_dir else ""
+    repo = repo_for(model_path) or DEFAULT_REPO
+    return (f"{prefix}pip install -U huggingface_hub && {prefix}hf download {repo} "
+            f"--local-dir {shlex.quote(str(model_path))}")
+
+
+def weights_hint(model_path: str, bin_dir: str = "") -> str:
+    """One sentence: the download command for this directory, and the offline demo."""
+    other = "" if repo_for(model_path) else " (or Qwen/Qwen3-VL-Embedding-8B, Qwen/Qwen3-Embedding-0.6B, -4B, -8B)"
+    return (f"Download the weights first, e.g. `{download_command(model_path, bin_dir)}`{other}, or write an "
+            f"offline random-weight demo checkpoint with `{DEMO_COMMAND}`.")
