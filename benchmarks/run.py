@@ -18,6 +18,9 @@ What it measures (random-weight checkpoints written into benchmarks/.cache):
 5. MEMORY: the server's RSS after a warm-up and at the end of 10,000 mixed requests (full run, --memory).
 6. MIXED: a short text's latency beside clients sending videos or 16-image requests, and what that
    costs the heavy load (full run, --mixed-only; benchmarks/mixed.py).
+7. REALISTIC: with Qwen's real vocabulary, queries, passages, images of four sizes and their mix
+   (inputs/s, tokens/s, p50, p99), and the tiny text server against the null server
+   (benchmarks/realistic.py; --quick: the mix only; --no-realistic skips it).
 
 Prints one table and writes benchmarks/results/<timestamp>.json and latest.json.
 """
@@ -39,7 +42,7 @@ from pathlib import Path
 import embedding_api.tools.checkpoint as checkpoint_module
 from embedding_api.tools.checkpoint import SIZES, write_checkpoint
 
-from . import mixed
+from . import mixed, realistic
 from .server import Server, clean_env, drive, start_profile, summarise_profile
 from .workload import KINDS, request_bodies
 
@@ -103,17 +106,18 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def checkpoint(cache: Path, family: str, size: str) -> Path:
+def checkpoint(cache: Path, family: str, size: str, vocab: str = "byte") -> Path:
     """The cached random-weight checkpoint, rewritten whenever embedding_api/checkpoint.py changes
-    (its shapes are defined there), older versions removed."""
+    (its shapes are defined there), older versions removed. `vocab="qwen"`: Qwen's real vocabulary."""
     digest = hashlib.sha256(Path(checkpoint_module.__file__).read_bytes()).hexdigest()[:10]
-    path = cache / f"{family}-{size}-{digest}"
+    name = f"{family}-{size}" + ("-qwen" if vocab == "qwen" else "")
+    path = cache / f"{name}-{digest}"
     if not (path / "config.json").exists():
-        for old in cache.glob(f"{family}-{size}-*"):
-            if old.is_dir() and old != path:
+        for old in cache.glob(f"{name}-*"):
+            if old.is_dir() and old != path and (vocab == "qwen") == ("-qwen-" in old.name):
                 shutil.rmtree(old, ignore_errors=True)
-        log(f"writing the random-weight {family}/{size} checkpoint into {path}")
-        write_checkpoint(path, family=family, size=size, seed=0, overwrite=True)
+        log(f"writing the random-weight {family}/{size} checkpoint ({vocab} vocabulary) into {path}")
+        write_checkpoint(path, family=family, size=size, seed=0, overwrite=True, vocab=vocab)
     return path
 
 
@@ -517,6 +521,8 @@ def parse_args(argv=None):
     p.add_argument("--encoding", choices=("base64", "float"), default="base64",
                    help="encoding_format the clients ask for (base64 is the OpenAI SDK's default)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    p.add_argument("--no-realistic", action="store_true",
+                   help="skip the realistic workload and the real-vocabulary rows (benchmarks/realistic.py)")
     p.add_argument("--cache", type=Path, default=HERE / ".cache", help="where the checkpoints are written")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON results go")
     args = p.parse_args(argv)
@@ -581,6 +587,10 @@ def main(argv=None) -> int:
         for key in ("in-process", "in_turns"):
             if key in tb["batched"]:
                 tb[key] = tb["batched"].pop(key)
+    if not args.memory and not args.no_realistic:
+        results["realistic"] = realistic.measure(
+            checkpoint(cache, args.family, "cpu", vocab="qwen"), checkpoint(cache, "qwen3", "tiny", vocab="qwen"),
+            args.family, args.threads, args.batch_size, args.quick, run_dir)
     if not args.memory and not args.quick and args.family == "qwen3_vl":
         log("mixed: short texts beside videos and 16-image requests")
         results["mixed"] = mixed.measure(model, args.threads, 2, plan.duration, run_dir)
@@ -604,6 +614,8 @@ def main(argv=None) -> int:
         print(table(results, args))
     if "mixed" in results:
         print("\n".join(mixed.report(results["mixed"])))
+    if "realistic" in results:
+        print("\n".join(realistic.report(results["realistic"])))
     print()
     results["verdicts"] = verdicts(results)
     if results["host"]["foreign_cpu_share"] > 0.1:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from embedding_api.runners import load_runner_on
+from embedding_api.runners import fast_bpe, load_runner_on
 from embedding_api.settings import Settings
 from embedding_api.tools import checkpoint as ck
 from embedding_api.tools import qwen_vocab
@@ -135,3 +135,32 @@ def test_server_usage_counts_real_tokens(start_server, text_dir, reference):
         by_text = client.post("/v1/embeddings", json={"input": texts[2], "encoding_format": "float"}).json()
         assert by_ids["usage"]["prompt_tokens"] == len(ids) + 1
         assert max(abs(a - b) for a, b in zip(by_ids["data"][0]["embedding"], by_text["data"][0]["embedding"])) < 1e-5
+
+
+EDGES = ["<think>\u0338", "<|im_end|>\u0301x", "a<|im_start|>b<|im_end|>", "<|im_end", "<think", "x</think>>\u0338",
+         "\u0301<tool_call>", "  <|endoftext|>  ", "<<|im_end|>>", ">\u0338<\u0338=\u0338"]
+
+
+@pytest.mark.parametrize("which", ["qwen", "byte"])
+def test_tiktoken_path_gives_the_tokenizers_ids(which, text_dir, tiny_text):
+    """The server tokenizes plain text through tiktoken (runners/fast_bpe.py) for a byte-level BPE of
+    Qwen's shape, Qwen's real vocabulary and the test checkpoints' small one alike, and its ids are
+    exactly those of the checkpoint's own tokenizer, added tokens and their edges included."""
+    path = text_dir if which == "qwen" else tiny_text
+    runner = load_runner_on(Settings(model_path=str(path)), torch.device("cpu"), weights=False)
+    assert runner.long_text.fast is not None
+    for text in TEXTS + EDGES + _random_texts(300, seed=1) + [TEXTS[5] * 200]:
+        assert runner.encode(text) == runner.backend.encode(text, add_special_tokens=False).ids, text
+
+
+def test_tiktoken_path_refuses_another_shape():
+    """A tokenizer that normalises otherwise (NFKC) or splits otherwise keeps the tokenizers path."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    tok = ck.build_tokenizer("qwen3")
+    assert fast_bpe.build(tok) is not None
+    tok.normalizer = normalizers.NFKC()
+    assert fast_bpe.build(tok) is None
+    tok = ck.build_tokenizer("qwen3")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert fast_bpe.build(tok) is None
