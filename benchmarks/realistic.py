@@ -5,7 +5,7 @@
 Both use checkpoints with Qwen's real tokenizer (`write_checkpoint(..., vocab="qwen")`, 151,643 BPE
 tokens), so token counts and the cost of tokenizing are the real ones.
 
-1. WORKLOAD: one real server on the `cpu`-size checkpoint (28 layers x 64), 32 clients sending, each
+1. WORKLOAD: one real server on the `cpu`-size checkpoint (28 layers x 64), 8 clients sending, each
    kind on its own (benchmarks/workload.py): search queries of 5-30 words, passages of 100-400 words,
    images of four sizes (64x64 to 800x600, Qwen3-VL only), and the mix of them all ("realistic": per
    16 requests 10 queries, 4 passages, one 8-passage request, one image). Reported as inputs/s,
@@ -31,7 +31,8 @@ from .server import Server, drive
 from .workload import REALISTIC_KINDS, request_bodies
 
 HERE = Path(__file__).resolve().parent
-WORKLOAD_CLIENTS = 32
+WORKLOAD_CLIENTS = 8  # a passage or a large image costs 10-20 short texts: 8 clients keep the model busy
+WORKLOAD_SECONDS = (8.0, 12.0)  # quick, full: long enough for several requests of each client
 NULL_CLIENTS = 64
 TARGET_VS_NULL = 0.7
 
@@ -63,7 +64,7 @@ def workload(model: Path, family: str, threads: int, batch_size: int, seconds: f
     out: dict = {"clients": WORKLOAD_CLIENTS, "kinds": {}}
     with Server(_settings(model, threads, batch_size), run_dir, "workload") as server:
         for kind in kinds:
-            r = out["kinds"][kind] = _load(server, kind, WORKLOAD_CLIENTS, 1.0, seconds)
+            r = out["kinds"][kind] = _load(server, kind, WORKLOAD_CLIENTS, 2.0, seconds)
             log(f"  workload {kind:<15} {WORKLOAD_CLIENTS} clients: {r['inputs_per_s']:8.1f} inputs/s, "
                 f"{r['tokens_per_s']:9.0f} tokens/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms")
     return out
@@ -109,7 +110,8 @@ def measure(workload_model: Path, tiny_model: Path, family: str, threads: int, b
             run_dir: Path, seconds: float | None = None, rounds: int | None = None) -> dict:
     seconds = seconds or (4.0 if quick else 6.0)
     log(f"realistic workload: {family}/cpu with Qwen's vocabulary, {WORKLOAD_CLIENTS} clients")
-    out = {"workload": workload(workload_model, family, threads, batch_size, seconds, quick, run_dir)}
+    out = {"workload": workload(workload_model, family, threads, batch_size, WORKLOAD_SECONDS[not quick], quick,
+                                run_dir)}
     log(f"real vocabulary: tiny qwen3 server against the null server, {NULL_CLIENTS} clients, in turns")
     out["real_vocab"] = null_turns(tiny_model, threads, batch_size, rounds or (2 if quick else 3), seconds, run_dir)
     return out
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
     result: dict = {}
     if args.only != "real-vocab":
         model = checkpoint(cache, args.family, "cpu", vocab="qwen")
-        result["workload"] = workload(model, args.family, args.threads, args.batch_size, seconds, args.quick, run_dir)
+        result["workload"] = workload(model, args.family, args.threads, args.batch_size,
+                                      args.seconds or WORKLOAD_SECONDS[not args.quick], args.quick, run_dir)
     if args.only != "workload":
         tiny = checkpoint(cache, "qwen3", "tiny", vocab="qwen")
         result["real_vocab"] = null_turns(tiny, args.threads, args.batch_size,
