@@ -1,7 +1,7 @@
 """The benchmark: the server under load against the model's own limit, in one run, on the same inputs.
 
-    python -m benchmarks.run            # full (make bench): about 7 minutes on 2 CPU cores
-    python -m benchmarks.run --quick    # the target scenarios only (make bench-quick): under 2 minutes
+    python -m benchmarks.run            # full (make bench): about 10 minutes on 2 CPU cores
+    python -m benchmarks.run --quick    # the target scenarios only (make bench-quick): about 4 minutes
     python -m benchmarks.run --memory   # only the 10,000-request memory run
     python -m benchmarks.run --size 2b  # the real Qwen3-VL-Embedding-2B shape, for a GPU host
 
@@ -506,7 +506,7 @@ def _git_commit() -> str | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the target scenarios only, 4 s each (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="the target scenarios only, 4 s each (about 4 minutes)")
     p.add_argument("--memory", action="store_true", help="only the 10,000-request memory run (tiny model)")
     p.add_argument("--video-only", action="store_true",
                    help="only the single-short-video rows: their limit and the batched server (under a minute)")
