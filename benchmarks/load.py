@@ -17,7 +17,8 @@ The spec (JSON on stdin):
     requests                  instead of warmup/duration: send exactly this many requests, record all
 
 The result (JSON on stdout): requests, errors, first_error, window_s, requests_per_s and
-inputs_per_s (`estimator` says how: see `run`), mean_ms (clients / throughput, Little's law),
+inputs_per_s (`estimator` says how: see `run`), tokens_per_s (from each response's
+`usage.prompt_tokens`, at the inputs' rate), mean_ms (clients / throughput, Little's law),
 p50_ms, p95_ms, p99_ms, max_ms. When the window closes the workers hang up on the requests
 they still have in flight.
 """
@@ -38,7 +39,7 @@ class _State:
         self.count_mode = spec.get("requests") is not None
         self.remaining = int(spec.get("requests") or 0)
         self.start = self.end = float("inf")
-        self.done: list[tuple[float, float, int]] = []  # (started, finished, inputs) within the window
+        self.done: list[tuple[float, float, int, int]] = []  # (started, finished, inputs, tokens) in the window
         self.errors = 0
         self.first_error: str | None = None
         self.mark = spec["mark"].encode() if spec.get("mark") else EMBEDDING_MARK
@@ -64,6 +65,18 @@ def _build_requests(spec: dict) -> list[bytes]:
         raw = body.encode() if isinstance(body, str) else body
         out.append((head + f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw)
     return out
+
+
+def _prompt_tokens(body: bytes) -> int:
+    """usage.prompt_tokens of a response (0 when it has none)."""
+    at = body.rfind(b'"prompt_tokens":')
+    if at < 0:
+        return 0
+    at += 16
+    end = at
+    while end < len(body) and body[end] in b" 0123456789":
+        end += 1
+    return int(body[at:end] or 0)
 
 
 def _header_ms(lower_head: bytes, name: bytes) -> float | None:
@@ -110,7 +123,7 @@ async def _worker(index: int, state: _State, requests: list[bytes], inputs: list
             elif body.count(state.mark) != expected:
                 state.error(f"expected {expected} results, got {body.count(state.mark)}")
             elif state.start <= done <= state.end:
-                state.done.append((started, done, expected))
+                state.done.append((started, done, expected, _prompt_tokens(body)))
                 queue_ms = _header_ms(head, b"x-queue-time")  # the server's own split, when it sends it
                 if started >= state.start and queue_ms is not None:
                     state.server_ms.append((queue_ms, _header_ms(head, b"x-inference-time") or 0.0))
@@ -153,12 +166,12 @@ async def run(spec: dict) -> dict:
     await asyncio.gather(*tasks, return_exceptions=True)
     window = (time.perf_counter() - state.start) if state.count_mode else (state.end - state.start)
     n = len(state.done)
-    req_rate, input_rate = n / window, sum(k for _, _, k in state.done) / window
+    req_rate, input_rate = n / window, sum(k for _, _, k, _ in state.done) / window
     # Requests that started after the warm-up and finished inside the window: the steady state.
-    inside = [(t1 - t0, k) for t0, t1, k in state.done if t0 >= state.start]
+    inside = [(t1 - t0, k) for t0, t1, k, _ in state.done if t0 >= state.start]
     estimator = "count"
     if state.count_mode:
-        inside = [(t1 - t0, k) for t0, t1, k in state.done]
+        inside = [(t1 - t0, k) for t0, t1, k, _ in state.done]
     elif len(inside) >= clients:
         # When every client is served at once, responses come in waves (a batch's worth at a
         # time) and counting completions in a window is off by up to a wave. A closed loop with
@@ -180,6 +193,8 @@ async def run(spec: dict) -> dict:
         "inputs_per_s": input_rate,
         "estimator": estimator,
         "requests_per_s_counted": n / window,
+        # Tokens at the inputs' rate: the window's tokens per input times inputs/s.
+        "tokens_per_s": input_rate * sum(t for *_, t in state.done) / max(1, sum(k for _, _, k, _ in state.done)),
         "mean_ms": clients / req_rate * 1e3 if req_rate else float("nan"),
         "p50_ms": _percentile(lat, 50) * 1e3,
         "p95_ms": _percentile(lat, 95) * 1e3,

@@ -1,7 +1,7 @@
 """The benchmark: the server under load against the model's own limit, in one run, on the same inputs.
 
-    python -m benchmarks.run            # full (make bench): about 7 minutes on 2 CPU cores
-    python -m benchmarks.run --quick    # the target scenarios only (make bench-quick): under 2 minutes
+    python -m benchmarks.run            # full (make bench): about 10 minutes on 2 CPU cores
+    python -m benchmarks.run --quick    # the target scenarios only (make bench-quick): about 4 minutes
     python -m benchmarks.run --memory   # only the 10,000-request memory run
     python -m benchmarks.run --size 2b  # the real Qwen3-VL-Embedding-2B shape, for a GPU host
 
@@ -18,6 +18,9 @@ What it measures (random-weight checkpoints written into benchmarks/.cache):
 5. MEMORY: the server's RSS after a warm-up and at the end of 10,000 mixed requests (full run, --memory).
 6. MIXED: a short text's latency beside clients sending videos or 16-image requests, and what that
    costs the heavy load (full run, --mixed-only; benchmarks/mixed.py).
+7. REALISTIC: with Qwen's real vocabulary, queries, passages, images of four sizes and their mix
+   (inputs/s, tokens/s, p50, p99), and the tiny text server against the null server
+   (benchmarks/realistic.py; --quick: the mix only; --no-realistic skips it).
 
 Prints one table and writes benchmarks/results/<timestamp>.json and latest.json.
 """
@@ -38,7 +41,7 @@ from pathlib import Path
 import embedding_api.tools.checkpoint as checkpoint_module
 from embedding_api.tools.checkpoint import SIZES, write_checkpoint
 
-from . import mixed
+from . import mixed, realistic
 from .server import Server, clean_env, drive, start_profile, summarise_profile
 from .workload import KINDS, request_bodies
 
@@ -102,17 +105,19 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def checkpoint(cache: Path, family: str, size: str) -> Path:
+def checkpoint(cache: Path, family: str, size: str, vocab: str = "byte") -> Path:
     """The cached random-weight checkpoint, rewritten whenever the checkpoint writer changes
-    (embedding_api/tools/checkpoint*.py: its shapes are defined there), older versions removed."""
+    (embedding_api/tools/checkpoint*.py: its shapes are defined there), older versions removed.
+    `vocab="qwen"`: Qwen's real vocabulary."""
     digest = checkpoint_module.source_digest()[:10]
-    path = cache / f"{family}-{size}-{digest}"
+    name = f"{family}-{size}" + ("-qwen" if vocab == "qwen" else "")
+    path = cache / f"{name}-{digest}"
     if not (path / "config.json").exists():
-        for old in cache.glob(f"{family}-{size}-*"):
-            if old.is_dir() and old != path:
+        for old in cache.glob(f"{name}-*"):
+            if old.is_dir() and old != path and (vocab == "qwen") == ("-qwen-" in old.name):
                 shutil.rmtree(old, ignore_errors=True)
-        log(f"writing the random-weight {family}/{size} checkpoint into {path}")
-        write_checkpoint(path, family=family, size=size, seed=0, overwrite=True)
+        log(f"writing the random-weight {family}/{size} checkpoint ({vocab} vocabulary) into {path}")
+        write_checkpoint(path, family=family, size=size, seed=0, overwrite=True, vocab=vocab)
     return path
 
 
@@ -501,7 +506,7 @@ def _git_commit() -> str | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the target scenarios only, 4 s each (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="the target scenarios only, 4 s each (about 4 minutes)")
     p.add_argument("--memory", action="store_true", help="only the 10,000-request memory run (tiny model)")
     p.add_argument("--video-only", action="store_true",
                    help="only the single-short-video rows: their limit and the batched server (under a minute)")
@@ -516,6 +521,8 @@ def parse_args(argv=None):
     p.add_argument("--encoding", choices=("base64", "float"), default="base64",
                    help="encoding_format the clients ask for (base64 is the OpenAI SDK's default)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    p.add_argument("--no-realistic", action="store_true",
+                   help="skip the realistic workload and the real-vocabulary rows (benchmarks/realistic.py)")
     p.add_argument("--cache", type=Path, default=HERE / ".cache", help="where the checkpoints are written")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON results go")
     args = p.parse_args(argv)
@@ -580,6 +587,10 @@ def main(argv=None) -> int:
         for key in ("in-process", "in_turns"):
             if key in tb["batched"]:
                 tb[key] = tb["batched"].pop(key)
+    if not args.memory and not args.no_realistic:
+        results["realistic"] = realistic.measure(
+            checkpoint(cache, args.family, "cpu", vocab="qwen"), checkpoint(cache, "qwen3", "tiny", vocab="qwen"),
+            args.family, args.threads, args.batch_size, args.quick, run_dir)
     if not args.memory and not args.quick and args.family == "qwen3_vl":
         log("mixed: short texts beside videos and 16-image requests")
         results["mixed"] = mixed.measure(model, args.threads, 2, plan.duration, run_dir)
@@ -603,6 +614,8 @@ def main(argv=None) -> int:
         print(table(results, args))
     if "mixed" in results:
         print("\n".join(mixed.report(results["mixed"])))
+    if "realistic" in results:
+        print("\n".join(realistic.report(results["realistic"])))
     print()
     results["verdicts"] = verdicts(results)
     if results["host"]["foreign_cpu_share"] > 0.1:

@@ -95,8 +95,9 @@ def drive(server: "Server", spec: dict) -> dict:
 class Server:
     """Context manager: start, wait until /health says ok, sample RSS every 0.1 s, stop."""
 
-    def __init__(self, settings: dict[str, str], run_dir: Path, label: str):
+    def __init__(self, settings: dict[str, str], run_dir: Path, label: str, app: str = "embedding_api.main:app"):
         self.settings = settings
+        self.app = app
         self.label = label
         self.run_dir = run_dir
         self.port = free_port()
@@ -117,7 +118,7 @@ class Server:
         self._log = open(self.log_path, "wb")
         # cwd is the run directory, so a developer's ./.env is not read by the server under test.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "embedding_api.main:app", "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "warning"],
             cwd=str(self.run_dir), env=clean_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT,
         )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 from typing import Annotated, Union
 
@@ -89,7 +89,7 @@ async def rerank(request: Request) -> Response:
             result["document"] = {"text": raw} if isinstance(raw, str) else raw
         results.append(result)
     return _json({
-        "id": f"rerank-{uuid.uuid4().hex}",
+        "id": f"rerank-{os.urandom(16).hex()}",
         "model": entry.name,
         "results": results,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
@@ -111,7 +111,7 @@ async def score(request: Request) -> Response:
     entry, _, log_odds, tokens = await _scores(request, parse_score)
     scores = relevance_scores(log_odds)
     return _json({
-        "id": f"score-{uuid.uuid4().hex}",
+        "id": f"score-{os.urandom(16).hex()}",
         "object": "list",
         "created": int(time.time()),
         "model": entry.name,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
 import time
-import uuid
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
@@ -144,7 +144,7 @@ def embedding_response(
         "data": data,
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "id": f"embd-{uuid.uuid4().hex}",
+        "id": f"embd-{os.urandom(16).hex()}",
         "created": int(time.time()),
     }
     return Response(

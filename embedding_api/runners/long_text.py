@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from . import fast_bpe
+
 LONG_TEXT_CHARS = 4096  # longer texts are tokenized with the GIL released (the event loop keeps running)
 _UNSAFE_WORDS = 3  # the last words of a start of a text, which what follows may change
 _FIRST_CHARS_PER_TOKEN = 6  # a first guess of the characters a start needs per token wanted
@@ -30,6 +32,8 @@ class PrefixTokenizer:
         self.backend = backend
         added = [t.content for t in backend.get_added_tokens_decoder().values()]
         self.margin = max([16] + [len(a) + 1 for a in added])  # an added token cut at the end is not one yet
+        # The same ids through tiktoken where they are provably the same (runners/fast_bpe.py).
+        self.fast = fast_bpe.build(backend)
         self.exact = False
         self.exact = self._check()
 
@@ -40,6 +44,8 @@ class PrefixTokenizer:
         return self.backend.encode_batch([text], add_special_tokens=special)[0]
 
     def encode(self, text: str, special: bool = False) -> list[int]:
+        if self.fast is not None and not special:
+            return self.fast.encode(text)
         return self.encoding(text, special).ids
 
     def split(self, text: str) -> tuple[list[int], int]:

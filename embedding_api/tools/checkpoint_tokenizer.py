@@ -118,7 +118,7 @@ I think it's true that they're ready, we've seen it, and you'll like what we'd p
 _RERANKER_LINES = ["yes\n", "no\n"] * 60
 
 
-def _pretokenize_regex() -> str:
+def pretokenize_regex() -> str:
     try:  # the same string transformers' Qwen2Tokenizer uses, when available
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -148,7 +148,7 @@ def build_tokenizer(family: str = "qwen3_vl", bpe_vocab_size: int = 1024, kind: 
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_pretokenize_regex()), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pretokenize_regex()), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
