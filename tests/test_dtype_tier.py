@@ -102,7 +102,7 @@ def float32_runner(tiny_vl):
 def test_auto_on_a_cpu_without_native_bf16_is_float32_with_no_probe(tiny_vl, monkeypatch):
     monkeypatch.setattr(dtype_tier, "native_bf16", lambda cpuinfo=None: None)
     monkeypatch.setattr(dtype_tier, "_probe", lambda *a: pytest.fail("no probe without native bf16"))
-    runner = _runner(tiny_vl)
+    runner = _runner(tiny_vl, dtype_probe=True)
     assert (runner.dtype, runner.info().dtype, runner.info().dtype_reason) == (torch.float32, "float32", "no native bf16")
 
 
@@ -125,7 +125,7 @@ def test_the_probe_keeps_the_copy_it_chose(tiny_vl, float32_runner, monkeypatch,
         return dtype_tier.DtypeChoice(winner, "probe", {"float32": 1.0, "bfloat16": 2.0})
 
     monkeypatch.setattr(dtype_tier, "decide", given)
-    runner = _runner(tiny_vl)
+    runner = _runner(tiny_vl, dtype_probe=True)
     assert len(timed["f32"]) == len(timed["bf16"]) >= dtype_tier.PROBE_ROUNDS[0]
     info = runner.info()
     assert (runner.dtype, info.dtype, info.dtype_reason) == (winner, str(winner)[6:], "probe")
@@ -174,16 +174,27 @@ def _vectors(c: httpx.Client, body: dict) -> np.ndarray:
     return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
 
 
-def test_the_auto_server_says_its_dtype_and_why(client):
-    card = client.get("/v1/models").json()["data"][0]
-    health = client.get("/health").json()
+def test_the_auto_server_says_its_dtype_and_why(start_server, tiny_text):
+    server = start_server({"MODEL_PATH": str(tiny_text), "DTYPE": "auto", "DTYPE_PROBE": "true",
+                           "TORCH_THREADS": "1"})
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        health = c.get("/health").json()
     assert card["dtype"] == health["dtype"]
     assert card["dtype_reason"] == health["dtype_reason"] in ("probe", "no native bf16")
-    if health["dtype_reason"] == "no native bf16":
+    if health["dtype_reason"] == "no native bf16":  # this host's CPU: no probe, float32
         assert health["dtype"] == "float32" and health["dtype_probe_ms"] is None
-    else:
+        assert dtype_tier.native_bf16() is None
+    else:  # either answer is right; the figures it went by are shown
         assert health["dtype"] in ("float32", "bfloat16")
         assert set(health["dtype_probe_ms"]) == {"float32", "bfloat16"}
+    assert "dtype " in server.output() and "DTYPE=auto" in server.output()  # the one line that says why
+
+
+def test_the_test_servers_run_auto_in_float32(client):
+    """The shared server (DTYPE=auto, DTYPE_PROBE=false in the tests): float32, "probe off" or no bf16."""
+    health = client.get("/health").json()
+    assert health["dtype"] == "float32" and health["dtype_reason"] in ("probe off", "no native bf16")
 
 
 def test_a_bfloat16_server_reports_it_and_stays_close_to_float32(start_server, tiny_vl, float32_runner,
