@@ -116,11 +116,16 @@ def in_turns(calls: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def speed(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> dict[str, float]:
-    calls = {n: (lambda n=n: tiers.forward(n, batch)) for n in tiers.models}
-    for call in calls.values():
-        call()  # warm-up
-    return {n: len(batch) / statistics.median(t) for n, t in in_turns(calls, rounds).items()}
+def speed(tiers: Tiers, batch: list[PreparedInput], rounds: int, threads: list[int]) -> dict[tuple[str, int], float]:
+    """inputs/s per (tier, torch threads), every pair in turns with every other."""
+    def call(name: str, n: int) -> None:
+        torch.set_num_threads(n)
+        tiers.forward(name, batch)
+
+    calls = {(name, n): (lambda name=name, n=n: call(name, n)) for n in threads for name in tiers.models}
+    for c in calls.values():
+        c()  # warm-up
+    return {k: len(batch) / statistics.median(t) for k, t in in_turns(calls, rounds).items()}
 
 
 def batches(runner: Runner) -> dict[str, list[PreparedInput]]:
@@ -133,6 +138,65 @@ def batches(runner: Runner) -> dict[str, list[PreparedInput]]:
         images = [decode_image_bytes(png, policy) for png in png_images(BATCH)]
         out["images"] = [runner.prepare([], [im], None, None) for im in images]
     return out
+
+
+def varied(runner: Runner) -> list[list[PreparedInput]]:
+    """Batches as a loaded server forms them: sizes and padded widths that differ from batch to batch
+    (a tier whose kernels are set up per shape pays for that here, not on one repeated batch)."""
+    texts = short_texts(256, seed=3)
+    sizes = (32, 24, 17, 32, 9, 28, 32, 13)
+    out, at = [], 0
+    for n in sizes:
+        out.append([runner.prepare([t], [], None, None) for t in texts[at: at + n]])
+        at += n
+    return out
+
+
+def varied_speed(tiers: Tiers, work: list[list[PreparedInput]], rounds: int) -> dict[str, float]:
+    def run(name):
+        for batch in work:
+            tiers.forward(name, batch)
+
+    calls = {n: (lambda n=n: run(n)) for n in tiers.models}
+    total = sum(len(b) for b in work)
+    return {n: total / statistics.median(t) for n, t in in_turns(calls, rounds).items()}
+
+
+def through_server(path: Path, dtypes: list[str], rounds: int, clients: int, seconds: float, threads: int) -> list[str]:
+    """A real server per dtype, driven in turns by 32 clients of single short texts from another
+    process (benchmarks/load.py); inputs/s, p50, and the batcher's mean batch size from /health."""
+    from .run import run_load
+    from .server import Server
+
+    run_dir = HERE / "results" / "dtype_tier"
+    servers = {d: Server({"MODEL_PATH": str(path), "DTYPE": d, "LOG_LEVEL": "info", "TORCH_THREADS": str(threads)},
+                         run_dir, d) for d in dtypes}
+    lines = []
+    try:
+        for server in servers.values():
+            server.start()
+        for server in servers.values():
+            server.wait_ready()
+        got: dict[str, list[tuple[float, float, float]]] = {d: [] for d in dtypes}
+        for r in range(rounds):
+            for d in (dtypes if r % 2 == 0 else dtypes[::-1]):
+                before = servers[d].health()
+                res = run_load(servers[d], "text", clients, "base64", warmup=1.0, duration=seconds)
+                after = servers[d].health()
+                batches = after["batches_run"] - before["batches_run"]
+                mean_batch = (after["inputs_embedded"] - before["inputs_embedded"]) / max(1, batches)
+                got[d].append((res["inputs_per_s"], res["p50_ms"], mean_batch))
+        for d in dtypes:
+            health = servers[d].health()
+            rates = [g[0] for g in got[d]]
+            lines.append(f"  server DTYPE={d:<9} ({health['dtype']}, {health['dtype_reason']}): "
+                         f"{statistics.median(rates):7.1f} inputs/s (runs {', '.join(f'{x:.0f}' for x in rates)}), "
+                         f"p50 {statistics.median(g[1] for g in got[d]):.0f} ms, "
+                         f"mean batch {statistics.median(g[2] for g in got[d]):.1f}")
+    finally:
+        for server in servers.values():
+            server.stop()
+    return lines
 
 
 def denormal(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]:
@@ -154,7 +218,8 @@ def denormal(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]
         paired = statistics.median([off / on for on, off in zip(t["on"], t["off"])])
         lines.append(f"  flush denormal, {name}: off {statistics.median(t['off']) * 1e3:.1f} ms, on "
                      f"{statistics.median(t['on']) * 1e3:.1f} ms, paired speedup {paired:.3f}x; vectors "
-                     f"{'bit-identical' if np.array_equal(flushed, kept) else 'differ: max |d| %.1e' % np.abs(flushed - kept).max()}")
+                     + ("bit-identical" if np.array_equal(flushed, kept)
+                        else f"differ: max |d| {np.abs(flushed - kept).max():.1e}"))
     return lines
 
 
@@ -177,7 +242,8 @@ def compiled(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]
         t = in_turns({"eager": lambda n=name: tiers.forward(n, batch),
                       "compiled": lambda n=name: tiers.forward(f"{n}+compile", batch)}, rounds)
         paired = statistics.median([e / c for e, c in zip(t["eager"], t["compiled"])])
-        lines.append(f"  torch.compile, {name}: compiling {took:.0f} s; eager {statistics.median(t['eager']) * 1e3:.1f} ms,"
+        lines.append(f"  torch.compile, {name}: compiling {took:.0f} s; "
+                     f"eager {statistics.median(t['eager']) * 1e3:.1f} ms,"
                      f" compiled {statistics.median(t['compiled']) * 1e3:.1f} ms, paired speedup {paired:.2f}x; "
                      f"min cosine to eager {cosines(got, want).min():.6f}")
         tiers.models.pop(f"{name}+compile")
@@ -193,13 +259,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="0", help="torch thread counts to time, comma-separated; 0 = one per core")
     p.add_argument("--denormal", action="store_true", help="also time torch.set_flush_denormal(True)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
+    p.add_argument("--varied", action="store_true", help="also time batches of varying size and width")
+    p.add_argument("--server", action="store_true",
+                   help="also each dtype through a real server, 32 clients of single texts, in turns")
+    p.add_argument("--server-seconds", type=float, default=8.0)
     args = p.parse_args(argv)
 
     tiers_wanted = args.tiers.split(",")
     load_before = os.getloadavg()
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16() or 'no'}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; batch {BATCH}, {args.rounds} rounds in turns")
-    header = f"{'checkpoint':<14} {'tier':<9} {'threads':>7} {'texts/s':>9} {'images/s':>9} {'min cos':>9} {'mean cos':>9}"
+    header = (f"{'checkpoint':<14} {'tier':<9} {'threads':>7} {'texts/s':>9} {'images/s':>9} {'min cos':>9} "
+              f"{'mean cos':>9}")
     for size in args.sizes.split(","):
         path = checkpoint(HERE / ".cache", args.family, size)
         runner = load_runner(Settings(_env_file=None, model_path=str(path), dtype="float32", device="cpu",
@@ -208,18 +279,26 @@ def main(argv=None) -> int:
         fid = fidelity(tiers, reference_inputs(runner))
         work = batches(runner)
         print(header)
-        for threads in [int(t) for t in args.threads.split(",")]:
-            torch.set_num_threads(threads or os.cpu_count() or 1)
-            rates = {kind: speed(tiers, batch, args.rounds) for kind, batch in work.items()}
+        threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",")]
+        rates = {kind: speed(tiers, batch, args.rounds, threads) for kind, batch in work.items()}
+        for n in threads:
             for name in tiers.models:
-                images = f"{rates['images'][name]:9.1f}" if "images" in rates else f"{'-':>9}"
-                print(f"{args.family + '/' + size:<14} {name:<9} {torch.get_num_threads():>7} "
-                      f"{rates['texts'][name]:9.1f} {images} {fid[name][0]:9.5f} {fid[name][1]:9.5f}")
+                images = f"{rates['images'][name, n]:9.1f}" if "images" in rates else f"{'-':>9}"
+                print(f"{args.family + '/' + size:<14} {name:<9} {n:>7} "
+                      f"{rates['texts'][name, n]:9.1f} {images} {fid[name][0]:9.5f} {fid[name][1]:9.5f}")
         torch.set_num_threads(os.cpu_count() or 1)
+        if args.varied:
+            rates = varied_speed(tiers, varied(runner), args.rounds)
+            print("  varied batches (sizes 9-32, widths differ), texts/s: "
+                  + ", ".join(f"{n} {v:.1f}" for n, v in rates.items()))
         if args.denormal:
             print("\n".join(denormal(tiers, work["texts"], args.rounds)))
         if args.compile:
             print("\n".join(compiled(tiers, work["texts"], args.rounds)))
+        if args.server:
+            del tiers, runner
+            print("\n".join(through_server(path, [t for t in tiers_wanted if t != "int8"], args.rounds, 32,
+                                            args.server_seconds, threads[0])))
         sys.stdout.flush()
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}, "

@@ -103,7 +103,8 @@ def test_auto_on_a_cpu_without_native_bf16_is_float32_with_no_probe(tiny_vl, mon
     monkeypatch.setattr(dtype_tier, "native_bf16", lambda cpuinfo=None: None)
     monkeypatch.setattr(dtype_tier, "_probe", lambda *a: pytest.fail("no probe without native bf16"))
     runner = _runner(tiny_vl, dtype_probe=True)
-    assert (runner.dtype, runner.info().dtype, runner.info().dtype_reason) == (torch.float32, "float32", "no native bf16")
+    info = runner.info()
+    assert (runner.dtype, info.dtype, info.dtype_reason) == (torch.float32, "float32", "no native bf16")
 
 
 def test_probe_off_keeps_float32(tiny_vl, monkeypatch):

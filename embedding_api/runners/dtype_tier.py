@@ -134,7 +134,8 @@ def settle(runner) -> DtypeChoice:
     flag = native_bf16()
     if flag is None:
         choice = DtypeChoice(torch.float32, "no native bf16")
-        log.info("dtype float32 (DTYPE=auto): this CPU has no native bfloat16 (no %s flag)", " or ".join(NATIVE_BF16_FLAGS))
+        log.info("dtype float32 (DTYPE=auto): this CPU has no native bfloat16 (no %s flag)",
+                 " or ".join(NATIVE_BF16_FLAGS))
     elif not runner.settings.dtype_probe:
         choice = DtypeChoice(torch.float32, "probe off")
         log.info("dtype float32 (DTYPE=auto, DTYPE_PROBE=false; the CPU has %s)", flag)
