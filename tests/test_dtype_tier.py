@@ -189,7 +189,22 @@ def test_the_auto_server_says_its_dtype_and_why(start_server, tiny_text):
     else:  # either answer is right; the figures it went by are shown
         assert health["dtype"] in ("float32", "bfloat16")
         assert set(health["dtype_probe_ms"]) == {"float32", "bfloat16"}
-    assert "dtype " in server.output() and "DTYPE=auto" in server.output()  # the one line that says why
+    assert server.output().count("(DTYPE=auto") == 1  # the one line that says why
+    # A model process that dies is restarted in the dtype chosen at start-up, with no second decision.
+    import os
+    import signal
+
+    from .test_model_faults import model_processes
+
+    [child] = model_processes(server.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+        r = c.post("/v1/embeddings", json={"input": "after the restart"})
+        assert r.status_code == 200, r.text
+        again = c.get("/health").json()
+    assert model_processes(server.proc.pid) != [child]
+    assert (again["dtype"], again["dtype_reason"]) == (health["dtype"], health["dtype_reason"])
+    assert server.output().count("(DTYPE=auto") == 1
 
 
 def test_the_test_servers_run_auto_in_float32(client):
