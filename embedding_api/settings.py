@@ -78,7 +78,10 @@ class Settings(BaseSettings):
                             description="checkpoint directory (Qwen3-VL-Embedding, Qwen3-Embedding or a reranker)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, a comma-separated list of these "
                         "(one model copy each, e.g. cuda:0,cuda:1 or cpu,cpu), or cuda:all (every visible GPU)")
-    dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    dtype: str = Field("auto", description="auto (bfloat16 on CUDA; on a CPU bfloat16 where it has native bf16 "
+                       "and a start-up probe measures it faster, else float32), float32, bfloat16 or float16")
+    dtype_probe: bool = Field(True, description="with DTYPE=auto on a CPU with native bf16: time float32 against "
+                              "bfloat16 at start-up and keep the faster (false: float32, no probe)")
     embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
                                             "empty = the model's size")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")

@@ -111,6 +111,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
         full_env.update(env)
+        full_env.setdefault("DTYPE_PROBE", "false")  # DTYPE=auto: float32 on every host (see conftest.py)
         full_env["PYTHONPATH"] = str(ROOT)
         self.log_path = log_path
         self.log = open(log_path, "wb")
@@ -163,7 +164,7 @@ _SETTING_NAMES = {
     "RAY_TARGET_ONGOING_REQUESTS", "RAY_MAX_ONGOING_REQUESTS",
     "LOG_FORMAT", "METRICS_PORT", "CORS_ALLOW_ORIGINS",
     "MODEL_KIND", "MODELS", "MAX_RERANK_DOCUMENTS", "MAX_RERANK_TOKENS", "MODEL_PROCESS",
-    "MODEL_RESTART_ATTEMPTS", "STUCK_FORWARD_SECONDS", "STUCK_RESTART_SECONDS", "METRICS_HOST",
+    "MODEL_RESTART_ATTEMPTS", "STUCK_FORWARD_SECONDS", "STUCK_RESTART_SECONDS", "METRICS_HOST", "DTYPE_PROBE",
 }
 
 

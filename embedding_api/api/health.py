@@ -49,6 +49,8 @@ async def health(request: Request) -> Response:
         device_name=info.device,
         cuda_available=_cuda_available(),
         dtype=info.dtype,
+        dtype_reason=info.dtype_reason,
+        dtype_probe_ms=info.dtype_probe_ms,
         family=info.family,
         takes_images=info.takes_images,
         modalities=state.service.modalities,

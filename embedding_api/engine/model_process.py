@@ -10,7 +10,7 @@ its calls. With the model in a child process each side has its own interpreter a
 Protocol, over a socket pair (multiprocessing.connection framing, pickle protocol 5):
   parent -> child   the Settings, the device, the torch thread count; then one batch
                     (list[PreparedInput]) per message
-  child -> parent   ("ready", pid) or ("failed", message) once; then per batch
+  child -> parent   ("ready", pid, (dtype, reason, probe ms)) or ("failed", message) once; then per batch
                     ("ok", rows, prefix cache entries) or ("error", message)
 A second pipe, never written, tells the child that its parent has gone: its read returns at
 once when the parent exits for any reason, and the child ends itself.
@@ -61,6 +61,7 @@ class ModelProcess:
         self._closed = False
         self._ended: str | None = None
         self.prefix_cache_entries = 0  # as the child last said (runners/prefix.py)
+        self.dtype_choice = None  # the dtype the child runs in and why, as it said when ready (runners/dtype_tier.py)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -90,7 +91,7 @@ class ModelProcess:
         from ..runners import ModelLoadError
 
         try:
-            status, value = pickle.loads(self._conn.recv_bytes())
+            status, value, *extra = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
             self._end_child()
             raise ModelLoadError(f"the model process for {self.device} {_exit_text(self.proc.poll())} while "
@@ -98,6 +99,16 @@ class ModelProcess:
         if status != "ready":
             self._end_child()
             raise ModelLoadError(value)
+        if extra and self.dtype_choice is None:
+            import torch
+
+            from ..runners.dtype_tier import DtypeChoice
+
+            name, reason, times = extra[0]
+            self.dtype_choice = DtypeChoice(getattr(torch, name), reason, times)
+            settings, device, threads = self._args
+            if settings.dtype != name:  # a restarted child runs in the dtype chosen now, with no second probe
+                self._args = (settings.model_copy(update={"dtype": name}), device, threads)
 
     def forward(self, batch: list) -> np.ndarray:
         with self._lock:
@@ -188,6 +199,8 @@ def load_for_serving(settings) -> list:
         for runner, process in zip(runners, processes):
             process.wait_ready()
             runner.serve_from(process)
+            if process.dtype_choice is not None:  # DTYPE=auto on a CPU: what the child's probe chose
+                runner.dtype_choice, runner.dtype = process.dtype_choice, process.dtype_choice.dtype
     except BaseException:
         for process in processes:
             process.close()
@@ -221,7 +234,8 @@ def _serve(conn: Connection) -> None:
     except Exception as exc:  # noqa: BLE001 - any load failure is reported to the parent, once
         conn.send_bytes(pickle.dumps(("failed", f"{exc.__class__.__name__}: {exc}")))
         return
-    conn.send_bytes(pickle.dumps(("ready", os.getpid())))
+    choice = runner.dtype_choice
+    conn.send_bytes(pickle.dumps(("ready", os.getpid(), (choice.name, choice.reason, choice.times_ms))))
     cuda = runner.device.type == "cuda"
     while True:
         try:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from ..settings import Settings
+from .dtype_tier import settle as settle_dtype
 from .base import VISION_TOKENS, InputTooLong, ModelInfo, PreparedInput, Runner
 from .kinds import EMBEDDING, RERANKER, detect_kind
 from .loading import ModelLoadError, check_startup, hidden_size, read_config, resolve_devices, resolve_dtype
@@ -45,7 +46,10 @@ def _load(settings: Settings, limit: int | None) -> list["Runner"]:
     if any(d.type == "cpu" for d in devices):
         torch.set_num_threads(torch_threads(settings, devices))
     runner_cls = runner_class(settings, config)
-    return [runner_cls(settings, config, d, resolve_dtype(settings.dtype, d)) for d in devices]
+    runners = [runner_cls(settings, config, d, resolve_dtype(settings.dtype, d)) for d in devices]
+    for runner in runners:
+        settle_dtype(runner)
+    return runners
 
 
 def torch_threads(settings: Settings, devices: list[torch.device]) -> int:
@@ -61,7 +65,10 @@ def runner_class(settings: Settings, config: dict) -> type["Runner"]:
 def load_runner_on(settings: Settings, device: torch.device, weights: bool = True) -> "Runner":
     """One model copy on `device` (or, with weights=False, everything but the weights)."""
     config, _, _ = check_startup(settings)
-    return runner_class(settings, config)(settings, config, device, resolve_dtype(settings.dtype, device), weights)
+    runner = runner_class(settings, config)(settings, config, device, resolve_dtype(settings.dtype, device), weights)
+    if weights:
+        settle_dtype(runner)  # DTYPE=auto on a CPU: float32 or bfloat16, as measured
+    return runner
 
 
 __all__ = [

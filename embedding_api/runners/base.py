@@ -17,7 +17,7 @@ from ..settings import Settings
 from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer, TokenPrefix
-from . import prefix as prefix_reuse
+from . import dtype_tier, prefix as prefix_reuse
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -54,6 +54,8 @@ class ModelInfo:
     dtype: str
     default_query_instruction: str
     kind: str = "embedding"
+    dtype_reason: str = ""  # why this dtype: "setting", "cuda", "probe", "no native bf16", "probe off"
+    dtype_probe_ms: dict | None = None  # the start-up probe's median forward per dtype, when it ran
 
 
 class Runner:
@@ -74,6 +76,8 @@ class Runner:
         self.config = config
         self.device = device
         self.dtype = dtype
+        choice = dtype_tier.initial_choice(settings.dtype, device)
+        self.dtype_choice = choice if choice.dtype == dtype else dtype_tier.DtypeChoice(dtype, "setting")
         self.max_tokens = settings.max_input_tokens
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
@@ -115,6 +119,8 @@ class Runner:
             dtype=str(self.dtype).replace("torch.", ""),
             default_query_instruction=self.default_query_instruction,
             kind=self.kind,
+            dtype_reason=self.dtype_choice.reason,
+            dtype_probe_ms=dict(self.dtype_choice.times_ms) or None,
         )
 
     def reserved_strings(self) -> tuple[str, ...]:

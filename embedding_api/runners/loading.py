@@ -73,9 +73,10 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
+    """The dtype the weights are loaded in (DTYPE=auto on a CPU: float32, until runners/dtype_tier.py's probe)."""
+    from .dtype_tier import initial_choice
+
+    return initial_choice(setting, device).dtype
 
 
 def check_startup(settings: Settings) -> tuple[dict, torch.device, torch.dtype]:

@@ -65,6 +65,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def get(self, key: tuple[int, ...], compute) -> list[tuple[torch.Tensor, torch.Tensor]]:
         entry = self._entries.get(key)
         if entry is not None:

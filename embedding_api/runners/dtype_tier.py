@@ -1,0 +1,173 @@
+"""The dtype a model copy runs in, and for DTYPE=auto on a CPU, the one a start-up probe measures faster.
+
+DTYPE=float32 / bfloat16 / float16: that dtype (reason "setting"). DTYPE=auto on CUDA: bfloat16
+(reason "cuda"). DTYPE=auto on a CPU: the model is loaded in float32; where the CPU has native
+bfloat16 arithmetic (AVX512-BF16 or AMX, as /proc/cpuinfo or oneDNN say) and DTYPE_PROBE is on, a
+bfloat16 copy of the loaded weights is made and a few forwards of one small batch run on each, in
+turns (float32, bfloat16, bfloat16, float32, ...); bfloat16 is kept when its median is at least
+BF16_MARGIN faster, float32 otherwise (reason "probe"), and the other copy is dropped. A CPU without
+native bfloat16 gets float32 with no probe (reason "no native bf16": there bfloat16 is emulated and
+slower), and so does DTYPE_PROBE=false (reason "probe off").
+
+What stays in float32 whatever the dtype: the pooled rows are read out in float32 and normalised in
+float32 (runners/base.py, normalize.py); a reranker's yes/no rows and its log-odds are float32
+(runners/scoring.py); the rotary frequencies stay float32 (only parameters are converted).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("embedding_api")
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_MARGIN = 0.9  # bfloat16 is kept when its median forward takes at most this share of float32's
+PROBE_BATCH = 8  # inputs in the probe's batch
+PROBE_SECONDS = 3.0  # the probe stops starting new rounds after this long (warm-up included)
+PROBE_ROUNDS = (2, 4)  # at least, at most; each round is one float32 and one bfloat16 forward
+PROBE_TEXT = "A short sentence about engineers who measure latency and throughput before choosing a design."
+
+
+@dataclass
+class DtypeChoice:
+    """The dtype in effect and why: "setting", "cuda", "probe", "no native bf16" or "probe off"."""
+
+    dtype: torch.dtype
+    reason: str
+    times_ms: dict[str, float] = field(default_factory=dict)  # the probe's medians, when it ran
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def initial_choice(setting: str, device: torch.device) -> DtypeChoice:
+    """The dtype the weights are loaded in; for auto on a CPU, float32 until `settle` decides."""
+    if setting != "auto":
+        return DtypeChoice(getattr(torch, setting), "setting")
+    if device.type == "cuda":
+        return DtypeChoice(torch.bfloat16, "cuda")
+    return DtypeChoice(torch.float32, "pending")
+
+
+def native_bf16(cpuinfo: str | None = None) -> str | None:
+    """What gives this CPU native bfloat16 arithmetic (a /proc/cpuinfo flag, or oneDNN's own check), or None."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    for flag in NATIVE_BF16_FLAGS:
+        if flag in flags:
+            return flag
+    if not cpuinfo:
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return "oneDNN bf16"
+        except (AttributeError, RuntimeError):
+            pass
+    return None
+
+
+def decide(float32_s: list[float], bfloat16_s: list[float], margin: float = BF16_MARGIN) -> DtypeChoice:
+    """From the probe's forward times (seconds, taken in turns): bfloat16 when its median is at most
+    `margin` of float32's."""
+    f32, bf16 = statistics.median(float32_s), statistics.median(bfloat16_s)
+    dtype = torch.bfloat16 if bf16 <= f32 * margin else torch.float32
+    return DtypeChoice(dtype, "probe", {"float32": round(f32 * 1e3, 2), "bfloat16": round(bf16 * 1e3, 2)})
+
+
+def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose floating-point parameters are bfloat16 (as loading it with
+    dtype=bfloat16 gives), made without a second float32 copy; buffers are copied as they are."""
+    memo = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+    return copy.deepcopy(model, memo)
+
+
+def probe_batch(runner) -> list:
+    """PROBE_BATCH copies of one short input, without a shared prefix (the prefix cache is not used)."""
+    from .base import PreparedInput
+
+    ids = runner.encode(PROBE_TEXT)
+    return [PreparedInput(input_ids=list(ids)) for _ in range(PROBE_BATCH)]
+
+
+def measure(run_a, run_b, seconds: float = PROBE_SECONDS, rounds: tuple[int, int] = PROBE_ROUNDS,
+            clock=time.perf_counter) -> tuple[list[float], list[float]]:
+    """`run_a()` and `run_b()` once each to warm up, then in turns (which goes first alternating),
+    at least rounds[0] and at most rounds[1] rounds, no new round after `seconds`."""
+    start = clock()
+    run_a(), run_b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for r in range(rounds[1]):
+        if r >= rounds[0] and clock() - start > seconds:
+            break
+        for f, out in ((run_a, ta), (run_b, tb)) if r % 2 == 0 else ((run_b, tb), (run_a, ta)):
+            t0 = clock()
+            f()
+            out.append(clock() - t0)
+    return ta, tb
+
+
+def settle(runner) -> DtypeChoice:
+    """Apply DTYPE=auto's CPU rule to a loaded runner (see the module's text); returns the choice,
+    also kept as `runner.dtype_choice`, and logs it on one line."""
+    choice = runner.dtype_choice
+    if choice.reason != "pending":
+        return choice
+    flag = native_bf16()
+    if flag is None:
+        choice = DtypeChoice(torch.float32, "no native bf16")
+        log.info("dtype float32 (DTYPE=auto): this CPU has no native bfloat16 (no %s flag)",
+                 " or ".join(NATIVE_BF16_FLAGS))
+    elif not runner.settings.dtype_probe:
+        choice = DtypeChoice(torch.float32, "probe off")
+        log.info("dtype float32 (DTYPE=auto, DTYPE_PROBE=false; the CPU has %s)", flag)
+    else:
+        choice = _probe(runner, flag)
+    runner.dtype_choice = choice
+    return choice
+
+
+def _probe(runner, flag: str) -> DtypeChoice:
+    models = {torch.float32: runner.model, torch.bfloat16: bfloat16_copy(runner.model)}
+    batch = probe_batch(runner)
+
+    def run(dtype):
+        def forward():
+            runner.model, runner.dtype = models[dtype], dtype
+            runner.forward(batch)
+        return forward
+
+    try:
+        f32, bf16 = measure(run(torch.float32), run(torch.bfloat16))
+        choice = decide(f32, bf16)
+    except Exception as exc:  # noqa: BLE001 - a probe that fails leaves float32, the safe choice
+        log.warning("dtype probe failed (%s: %s); float32 kept", exc.__class__.__name__, exc)
+        choice = DtypeChoice(torch.float32, "probe failed")
+    runner.model, runner.dtype = models[choice.dtype], choice.dtype
+    models.clear()
+    if runner.prefix_cache is not None:  # nothing computed in the other dtype may be reused
+        runner.prefix_cache.clear()
+    if choice.times_ms:
+        log.info("dtype %s (DTYPE=auto, probe on a batch of %d, CPU has %s): float32 %.1f ms, bfloat16 %.1f ms "
+                 "per forward (median, in turns); bfloat16 is kept at <= %.0f%% of float32's time",
+                 choice.name, len(batch), flag, choice.times_ms["float32"], choice.times_ms["bfloat16"],
+                 BF16_MARGIN * 100)
+    return choice

@@ -1,0 +1,235 @@
+"""The dtype a model copy runs in (runners/dtype_tier.py): DTYPE=auto on a CPU takes bfloat16 only where
+the CPU has native bf16 and a start-up probe measures it faster; the servers say which dtype and why,
+and bfloat16 vectors stay within cosine 0.999 of float32's.
+
+The probe's outcome depends on the host and its load, so no test depends on it: the decision is
+tested on given timings, and the switch between the two copies on a decision given to it."""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from embedding_api.runners import dtype_tier, load_runner
+from embedding_api.settings import Settings
+
+from .util import API_KEY, png_bytes, sample_image
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16 amx_int8\n"
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+# ------------------------------------------------------------------ the decision, on given figures
+
+
+def test_bfloat16_is_kept_only_when_clearly_faster():
+    fast = dtype_tier.decide([0.200, 0.210, 0.190], [0.100, 0.110, 0.090])
+    assert (fast.dtype, fast.reason) == (torch.bfloat16, "probe")
+    assert fast.times_ms == {"float32": 200.0, "bfloat16": 100.0}
+    slow = dtype_tier.decide([0.100, 0.100], [0.250, 0.240])  # emulated bf16: slower
+    assert (slow.dtype, slow.reason) == (torch.float32, "probe")
+    even = dtype_tier.decide([0.100, 0.100], [0.095, 0.095])  # within the margin: float32's fidelity wins
+    assert even.dtype == torch.float32
+    at_margin = dtype_tier.decide([0.100], [0.100 * dtype_tier.BF16_MARGIN])
+    assert at_margin.dtype == torch.bfloat16
+    # The median decides: one slow outlier does not.
+    assert dtype_tier.decide([0.2, 0.2, 0.2], [0.1, 0.1, 5.0]).dtype == torch.bfloat16
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert dtype_tier.native_bf16(AVX2_ONLY) is None
+    assert dtype_tier.native_bf16(AVX512_BF16) == "avx512_bf16"
+    assert dtype_tier.native_bf16(AMX) == "amx_bf16"
+
+
+def test_measure_alternates_and_is_bounded():
+    calls = []
+    ticks = itertools.count()
+
+    def clock():  # one second per reading: a probe that never stops early by its own speed
+        return float(next(ticks))
+
+    ta, tb = dtype_tier.measure(lambda: calls.append("a"), lambda: calls.append("b"), seconds=3.0,
+                                rounds=(2, 4), clock=clock)
+    assert calls[:2] == ["a", "b"]  # the warm-up
+    assert calls[2:] == ["a", "b", "b", "a"]  # in turns, which goes first alternating
+    assert len(ta) == len(tb) == 2  # past `seconds` after the minimum: no third round
+    calls.clear()
+    ta, tb = dtype_tier.measure(lambda: calls.append("a"), lambda: calls.append("b"), seconds=1e9,
+                                rounds=(2, 4), clock=clock)
+    assert len(ta) == len(tb) == 4 and len(calls) == 10  # the maximum, whatever the time left
+
+
+def test_initial_choice_per_setting_and_device():
+    assert dtype_tier.initial_choice("bfloat16", torch.device("cpu")).reason == "setting"
+    assert dtype_tier.initial_choice("float16", torch.device("cpu")).dtype == torch.float16
+    cuda = dtype_tier.initial_choice("auto", torch.device("cuda"))
+    assert (cuda.dtype, cuda.reason) == (torch.bfloat16, "cuda")
+    cpu = dtype_tier.initial_choice("auto", torch.device("cpu"))
+    assert (cpu.dtype, cpu.reason) == (torch.float32, "pending")
+
+
+# ------------------------------------------------------------------ the switch, on a real runner
+
+
+def _runner(path, **settings):
+    return load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1, **settings))
+
+
+def _inputs(runner):
+    return [
+        runner.prepare(["The capital of China is Beijing."], [], None, None),
+        runner.prepare(["a red bicycle"], [], None, "Retrieve images or text relevant to the user's query"),
+        runner.prepare([], [sample_image(300, 200, seed=2)], None, None),
+        runner.prepare(["caption"], [sample_image(96, 64, seed=1)], None, "Find the picture"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def float32_runner(tiny_vl):
+    return _runner(tiny_vl, dtype="float32")
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_float32_with_no_probe(tiny_vl, monkeypatch):
+    monkeypatch.setattr(dtype_tier, "native_bf16", lambda cpuinfo=None: None)
+    monkeypatch.setattr(dtype_tier, "_probe", lambda *a: pytest.fail("no probe without native bf16"))
+    runner = _runner(tiny_vl, dtype_probe=True)
+    info = runner.info()
+    assert (runner.dtype, info.dtype, info.dtype_reason) == (torch.float32, "float32", "no native bf16")
+
+
+def test_probe_off_keeps_float32(tiny_vl, monkeypatch):
+    monkeypatch.setattr(dtype_tier, "native_bf16", lambda cpuinfo=None: "avx512_bf16")  # a CPU this host may not be
+    monkeypatch.setattr(dtype_tier, "_probe", lambda *a: pytest.fail("DTYPE_PROBE=false runs no probe"))
+    runner = _runner(tiny_vl, dtype_probe=False)
+    assert (runner.dtype, runner.info().dtype_reason) == (torch.float32, "probe off")
+
+
+@pytest.mark.parametrize("winner", [torch.bfloat16, torch.float32])
+def test_the_probe_keeps_the_copy_it_chose(tiny_vl, float32_runner, monkeypatch, winner):
+    """The probe runs real forwards of both copies; whichever it is told won is the one that serves,
+    with the prefix cache emptied, and its vectors are float32's within cosine 0.999."""
+    monkeypatch.setattr(dtype_tier, "native_bf16", lambda cpuinfo=None: "avx512_bf16")
+    timed = {}
+
+    def given(f32, bf16, margin=dtype_tier.BF16_MARGIN):
+        timed.update(f32=f32, bf16=bf16)
+        return dtype_tier.DtypeChoice(winner, "probe", {"float32": 1.0, "bfloat16": 2.0})
+
+    monkeypatch.setattr(dtype_tier, "decide", given)
+    runner = _runner(tiny_vl, dtype_probe=True)
+    assert len(timed["f32"]) == len(timed["bf16"]) >= dtype_tier.PROBE_ROUNDS[0]
+    info = runner.info()
+    assert (runner.dtype, info.dtype, info.dtype_reason) == (winner, str(winner)[6:], "probe")
+    assert info.dtype_probe_ms == {"float32": 1.0, "bfloat16": 2.0}
+    params = {p.dtype for p in runner.model.parameters()}
+    assert params == {winner}
+    assert runner.model.language_model.rotary_emb.inv_freq.dtype == torch.float32  # frequencies stay float32
+    assert len(runner.prefix_cache) == 0
+    got = runner.forward(_inputs(runner))
+    want = float32_runner.forward(_inputs(float32_runner))
+    assert np.all(_cos(got, want) >= 0.999), _cos(got, want)
+
+
+def test_bfloat16_copy_matches_loading_in_bfloat16(tiny_vl, float32_runner):
+    loaded = _runner(tiny_vl, dtype="bfloat16")
+    assert loaded.info().dtype_reason == "setting"
+    copied = dtype_tier.bfloat16_copy(float32_runner.model)
+    ours = dict(copied.named_parameters())
+    for name, p in loaded.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, ours[name]), name
+    assert next(float32_runner.model.parameters()).dtype == torch.float32  # the original is untouched
+
+
+def test_text_reranker_in_bfloat16_scores_as_float32(tiny_text_reranker):
+    from types import SimpleNamespace
+
+    from embedding_api.runners.scoring import relevance_scores
+
+    f32, bf16 = _runner(tiny_text_reranker, dtype="float32"), _runner(tiny_text_reranker, dtype="bfloat16")
+    query = SimpleNamespace(texts=["what is the capital of China?"], images=[])
+    docs = ["The capital of China is Beijing.", "Today is Friday.", "Roses are red."]
+
+    def scores(r):
+        pairs = [r.prepare_pair(query, SimpleNamespace(texts=[d], images=[]), None) for d in docs]
+        return relevance_scores(r.forward(pairs))
+
+    assert np.abs(scores(bf16) - scores(f32)).max() <= 0.01
+
+
+# ------------------------------------------------------------------ what the servers report
+
+
+def _vectors(c: httpx.Client, body: dict) -> np.ndarray:
+    r = c.post("/v1/embeddings", json=body)
+    assert r.status_code == 200, r.text
+    return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+
+
+def test_the_auto_server_says_its_dtype_and_why(start_server, tiny_text):
+    server = start_server({"MODEL_PATH": str(tiny_text), "DTYPE": "auto", "DTYPE_PROBE": "true",
+                           "TORCH_THREADS": "1"})
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        health = c.get("/health").json()
+    assert card["dtype"] == health["dtype"]
+    assert card["dtype_reason"] == health["dtype_reason"] in ("probe", "no native bf16")
+    if health["dtype_reason"] == "no native bf16":  # this host's CPU: no probe, float32
+        assert health["dtype"] == "float32" and health["dtype_probe_ms"] is None
+        assert dtype_tier.native_bf16() is None
+    else:  # either answer is right; the figures it went by are shown
+        assert health["dtype"] in ("float32", "bfloat16")
+        assert set(health["dtype_probe_ms"]) == {"float32", "bfloat16"}
+    assert server.output().count("(DTYPE=auto") == 1  # the one line that says why
+    # A model process that dies is restarted in the dtype chosen at start-up, with no second decision.
+    import os
+    import signal
+
+    from .test_model_faults import model_processes
+
+    [child] = model_processes(server.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+        r = c.post("/v1/embeddings", json={"input": "after the restart"})
+        assert r.status_code == 200, r.text
+        again = c.get("/health").json()
+    assert model_processes(server.proc.pid) != [child]
+    assert (again["dtype"], again["dtype_reason"]) == (health["dtype"], health["dtype_reason"])
+    assert server.output().count("(DTYPE=auto") == 1
+
+
+def test_the_test_servers_run_auto_in_float32(client):
+    """The shared server (DTYPE=auto, DTYPE_PROBE=false in the tests): float32, "probe off" or no bf16."""
+    health = client.get("/health").json()
+    assert health["dtype"] == "float32" and health["dtype_reason"] in ("probe off", "no native bf16")
+
+
+def test_a_bfloat16_server_reports_it_and_stays_close_to_float32(start_server, tiny_vl, float32_runner,
+                                                                 image_server):
+    server = start_server({"MODEL_PATH": str(tiny_vl), "MODEL_NAME": "Qwen3-VL-Embedding-2B", "API_KEY": API_KEY,
+                           "DTYPE": "bfloat16", "TORCH_THREADS": "1", "ALLOW_PRIVATE_IMAGE_URLS": "true"})
+    image = sample_image(300, 200, seed=2)
+    url = image_server.add("/dtype-tier.png", png_bytes(image))
+    texts = ["The capital of China is Beijing.", "混合 text with ünïcödé and emoji 🚀"]
+    body = {"input": texts + [{"type": "image", "data": url}, {"text": "a photo of noise", "image": url}]}
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert (card["dtype"], card["dtype_reason"]) == ("bfloat16", "setting")
+        health = c.get("/health").json()
+        assert (health["dtype"], health["dtype_reason"], health["dtype_probe_ms"]) == ("bfloat16", "setting", None)
+        got = _vectors(c, body)
+    r = float32_runner
+    want = r.forward([r.prepare([t], [], None, None) for t in texts]
+                     + [r.prepare([], [image], None, None), r.prepare(["a photo of noise"], [image], None, None)])
+    cos = _cos(got, want)
+    assert np.all(cos >= 0.999), cos
+    assert not np.allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)  # really bfloat16
