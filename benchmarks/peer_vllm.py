@@ -41,8 +41,8 @@ from .server import Server
 from .workload import png_images, short_texts
 
 HERE = Path(__file__).resolve().parent
-# Both on the 6-layer x 512 checkpoints (head_dim 64): vLLM's CPU attention supports head sizes 32, 64, 80, ...
-# 512 only, so the `cpu` checkpoints (head_dim 16) fail in it ("Unsupported CPU attention configuration").
+# Both on the 6-layer x 512 checkpoints (head_dim 64): vLLM's CPU attention has no 16-wide heads
+# (vllm_peer.CPU_HEAD_SIZES), so the `cpu` checkpoints fail in it ("Unsupported CPU attention configuration").
 FAMILIES = {"text": ("qwen3", "wide", ("text",)), "vl": ("qwen3_vl", "wide", ("text", "image"))}
 THRESHOLD = 0.999
 LABEL = {"ours": "embedding_api", "vllm": "vLLM"}

@@ -53,6 +53,9 @@ VL_INSTRUCTION = "Represent the user's input."  # the Qwen3-VL system turn for a
 # checkpoint's processor config and images drift from the official vectors.
 VL_PIXELS = {"size": {"shortest_edge": 4096, "longest_edge": 1843200}}
 POOLER = {"pooling_type": "LAST", "use_activation": True}  # last token, L2-normalised
+# The head sizes vLLM 0.32's CPU attention supports (vllm/v1/attention/backends/cpu_attn.py); on
+# others it starts, then answers every request with a 500.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 # The operators torchvision/_meta_registrations.py registers fake kernels for unconditionally at import
 # (the others only when its compiled library loaded), with their schemas (torchvision/csrc/ops/nms.cpp,
