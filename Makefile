@@ -23,7 +23,7 @@ DEMO_HOST := $(or $(HOST),$(shell sed -n 's/^HOST=//p' .env 2>/dev/null | tail -
 # `run` and `demo` exec the server in place of the recipe's shell: make's own child is then the server
 # itself, so a SIGTERM to make (which GNU make passes on to its children) reaches it, and it drains.
 
-.PHONY: install run demo test bench bench-quick bench-peer bench-peer-setup clean
+.PHONY: install run demo test bench bench-quick bench-peer bench-peer-setup bench-vllm bench-vllm-setup clean
 
 install: $(VENV)/.installed
 
@@ -61,13 +61,22 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
 
-# Side by side with Infinity (benchmarks/peer.py): Infinity lives in its own virtual environment,
-# benchmarks/.peer-venv, created once by bench-peer-setup; never part of `make test`.
+# Side by side with the peers, each in its own virtual environment, created once by bench-peer-setup
+# (or one at a time: bench-vllm-setup); never part of `make test`. Infinity (benchmarks/peer.py,
+# benchmarks/.peer-venv), then vLLM's CPU build (benchmarks/peer_vllm.py, benchmarks/.vllm-venv).
 bench-peer: install
 	$(BIN)/python -m benchmarks.peer
+	$(BIN)/python -m benchmarks.peer_vllm
 
 bench-peer-setup: install
 	$(BIN)/python -m benchmarks.peer --setup
+	$(BIN)/python -m benchmarks.peer_vllm --setup
+
+bench-vllm: install
+	$(BIN)/python -m benchmarks.peer_vllm
+
+bench-vllm-setup: install
+	$(BIN)/python -m benchmarks.peer_vllm --setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
