@@ -18,6 +18,7 @@ from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer, TokenPrefix
 from . import dtype_tier, prefix as prefix_reuse
+from .split import groups as length_groups, overhead_tokens
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -209,9 +210,29 @@ class Runner:
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
-        """One padded batch through the model; returns the pooled (not yet normalised) rows in float32."""
+        """The batch through the model; returns the pooled (not yet normalised) rows in float32, in order.
+
+        On a CPU, inputs of very different lengths run as a few forwards of similar lengths
+        (runners/split.py): the padding they save costs more than the extra forwards."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this worker thread's device, for anything placed implicitly
+        if self.device.type != "cpu" or len(batch) < 2:
+            return self._forward_padded(batch)
+        reuse = self.prefix_cache is not None
+        lengths = [p.n_tokens - (p.prefix if reuse else 0) for p in batch]
+        parts = length_groups(lengths, overhead_tokens(self.config, self.dtype))
+        if len(parts) == 1:
+            return self._forward_padded(batch)
+        out = None
+        for rows in parts:
+            pooled = self._forward_padded([batch[i] for i in rows])
+            if out is None:
+                out = np.empty((len(batch),) + pooled.shape[1:], dtype=pooled.dtype)
+            out[rows] = pooled
+        return out
+
+    def _forward_padded(self, batch: list[PreparedInput]) -> np.ndarray:
+        """One right-padded forward of the whole batch."""
         if self.prefix_cache is not None and any(p.prefix for p in batch):
             return self._pool(*prefix_reuse.run(self, batch))
         ids, mask, last = self._collate_ids(batch)
