@@ -1,0 +1,83 @@
+"""Length groups on a CPU: one padded forward per batch against the batch cut into length groups.
+
+    python -m benchmarks.length_groups                     # qwen3/wide and qwen3_vl/wide, batch 32 and 16
+    python -m benchmarks.length_groups --families qwen3 --batches 32 --rounds 6
+
+In-process, no HTTP, one runner per checkpoint: `runner._forward_padded` (the whole batch right-padded
+to its longest input, as before length groups) and `runner.forward` (runners/split.py) on the same
+batches of single short texts as the server benchmark sends (Qwen3-VL with its default instruction,
+so prefix reuse is on; Qwen3-Embedding documents), in turns, several rounds; the median inputs/s of
+each, their paired ratio, the groups a batch was cut into, the largest difference between the two
+vectors, and the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedding_api.runners import load_runner
+from embedding_api.runners.split import groups, overhead_tokens
+from embedding_api.settings import Settings
+
+from .run import checkpoint
+from .workload import short_texts
+
+HERE = Path(__file__).resolve().parent
+BATCHES_TIMED = 4  # consecutive batches per timed turn
+
+
+def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> str:
+    path = checkpoint(HERE / ".cache", family, size)
+    runner = load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=threads, dtype="float32",
+                                  device="cpu", log_level="WARNING"))
+    prepared = [runner.prepare([t], [], None, None) for t in short_texts(batch * BATCHES_TIMED, seed=0)]
+    work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES_TIMED)]
+    overhead = overhead_tokens(runner.config, runner.dtype)
+    lengths = [p.n_tokens - p.prefix for p in work[0]]
+    cut = groups(lengths, overhead)
+    with torch.inference_mode():
+        padded, grouped = runner._forward_padded(work[0]), runner.forward(work[0])
+        calls = {"padded": runner._forward_padded, "groups": runner.forward}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for r in range(rounds):
+            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                started = time.perf_counter()
+                for b in work:
+                    calls[name](b)
+                times[name].append(time.perf_counter() - started)
+    n = batch * BATCHES_TIMED
+    rate = {name: n / statistics.median(t) for name, t in times.items()}
+    paired = statistics.median([p / g for p, g in zip(times["padded"], times["groups"])])
+    return (f"{family}/{size} batch {batch}: one padded forward {rate['padded']:.1f} inputs/s, length groups "
+            f"{rate['groups']:.1f} inputs/s, paired {paired:.2f}x; groups {[len(g) for g in cut]} "
+            f"(own lengths {min(lengths)}-{max(lengths)}, padded positions {len(lengths) * max(lengths)} -> "
+            f"{sum(len(g) * max(lengths[i] for i in g) for g in cut)}, overhead {overhead:.0f} tokens/forward); "
+            f"largest vector difference {np.abs(padded - grouped).max():.1e}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", default="qwen3,qwen3_vl")
+    p.add_argument("--size", default="wide")
+    p.add_argument("--batches", default="32,16", help="batch sizes, comma-separated")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    print(f"length groups, torch threads {args.threads}, {args.rounds} rounds in turns; "
+          f"load average before {os.getloadavg()[0]:.2f}", flush=True)
+    for family in args.families.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            print(measure(family, args.size, batch, args.rounds, args.threads), flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
