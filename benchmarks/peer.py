@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from .run import checkpoint, log, server_settings
-from .server import Server, drive, end_process, free_port, rss_mb
+from .server import Server, drive, end_process, free_port, rss_mb, wait_http_ready
 from .workload import request_bodies, short_texts
 
 HERE = Path(__file__).resolve().parent
@@ -198,18 +198,7 @@ class PeerServer:
         self._log.close()
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Infinity exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"Infinity not ready in {timeout:.0f} s:\n{self.output()}")
+        wait_http_ready(self.proc, self.port, "Infinity", timeout, self.output, interval=0.2)
 
     def wait_idle(self, timeout: float = 120) -> None:
         """Infinity reports no queue depth: one small request answered means the backlog has drained

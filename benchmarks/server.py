@@ -68,6 +68,24 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
+def wait_http_ready(proc: subprocess.Popen, port: int, name: str, timeout: float, output,
+                    ready=lambda body: True, interval: float = 0.2) -> None:
+    """Until GET /health answers 200 (and `ready(body)`), or `proc` exits (RuntimeError with its
+    `output()`), or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{output()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200 and ready(r.read()):
+                    return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"{name} not ready in {timeout:.0f} s:\n{output()}")
+
+
 def end_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
     """SIGTERM (the server drains), then SIGKILL if it has not ended within `timeout` seconds."""
     if proc is not None and proc.poll() is None:
@@ -145,19 +163,8 @@ class Server:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/health"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.label} exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200 and json.loads(r.read()).get("status") == "ok":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server {self.label} not ready in {timeout:.0f} s:\n{self.output()}")
+        wait_http_ready(self.proc, self.port, f"server {self.label}", timeout, self.output,
+                        ready=lambda body: json.loads(body).get("status") == "ok", interval=0.1)
 
     def health(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import orjson
 
-from .server import end_process, free_port, rss_mb
+from .server import end_process, free_port, rss_mb, wait_http_ready
 from .torchvision_hook import SHIM_MODULE, shim_source  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
@@ -240,18 +240,7 @@ class VLLMServer:
         self._log.close()
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM not ready in {timeout:.0f} s:\n{self.output()}")
+        wait_http_ready(self.proc, self.port, "vLLM", timeout, self.output, interval=0.5)
 
     def wait_idle(self, timeout: float = 120) -> None:
         """One small request answered: the backlog of the clients that hung up has drained."""

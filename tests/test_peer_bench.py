@@ -239,8 +239,8 @@ def test_torchvision_hook_declares_the_operators_its_library_cannot_provide(tmp_
 
 
 def test_vllm_families_use_checkpoints_whose_heads_vllm_cpu_attention_supports():
-    from embedding_api.tools.checkpoint import _SPECS
+    from embedding_api.tools.checkpoint import SPECS
 
     for family, size, _ in peer_vllm.FAMILIES.values():
-        assert _SPECS[(family, size)].text["head_dim"] in vllm_peer.CPU_HEAD_SIZES, (family, size)
-    assert _SPECS[("qwen3_vl", "cpu")].text["head_dim"] not in vllm_peer.CPU_HEAD_SIZES  # why not `cpu`
+        assert SPECS[(family, size)].text["head_dim"] in vllm_peer.CPU_HEAD_SIZES, (family, size)
+    assert SPECS[("qwen3_vl", "cpu")].text["head_dim"] not in vllm_peer.CPU_HEAD_SIZES  # why not `cpu`

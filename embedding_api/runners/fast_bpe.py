@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import unicodedata
+from functools import lru_cache
 
 log = logging.getLogger("embedding_api")
 
@@ -31,7 +32,9 @@ _PROBE_WORDS = [
 ]
 
 
-def _byte_decoder() -> dict[str, int]:
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 bytes onto printable characters (byte-level BPE's alphabet)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = keep[:]
     n = 0
@@ -40,7 +43,11 @@ def _byte_decoder() -> dict[str, int]:
             keep.append(b)
             chars.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+    return dict(zip(keep, map(chr, chars)))
+
+
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
 def _pattern(spec: dict) -> str | None:

@@ -26,6 +26,8 @@ import base64
 from functools import lru_cache
 from pathlib import Path
 
+from ..runners.fast_bpe import byte_to_unicode
+
 # Qwen2/Qwen3 added tokens from id 151643 on, in order, with their "special" flag as in Qwen's
 # tokenizer.json (the chat and vision markers are special; tool, fill-in-the-middle and think
 # tokens are plain added tokens).
@@ -91,20 +93,6 @@ def load_ranks(path: str | None = None) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
     return ranks
-
-
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 bytes onto printable characters (byte-level BPE's alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
 
 
 def _split_at_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
