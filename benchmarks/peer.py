@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from .run import checkpoint, log, server_settings
-from .server import Server, drive, end_process, free_port, rss_mb, wait_http_ready
+from .server import Server, ServerLog, drive, end_process, free_port, rss_mb, wait_http_ready
 from .workload import request_bodies, short_texts
 
 HERE = Path(__file__).resolve().parent
@@ -155,7 +155,7 @@ def peer_versions(packages: dict[str, str]) -> dict[str, str]:
     return {n: packages.get(n, "-") for n in names}
 
 
-class PeerServer:
+class PeerServer(ServerLog):
     """Infinity (`infinity_emb v2`, torch engine, CPU) on a free loopback port, started from its own
     virtual environment; the same interface as benchmarks.server.Server for `drive`. Infinity serves
     its OpenAI-compatible route at /embeddings (no /v1 prefix unless --url-prefix is given)."""
@@ -205,19 +205,8 @@ class PeerServer:
         (the requests of clients that hung up are still computed, ahead of it)."""
         post_json(self.port, {"input": ["idle?"]}, path=self.path, timeout=timeout)
 
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def _sample(self) -> None:
-        while self._sampling:
-            self._peak = max(self._peak, rss_mb(self.proc.pid))
-            time.sleep(0.1)
-
-    def take_peak_rss(self) -> float:
-        peak = max(self._peak, rss_mb(self.proc.pid))
-        self._peak = 0.0
-        return peak
+    def rss_mb(self) -> float:
+        return rss_mb(self.proc.pid)
 
 
 # ---------------------------------------------------------------------- measuring

@@ -110,7 +110,28 @@ def drive(server: "Server", spec: dict) -> dict:
     return result
 
 
-class Server:
+class ServerLog:
+    """What the benchmark's server processes share: their log's tail and a peak-RSS window, sampled
+    every 0.1 s by `_sample` while `_sampling`. A subclass sets `log_path`, `_log`, `_peak`,
+    `_sampling` and gives `rss_mb()`."""
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self._peak = max(self._peak, self.rss_mb())
+            time.sleep(0.1)
+
+    def take_peak_rss(self) -> float:
+        """Peak RSS since the last call (MB), then start a new window."""
+        peak = max(self._peak, self.rss_mb())
+        self._peak = 0.0
+        return peak
+
+
+class Server(ServerLog):
     """Context manager: start, wait until /health says ok, sample RSS every 0.1 s, stop."""
 
     def __init__(self, settings: dict[str, str], run_dir: Path, label: str, app: str = "embedding_api.main:app"):
@@ -180,26 +201,11 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError(f"server {self.label} still busy after {timeout:.0f} s: {h}")
 
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
     # ------------------------------------------------------------------ memory
-
-    def _sample(self) -> None:
-        while self._sampling:
-            self._peak = max(self._peak, tree_rss_mb(self.pid))
-            time.sleep(0.1)
 
     def rss_mb(self) -> float:
         """The server's and its model processes' resident memory, together (MB)."""
         return tree_rss_mb(self.pid)
-
-    def take_peak_rss(self) -> float:
-        """Peak RSS since the last call (MB), then start a new window."""
-        peak = max(self._peak, self.rss_mb())
-        self._peak = 0.0
-        return peak
 
 
 # ---------------------------------------------------------------------- profiling

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import orjson
 
-from .server import end_process, free_port, rss_mb, wait_http_ready
+from .server import ServerLog, end_process, free_port, tree_rss_mb, wait_http_ready
 from .torchvision_hook import SHIM_MODULE, shim_source  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
@@ -194,7 +194,7 @@ def preloads(venv: Path) -> list[Path]:
     return found
 
 
-class VLLMServer:
+class VLLMServer(ServerLog):
     """vLLM on a free loopback port, started from its own environment; the interface of
     benchmarks.server.Server that `drive` and `measure` use."""
 
@@ -246,30 +246,9 @@ class VLLMServer:
         """One small request answered: the backlog of the clients that hung up has drained."""
         post(self.port, {"model": MODEL_NAME, "input": ["idle?"]}, timeout=timeout)
 
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def _sample(self) -> None:
-        while self._sampling:
-            self._peak = max(self._peak, tree_rss(self.proc.pid))
-            time.sleep(0.1)
-
-    def take_peak_rss(self) -> float:
-        peak = max(self._peak, tree_rss(self.proc.pid))
-        self._peak = 0.0
-        return peak
-
-
-def tree_rss(pid: int) -> float:
-    """The API server's and its engine core's resident memory (MB): the process and its children."""
-    from .server import children
-
-    total = rss_mb(pid)
-    for child in children(pid):
-        mb = rss_mb(child)
-        total += mb if mb == mb else 0.0
-    return total
+    def rss_mb(self) -> float:
+        """The API server's and its engine core's resident memory (MB): the process and its children."""
+        return tree_rss_mb(self.proc.pid)
 
 
 def post(port: int, body: dict, path: str = "/v1/embeddings", timeout: float = 120) -> dict:
