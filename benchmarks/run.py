@@ -183,10 +183,12 @@ def _log_scenario(label: str, kind: str, clients: int, r: dict) -> None:
 class LimitProcess:
     """`python -m benchmarks.limit --serve`: the model loaded once, forward passes timed on request."""
 
-    def __init__(self, model: Path, threads: int, batch_size: int):
+    def __init__(self, model: Path, threads: int, batch_size: int, first: Path | None = None):
+        # `first`: another revision's package directory (benchmarks/versus.py); the working directory
+        # comes first on the path, so the process starts there and finds this tree's benchmarks after it.
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.limit", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     cwd=str(HERE.parent), env=clean_env({"TORCH_THREADS": str(threads)}))
+                                     cwd=str(first or HERE.parent), env=clean_env({"TORCH_THREADS": str(threads)}, first))
         self.ask({"model_path": str(model), "threads": threads, "batch_size": batch_size})
 
     def ask(self, message: dict) -> dict:

@@ -26,12 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_env(settings: dict[str, str]) -> dict[str, str]:
-    """The caller's environment without any server setting, plus exactly the given ones."""
+def clean_env(settings: dict[str, str], first: Path | None = None) -> dict[str, str]:
+    """The caller's environment without any server setting, plus exactly the given ones. `first`: a
+    directory searched for packages before this tree (another revision's `embedding_api`)."""
     names = {name.upper() for name in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names}
     env.update(settings)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    path = ([str(first)] if first else []) + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(path)
     return env
 
 
@@ -134,8 +136,10 @@ class ServerLog:
 class Server(ServerLog):
     """Context manager: start, wait until /health says ok, sample RSS every 0.1 s, stop."""
 
-    def __init__(self, settings: dict[str, str], run_dir: Path, label: str, app: str = "embedding_api.main:app"):
+    def __init__(self, settings: dict[str, str], run_dir: Path, label: str, app: str = "embedding_api.main:app",
+                 first: Path | None = None):
         self.settings = settings
+        self.first = first  # see clean_env
         self.app = app
         self.label = label
         self.run_dir = run_dir
@@ -159,7 +163,7 @@ class Server(ServerLog):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "warning"],
-            cwd=str(self.run_dir), env=clean_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=str(self.run_dir), env=clean_env(self.settings, self.first), stdout=self._log, stderr=subprocess.STDOUT,
         )
         return self
 

@@ -1,0 +1,135 @@
+"""This tree against an earlier revision of the server, in turns, on the same checkpoint and load.
+
+    python -m benchmarks.versus --ref 8bdb8b2            # Qwen3-VL `cpu` checkpoint, 32 clients, short texts
+    python -m benchmarks.versus --ref 8bdb8b2 --family qwen3 --size wide
+
+The revision's `embedding_api` package is extracted with `git archive` into benchmarks/.versus/<commit>/
+and put first on the path of its own server and limit process; everything else (this benchmark, the
+load generator, the limit's timing loop, the checkpoint) is this tree's, so only the server differs.
+Four contenders stay loaded and take turns, one at a time, for `--rounds` rounds (the order alternates):
+- `server@ref` and `server@HEAD`: 32 clients (one connection each, from a separate load-generator
+  process), one short text per request, the model's default instruction;
+- `limit@ref` and `limit@HEAD`: each revision's own batched forward (`runner.forward`, batch
+  MAX_BATCH_SIZE) on the same texts prepared by that revision, in-process, no HTTP.
+Prints the means and the paired ratios of each round: HEAD's server against the revision's server and
+against the revision's limit (what was the ceiling then). Writes benchmarks/results/versus-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .run import LimitProcess, checkpoint, log, server_settings
+from .server import Server, drive
+from .workload import request_bodies
+
+HERE = Path(__file__).resolve().parent
+
+
+def extract(ref: str, into: Path) -> tuple[str, Path]:
+    """The revision's `embedding_api` package, extracted once into `into/<commit>`; (commit, that directory)."""
+    commit = subprocess.run(["git", "rev-parse", "--short=10", ref], cwd=str(HERE.parent), capture_output=True,
+                            text=True, check=True).stdout.strip()
+    target = into / commit
+    if not (target / "embedding_api" / "__init__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit, "embedding_api"], cwd=str(HERE.parent),
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return commit, target
+
+
+def load_turn(server: Server, bodies: list[str], inputs: list[int], args) -> dict:
+    return drive(server, {"bodies": bodies, "inputs": inputs, "clients": args.clients, "warmup": args.warmup,
+                          "duration": args.duration})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.versus", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ref", required=True, help="the earlier revision (any git revision)")
+    p.add_argument("--family", default="qwen3_vl", choices=("qwen3_vl", "qwen3"))
+    p.add_argument("--size", default="cpu")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per turn")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of every contender")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache", type=Path, default=HERE / ".cache")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+
+    commit, old_root = extract(args.ref, HERE / ".versus")
+    model = checkpoint(args.cache.resolve(), args.family, args.size)
+    run_dir = args.out / f"versus-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = {**server_settings(model, args.threads, args.batch_size), "DTYPE": "float32"}
+    bodies, inputs = request_bodies("text", "base64")
+    log(f"versus {commit}: {args.family}/{args.size}, float32, TORCH_THREADS={args.threads}, "
+        f"{args.clients} clients, single short texts, {args.rounds} rounds x {args.duration:.0f} s")
+    servers = {"server@ref": Server(settings, run_dir, "ref", first=old_root).start(),
+               "server@HEAD": Server(settings, run_dir, "head").start()}
+    limits = {"limit@ref": LimitProcess(model, args.threads, args.batch_size, first=old_root),
+              "limit@HEAD": LimitProcess(model, args.threads, args.batch_size)}
+    rounds: list[dict] = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        names = list(servers) + list(limits)
+        for i in range(args.rounds):
+            row = {}
+            for name in (names if i % 2 == 0 else names[::-1]):
+                load1 = os.getloadavg()[0]
+                if name in servers:
+                    r = load_turn(servers[name], bodies, inputs, args)
+                    row[name] = {"inputs_per_s": r["inputs_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                                 "errors": r["errors"], "loadavg": load1}
+                else:
+                    r = limits[name].ask({"kind": "text", "batch_size": args.batch_size, "seconds": args.duration})
+                    row[name] = {"inputs_per_s": r["inputs_per_s"], "p50_ms": r["p50_ms"], "loadavg": load1}
+                log(f"  round {i + 1} {name:<12} {row[name]['inputs_per_s']:8.1f} inputs/s, "
+                    f"p50 {row[name]['p50_ms']:7.1f} ms, load {load1:.2f}")
+            rounds.append(row)
+    finally:
+        for limit in limits.values():
+            limit.close()
+        for server in servers.values():
+            server.stop()
+
+    def ratios(a: str, b: str) -> list[float]:
+        return [r[a]["inputs_per_s"] / r[b]["inputs_per_s"] for r in rounds]
+
+    result = {"ref": commit, "family": args.family, "size": args.size, "clients": args.clients,
+              "threads": args.threads, "rounds": rounds,
+              "means": {n: statistics.mean(r[n]["inputs_per_s"] for r in rounds) for n in rounds[0]},
+              "head_vs_ref_server": ratios("server@HEAD", "server@ref"),
+              "head_vs_ref_limit": ratios("server@HEAD", "limit@ref"),
+              "head_vs_head_limit": ratios("server@HEAD", "limit@HEAD"),
+              "ref_vs_ref_limit": ratios("server@ref", "limit@ref")}
+    print(f"\nembedding_api HEAD against {commit}: {args.family}/{args.size}, float32, {args.clients} clients, "
+          f"single short texts, TORCH_THREADS={args.threads}, {args.rounds} rounds in turns")
+    for name, mean in result["means"].items():
+        p50 = statistics.mean(r[name]["p50_ms"] for r in rounds)
+        print(f"  {name:<12} {mean:8.1f} inputs/s  p50 {p50:7.1f} ms  per round "
+              + ", ".join(f"{r[name]['inputs_per_s']:.1f}" for r in rounds))
+    for key, label in (("head_vs_ref_server", "HEAD server / ref server"),
+                       ("head_vs_ref_limit", "HEAD server / ref limit"),
+                       ("ref_vs_ref_limit", "ref server / ref limit"),
+                       ("head_vs_head_limit", "HEAD server / HEAD limit")):
+        print(f"  {label:<26} median {statistics.median(result[key]):.2f}x  per round "
+              + ", ".join(f"{x:.2f}" for x in result[key]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"versus-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
