@@ -1,14 +1,15 @@
-"""Length groups on a CPU: one padded forward per batch against the batch cut into length groups.
+"""Padding on a CPU: one padded forward per batch, the batch cut into length groups, and the packed forward.
 
     python -m benchmarks.length_groups                     # qwen3/wide and qwen3_vl/wide, batch 32 and 16
     python -m benchmarks.length_groups --families qwen3 --batches 32 --rounds 6
 
 In-process, no HTTP, one runner per checkpoint: `runner._forward_padded` (the whole batch right-padded
-to its longest input, as before length groups) and `runner.forward` (runners/split.py) on the same
-batches of single short texts as the server benchmark sends (Qwen3-VL with its default instruction,
-so prefix reuse is on; Qwen3-Embedding documents), in turns, several rounds; the median inputs/s of
-each, their paired ratio, the groups a batch was cut into, the largest difference between the two
-vectors, and the load average before and after.
+to its longest input, as before length groups), `runner.forward` with packing off (length groups,
+runners/split.py) and `runner.forward` with packing on (runners/packed.py: one sequence, no padding),
+on the same batches of single short texts as the server benchmark sends (Qwen3-VL with its default
+instruction, so prefix reuse is on; Qwen3-Embedding documents), in turns, several rounds; the median
+inputs/s of each, the paired ratios, the groups a batch was cut into, the largest difference between
+the vectors, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -42,9 +43,25 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> st
     overhead = overhead_tokens(runner.config, runner.dtype)
     lengths = [p.n_tokens - p.prefix for p in work[0]]
     cut = groups(lengths, overhead)
+    packing = runner.packing
+
+    def grouped(b):
+        runner.packing = False
+        try:
+            return runner.forward(b)
+        finally:
+            runner.packing = packing
+
+    def packed(b):
+        runner.packing = True
+        try:
+            return runner.forward(b)
+        finally:
+            runner.packing = packing
+
     with torch.inference_mode():
-        padded, grouped = runner._forward_padded(work[0]), runner.forward(work[0])
-        calls = {"padded": runner._forward_padded, "groups": runner.forward}
+        calls = {"padded": runner._forward_padded, "groups": grouped, "packed": packed}
+        vectors = {name: call(work[0]) for name, call in calls.items()}
         times: dict[str, list[float]] = {name: [] for name in calls}
         for r in range(rounds):
             for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
@@ -54,13 +71,17 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> st
                 times[name].append(time.perf_counter() - started)
     n = batch * BATCHES_TIMED
     rate = {name: n / statistics.median(t) for name, t in times.items()}
-    paired = statistics.median([p / g for p, g in zip(times["padded"], times["groups"])])
-    return (f"{family}/{size} batch {batch}: one padded forward {rate['padded']:.1f} inputs/s, length groups "
-            f"{rate['groups']:.1f} inputs/s, paired {paired:.2f}x; groups {[len(g) for g in cut]} "
-            f"(own lengths {min(lengths)}-{max(lengths)}, padded positions {len(lengths) * max(lengths)} -> "
-            f"{sum(len(g) * max(lengths[i] for i in g) for g in cut)}, overhead {overhead:.0f} tokens/forward); "
-            f"largest vector difference {np.abs(padded - grouped).max():.1e}")
 
+    def paired(a: str, b: str) -> float:
+        return statistics.median([x / y for x, y in zip(times[a], times[b])])
+
+    diff = max(np.abs(vectors["padded"] - vectors[k]).max() for k in ("groups", "packed"))
+    return (f"{family}/{size} batch {batch}: one padded forward {rate['padded']:.1f} inputs/s, length groups "
+            f"{rate['groups']:.1f} ({paired('padded', 'groups'):.2f}x), packed {rate['packed']:.1f} "
+            f"({paired('padded', 'packed'):.2f}x padded, {paired('groups', 'packed'):.2f}x groups); groups "
+            f"{[len(g) for g in cut]} (own lengths {min(lengths)}-{max(lengths)}, positions padded "
+            f"{len(lengths) * max(lengths)}, in groups {sum(len(g) * max(lengths[i] for i in g) for g in cut)}, "
+            f"packed {sum(lengths)}; overhead {overhead:.0f} tokens/forward); largest vector difference {diff:.1e}")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,8 +42,13 @@ def test_overhead_is_small_where_compute_dominates():
 
 @pytest.fixture(scope="module")
 def runners(tiny_text, tiny_vl):
-    return {name: load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1))
-            for name, path in (("text", tiny_text), ("vl", tiny_vl))}
+    """Runners with the packed forward off: texts are what length groups are checked on here; with
+    packing on they take the packed forward (tests/test_packed.py) and groups serve images and videos."""
+    out = {name: load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1))
+           for name, path in (("text", tiny_text), ("vl", tiny_vl))}
+    for runner in out.values():
+        runner.packing = False
+    return out
 
 
 @pytest.mark.parametrize("family", ["text", "vl"])

@@ -48,8 +48,15 @@ def _load(settings: Settings, limit: int | None) -> list["Runner"]:
     runner_cls = runner_class(settings, config)
     runners = [runner_cls(settings, config, d, resolve_dtype(settings.dtype, d)) for d in devices]
     for runner in runners:
-        settle_dtype(runner)
+        _settle(runner)
     return runners
+
+
+def _settle(runner: "Runner") -> None:
+    """Once the weights are loaded: DTYPE=auto on a CPU picks float32 or bfloat16 as measured, then
+    the packed forward is checked against the padded one (runners/packed.py)."""
+    settle_dtype(runner)
+    runner.check_packing()
 
 
 def torch_threads(settings: Settings, devices: list[torch.device]) -> int:
@@ -67,7 +74,7 @@ def load_runner_on(settings: Settings, device: torch.device, weights: bool = Tru
     config, _, _ = check_startup(settings)
     runner = runner_class(settings, config)(settings, config, device, resolve_dtype(settings.dtype, device), weights)
     if weights:
-        settle_dtype(runner)  # DTYPE=auto on a CPU: float32 or bfloat16, as measured
+        _settle(runner)
     return runner
 
 

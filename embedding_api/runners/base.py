@@ -17,7 +17,7 @@ from ..settings import Settings
 from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer, TokenPrefix
-from . import dtype_tier, prefix as prefix_reuse
+from . import dtype_tier, packed, prefix as prefix_reuse
 from .split import groups as length_groups, overhead_tokens
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -100,6 +100,7 @@ class Runner:
         self.prefix_cache = prefix_reuse.PrefixCache(settings.prefix_cache_size) \
             if weights and settings.prefix_cache else None
         self._prefix_ids: dict = {}  # what `shared_prefix` compares against, per instruction
+        self.packing = False  # text batches in one packed forward (runners/packed.py): set by `check_packing`
         # Where small tensors the runner keeps (e.g. a reranker's score rows) live: never a GPU in a
         # process without the model, so that it creates no CUDA context.
         self.home = device if weights else torch.device("cpu")
@@ -212,24 +213,41 @@ class Runner:
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:
         """The batch through the model; returns the pooled (not yet normalised) rows in float32, in order.
 
-        On a CPU, inputs of very different lengths run as a few forwards of similar lengths
-        (runners/split.py): the padding they save costs more than the extra forwards."""
+        On a CPU, the texts of a batch run packed, without padding (runners/packed.py), where this
+        model copy's start-up check allowed it; the other inputs (images, videos), if of very
+        different lengths, run as a few forwards of similar lengths (runners/split.py), where the
+        padding they save costs more than the extra forwards."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this worker thread's device, for anything placed implicitly
         if self.device.type != "cpu" or len(batch) < 2:
             return self._forward_padded(batch)
-        reuse = self.prefix_cache is not None
-        lengths = [p.n_tokens - (p.prefix if reuse else 0) for p in batch]
-        parts = length_groups(lengths, overhead_tokens(self.config, self.dtype))
-        if len(parts) == 1:
-            return self._forward_padded(batch)
+        rest = list(range(len(batch)))
+        parts: list[tuple[list[int], Any]] = []
+        if self.packing:
+            texts = [i for i in rest if packed.is_text(batch[i])]
+            if texts:
+                parts.append((texts, lambda rows: packed.run(self, rows)))
+                rest = [i for i in rest if not packed.is_text(batch[i])]
+        if rest:
+            reuse = self.prefix_cache is not None
+            lengths = [batch[i].n_tokens - (batch[i].prefix if reuse else 0) for i in rest]
+            for group in length_groups(lengths, overhead_tokens(self.config, self.dtype)):
+                parts.append(([rest[j] for j in group], self._forward_padded))
+        if len(parts) == 1 and len(parts[0][0]) == len(batch):
+            return parts[0][1](batch)  # one forward of the batch as it came
         out = None
-        for rows in parts:
-            pooled = self._forward_padded([batch[i] for i in rows])
+        for rows, run in parts:
+            pooled = run([batch[i] for i in rows])
             if out is None:
                 out = np.empty((len(batch),) + pooled.shape[1:], dtype=pooled.dtype)
             out[rows] = pooled
         return out
+
+    def check_packing(self) -> bool:
+        """Turn the packed forward on where it gives this model copy's padded vectors (CPU, embedding
+        models); called once the weights are loaded."""
+        self.packing = packed.check(self)
+        return self.packing
 
     def _forward_padded(self, batch: list[PreparedInput]) -> np.ndarray:
         """One right-padded forward of the whole batch."""

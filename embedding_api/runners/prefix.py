@@ -66,7 +66,9 @@ class PrefixCache:
         return len(self._entries)
 
     def clear(self) -> None:
+        """Empty, counts included (after start-up checks, before the first request)."""
         self._entries.clear()
+        self.hits = self.misses = 0
 
     def get(self, key: tuple[int, ...], compute) -> list[tuple[torch.Tensor, torch.Tensor]]:
         entry = self._entries.get(key)
@@ -89,7 +91,7 @@ def _positions(runner, lengths: list[int], width: int, device: torch.device) -> 
     return pos[None].expand(3, -1, -1) if runner.family == "qwen3_vl" else pos
 
 
-def _prefix_kv(runner, key: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prefix_kv(runner, key: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from transformers import DynamicCache
 
     ids = torch.tensor([key], dtype=torch.long, device=runner.device)
@@ -139,7 +141,7 @@ def run(runner, batch) -> tuple[torch.Tensor, torch.Tensor]:
     for key in keys:
         if key and key not in unique:
             unique[key] = len(unique)
-    entries = [runner.prefix_cache.get(key, lambda k: _prefix_kv(runner, k)) for key in unique]
+    entries = [runner.prefix_cache.get(key, lambda k: prefix_kv(runner, k)) for key in unique]
     lengths = [len(k) for k in keys]
     width = max(lengths)
     rows = [unique[k] if k else -1 for k in keys]

@@ -1,0 +1,80 @@
+"""The packed forward (runners/packed.py): a CPU batch of texts runs as one sequence without
+padding, each row attending only to its own tokens and its own cached prefix, with the vectors of
+each input alone; images and videos keep the padded forward; a model whose packed forward would
+differ keeps it off."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedding_api.runners import load_runner, packed
+from embedding_api.settings import Settings
+
+INSTRUCTIONS = (None, "Find the product this review is about", None, "Given a question, retrieve passages that answer it")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def runners(tiny_text, tiny_vl):
+    return {name: load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1))
+            for name, path in (("text", tiny_text), ("vl", tiny_vl))}
+
+
+def _texts(n: int) -> list[str]:
+    return [f"text number {i} " + "and a few more words " * (i % 5) * 3 for i in range(n)]
+
+
+@pytest.mark.parametrize("family", ["text", "vl"])
+def test_packing_is_on_for_embedding_models_on_a_cpu(runners, family):
+    assert runners[family].packing is True
+
+
+@pytest.mark.parametrize("family", ["text", "vl"])
+def test_a_text_batch_runs_as_one_packed_sequence_with_each_input_alone(runners, family):
+    runner = runners[family]
+    # Several instructions in one batch: rows with different cached prefixes and (text family) none.
+    batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(13))]
+    assert len({p.prefix for p in batch}) > 1 and len({p.n_tokens for p in batch}) > 3
+    runner.forward(batch)  # the prefixes' keys and values, computed once, before the forward is watched
+    widths: list[int] = []
+    decoder = packed.text_model(runner)
+    hook = decoder.embed_tokens.register_forward_hook(lambda module, args, out: widths.append(tuple(out.shape[:2])))
+    try:
+        together = runner.forward(batch)
+    finally:
+        hook.remove()
+    # One sequence holding exactly the rows' own tokens (after their prefixes): no padded position.
+    own = sum(p.n_tokens - p.prefix for p in batch)
+    assert widths == [(1, own)]
+    alone = np.concatenate([runner.forward([p]) for p in batch])  # one input: the padded forward
+    assert _cosines(together, alone).min() >= 0.99999
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_a_batch_with_an_image_packs_its_texts_and_pads_the_image(runners):
+    runner = runners["vl"]
+    image = Image.new("RGB", (64, 48), (200, 40, 90))
+    batch = [runner.prepare([t], [], None, None) for t in _texts(5)]
+    batch.insert(2, runner.prepare([], [image], None, None))
+    together = runner.forward(batch)
+    alone = np.concatenate([runner.forward([p]) for p in batch])  # one input: the padded forward
+    assert _cosines(together, alone).min() >= 0.99999
+
+
+def test_packing_stays_off_where_its_vectors_would_differ(runners, monkeypatch, caplog):
+    runner = runners["text"]
+    real = packed.run
+    # A packed forward that drifts (as another transformers' layers might): the start-up check refuses it.
+    monkeypatch.setattr(packed, "run", lambda r, batch: real(r, batch)[:, ::-1].copy())
+    with caplog.at_level(logging.INFO, logger="embedding_api"):
+        assert packed.check(runner) is False
+    assert "packed forward off" in caplog.text
+    monkeypatch.setattr(packed, "run", real)
+    assert packed.check(runner) is True
