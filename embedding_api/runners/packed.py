@@ -4,9 +4,10 @@ A padded batch computes every row up to its longest; on a CPU each padded positi
 as a real one (the matmuls are compute-bound from a few rows on). Length groups (split.py) cut
 most of that; packing removes the rest and the extra forwards: the batch's token ids are put end
 to end in one row, each row's positions restart at its own start (after its cached prefix, if
-any), and attention runs per row on its own span, causal, on top of that row's prefix keys and
-values. Every matmul of the decoder (projections, MLP) then runs once on exactly the real tokens,
-and the last token of each span is pooled.
+any), and attention runs per row on its own tokens, causal, on top of that row's prefix keys and
+values (laid out padded by row for one attention call per layer: attention is a small part of the
+work, the matmuls are where padding costs). Every matmul of the decoder (projections, MLP) then
+runs once on exactly the real tokens, and the last token of each row is pooled.
 
 The decoder layers are the model's own; only attention is swapped, for the duration of the packed
 forward, by naming this module's function as the attention implementation of the text model's
@@ -42,49 +43,45 @@ def _register() -> None:
 
 
 class Segments:
-    """Where each row's tokens lie in the packed sequence, and each row's prefix keys and values
-    (one (keys, values) pair per layer, or None)."""
+    """Where each row's tokens lie in the packed sequence, for attention: a gather index laying the
+    rows out padded (rows x longest), which of those places are real, each row's prefix keys and
+    values per layer (padded to the longest prefix), and the mask over prefix and own tokens."""
 
-    def __init__(self, lengths: list[int], prefixes: list):
-        starts = np.concatenate(([0], np.cumsum(lengths)))
-        self.spans = [(int(starts[i]), int(starts[i + 1])) for i in range(len(lengths))]
-        self.prefixes = prefixes
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
-
-    def mask(self, prefix: int, length: int, device: torch.device) -> torch.Tensor:
-        """Causal on top of a prefix: query i (of `length`) sees the prefix and own tokens 0..i."""
-        key = (prefix, length)
-        m = self._masks.get(key)
-        if m is None:
-            rows = torch.arange(length, device=device)[:, None]
-            cols = torch.arange(prefix + length, device=device)[None, :]
-            m = self._masks[key] = cols <= rows + prefix
-        return m
+    def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device):
+        longest = max(lengths)
+        starts = torch.tensor(np.concatenate(([0], np.cumsum(lengths)[:-1])), device=device)[:, None]
+        n = torch.tensor(lengths, device=device)[:, None]
+        cols = torch.arange(longest, device=device)[None, :]
+        self.valid = cols < n  # (rows, longest)
+        self.index = starts + torch.minimum(cols, n - 1)  # a padded place reads its row's last token
+        self.prefix_kv = prefix_kv  # per layer (rows, kv heads, longest prefix, dim), or None
+        own = (cols <= cols.T) & self.valid[:, None, :]  # (rows, query, key): causal, real keys only
+        if prefix_kv is not None:
+            width = prefix_kv[0][0].shape[2]
+            seen = torch.arange(width, device=device)[None, :] < torch.tensor(prefix_lengths, device=device)[:, None]
+            own = torch.cat((seen[:, None, :].expand(-1, longest, -1), own), dim=2)
+        self.mask = own[:, None]  # (rows, 1, query, prefix + key)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, segments=None,
               **kwargs):
-    """Attention per row of a packed sequence (query (1, heads, T, dim), key/value (1, kv heads, T, dim));
-    returns (1, T, heads, dim) as the model's attention functions do."""
+    """Attention of a packed sequence (query (1, heads, T, dim), key/value (1, kv heads, T, dim)):
+    laid out padded by row for one call, each row on its own tokens and prefix; returns (1, T, heads,
+    dim) as the model's attention functions do. The padding costs only here, where it is small."""
     if segments is None:  # not a packed forward: the model's default
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    out = torch.empty_like(query)
-    gqa = query.shape[1] != key.shape[1]
-    layer = module.layer_idx
-    for (start, end), prefix in zip(segments.spans, segments.prefixes):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if prefix is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:
-            pk, pv = prefix[layer]
-            mask = segments.mask(pk.shape[2], end - start, q.device)
-            o = F.scaled_dot_product_attention(q, torch.cat((pk, k), 2), torch.cat((pv, v), 2), attn_mask=mask,
-                                               scale=scaling, enable_gqa=gqa)
-        out[:, :, start:end] = o
-    return out.transpose(1, 2).contiguous(), None
+    q = query[0][:, segments.index].transpose(0, 1)  # (rows, heads, longest, dim)
+    k = key[0][:, segments.index].transpose(0, 1)
+    v = value[0][:, segments.index].transpose(0, 1)
+    if segments.prefix_kv is not None:
+        pk, pv = segments.prefix_kv[module.layer_idx]
+        k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=segments.mask, scale=scaling,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)[segments.valid][None], None
 
 
 def text_model(runner):
@@ -105,16 +102,15 @@ def run(runner, batch) -> np.ndarray:
     device = runner.device
     reuse = runner.prefix_cache is not None
     cuts = [p.prefix if reuse else 0 for p in batch]
-    entries: dict[tuple[int, ...], list] = {}
-    prefixes = []
-    for p, cut in zip(batch, cuts):
-        if cut:
-            key = tuple(p.input_ids[:cut])
-            if key not in entries:
-                entries[key] = runner.prefix_cache.get(key, lambda k: prefix_reuse.prefix_kv(runner, k))
-            prefixes.append(entries[key])
-        else:
-            prefixes.append(None)
+    keys = [tuple(p.input_ids[:cut]) for p, cut in zip(batch, cuts)]
+    unique: dict[tuple[int, ...], int] = {}
+    for key in keys:
+        if key and key not in unique:
+            unique[key] = len(unique)
+    prefix_kv = None
+    if unique:
+        entries = [runner.prefix_cache.get(key, lambda k: prefix_reuse.prefix_kv(runner, k)) for key in unique]
+        prefix_kv = prefix_reuse.batch_kv(entries, [unique[k] if k else -1 for k in keys], max(cuts))
     own = [p.input_ids[cut:] for p, cut in zip(batch, cuts)]
     lengths = [len(ids) for ids in own]
     ids = torch.from_numpy(np.fromiter((t for row in own for t in row), dtype=np.int64, count=sum(lengths)))
@@ -125,7 +121,7 @@ def run(runner, batch) -> np.ndarray:
     hidden = decoder.embed_tokens(ids)
     rope_positions = positions[None].expand(3, -1, -1) if runner.family == "qwen3_vl" else positions
     position_embeddings = decoder.rotary_emb(hidden, rope_positions)
-    segments = Segments(lengths, prefixes)
+    segments = Segments(lengths, cuts, prefix_kv, device)
     config = decoder.config
     previous = config._attn_implementation
     config._attn_implementation = NAME
@@ -137,7 +133,7 @@ def run(runner, batch) -> np.ndarray:
     finally:
         config._attn_implementation = previous
     hidden = decoder.norm(hidden)
-    last = torch.tensor([end - 1 for _, end in segments.spans], device=hidden.device)
+    last = torch.tensor(np.cumsum(lengths) - 1, device=hidden.device)
     return hidden[0, last].float().cpu().numpy()
 
 

@@ -106,7 +106,7 @@ def prefix_kv(runner, key: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Te
     return [(k.detach(), v.detach()) for k, v in _layers(cache)]
 
 
-def _batch_kv(entries: list, rows: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batch_kv(entries: list, rows: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (batch, heads, width, dim) keys and values: row r holds entry rows[r] (-1: none),
     padded with zeros (masked out) up to `width`. One prefix for every row: views, no copy."""
     batch = len(rows)
@@ -155,7 +155,7 @@ def run(runner, batch) -> tuple[torch.Tensor, torch.Tensor]:
         positions = _vision_positions(runner, batch, vision, ids.shape[1], lengths)
     else:
         positions = _positions(runner, lengths, ids.shape[1], device)
-    cache = DynamicCache(_batch_kv(entries, rows, width))
+    cache = DynamicCache(batch_kv(entries, rows, width))
     out = runner.model(
         input_ids=ids.to(device, non_blocking=True),
         attention_mask=mask.to(device, non_blocking=True),
