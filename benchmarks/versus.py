@@ -2,6 +2,7 @@
 
     python -m benchmarks.versus --ref 8bdb8b2            # Qwen3-VL `cpu` checkpoint, 32 clients, short texts
     python -m benchmarks.versus --ref 8bdb8b2 --family qwen3 --size wide
+    python -m benchmarks.versus --ref 8bdb8b2 --kind realistic --vocab qwen --clients 8   # the realistic mix
 
 The revision's `embedding_api` package is extracted with `git archive` into benchmarks/.versus/<commit>/
 and put first on the path of its own server and limit process; everything else (this benchmark, the
@@ -12,7 +13,9 @@ Four contenders stay loaded and take turns, one at a time, for `--rounds` rounds
 - `limit@ref` and `limit@HEAD`: each revision's own batched forward (`runner.forward`, batch
   MAX_BATCH_SIZE) on the same texts prepared by that revision, in-process, no HTTP.
 Prints the means and the paired ratios of each round: HEAD's server against the revision's server and
-against the revision's limit (what was the ceiling then). Writes benchmarks/results/versus-<time>.json.
+against the revision's limit (what was the ceiling then). `--kind` takes any load of
+benchmarks/workload.py (`realistic`: queries, passages, a batch of passages and images of four
+sizes); the limits time short texts only, so for another kind they are left out. Writes benchmarks/results/versus-<time>.json.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref", required=True, help="the earlier revision (any git revision)")
     p.add_argument("--family", default="qwen3_vl", choices=("qwen3_vl", "qwen3"))
     p.add_argument("--size", default="cpu")
+    p.add_argument("--kind", default="text", help="the load (benchmarks/workload.py): text, realistic, queries, ...")
+    p.add_argument("--vocab", default="byte", choices=("byte", "qwen"), help="the checkpoint's vocabulary")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0, help="seconds measured per turn")
@@ -67,16 +72,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     commit, old_root = extract(args.ref, HERE / ".versus")
-    model = checkpoint(args.cache.resolve(), args.family, args.size)
+    model = checkpoint(args.cache.resolve(), args.family, args.size, args.vocab)
     run_dir = args.out / f"versus-{time.strftime('%Y%m%d-%H%M%S')}"
-    settings = {**server_settings(model, args.threads, args.batch_size), "DTYPE": "float32"}
-    bodies, inputs = request_bodies("text", "base64")
-    log(f"versus {commit}: {args.family}/{args.size}, float32, TORCH_THREADS={args.threads}, "
-        f"{args.clients} clients, single short texts, {args.rounds} rounds x {args.duration:.0f} s")
+    settings = {**server_settings(model, args.threads, args.batch_size), "DTYPE": "float32",
+                "MAX_INPUTS_PER_REQUEST": "64"}
+    bodies, inputs = request_bodies(args.kind, "base64")
+    load = "single short texts" if args.kind == "text" else f"the {args.kind} load"
+    log(f"versus {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), float32, TORCH_THREADS={args.threads}, "
+        f"{args.clients} clients, {load}, {args.rounds} rounds x {args.duration:.0f} s")
     servers = {"server@ref": Server(settings, run_dir, "ref", first=old_root).start(),
                "server@HEAD": Server(settings, run_dir, "head").start()}
     limits = {"limit@ref": LimitProcess(model, args.threads, args.batch_size, first=old_root),
-              "limit@HEAD": LimitProcess(model, args.threads, args.batch_size)}
+              "limit@HEAD": LimitProcess(model, args.threads, args.batch_size)} if args.kind == "text" else {}
     rounds: list[dict] = []
     try:
         for server in servers.values():
@@ -88,8 +95,8 @@ def main(argv=None) -> int:
                 load1 = os.getloadavg()[0]
                 if name in servers:
                     r = load_turn(servers[name], bodies, inputs, args)
-                    row[name] = {"inputs_per_s": r["inputs_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
-                                 "errors": r["errors"], "loadavg": load1}
+                    row[name] = {"inputs_per_s": r["inputs_per_s"], "tokens_per_s": r.get("tokens_per_s"),
+                                 "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "errors": r["errors"], "loadavg": load1}
                 else:
                     r = limits[name].ask({"kind": "text", "batch_size": args.batch_size, "seconds": args.duration})
                     row[name] = {"inputs_per_s": r["inputs_per_s"], "p50_ms": r["p50_ms"], "loadavg": load1}
@@ -105,23 +112,27 @@ def main(argv=None) -> int:
     def ratios(a: str, b: str) -> list[float]:
         return [r[a]["inputs_per_s"] / r[b]["inputs_per_s"] for r in rounds]
 
-    result = {"ref": commit, "family": args.family, "size": args.size, "clients": args.clients,
-              "threads": args.threads, "rounds": rounds,
+    result = {"ref": commit, "family": args.family, "size": args.size, "vocab": args.vocab, "kind": args.kind,
+              "clients": args.clients, "threads": args.threads, "rounds": rounds,
               "means": {n: statistics.mean(r[n]["inputs_per_s"] for r in rounds) for n in rounds[0]},
-              "head_vs_ref_server": ratios("server@HEAD", "server@ref"),
-              "head_vs_ref_limit": ratios("server@HEAD", "limit@ref"),
-              "head_vs_head_limit": ratios("server@HEAD", "limit@HEAD"),
-              "ref_vs_ref_limit": ratios("server@ref", "limit@ref")}
-    print(f"\nembedding_api HEAD against {commit}: {args.family}/{args.size}, float32, {args.clients} clients, "
-          f"single short texts, TORCH_THREADS={args.threads}, {args.rounds} rounds in turns")
+              "head_vs_ref_server": ratios("server@HEAD", "server@ref")}
+    if limits:
+        result.update(head_vs_ref_limit=ratios("server@HEAD", "limit@ref"),
+                      head_vs_head_limit=ratios("server@HEAD", "limit@HEAD"),
+                      ref_vs_ref_limit=ratios("server@ref", "limit@ref"))
+    print(f"\nembedding_api HEAD against {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), float32, "
+          f"{args.clients} clients, {load}, TORCH_THREADS={args.threads}, {args.rounds} rounds in turns")
     for name, mean in result["means"].items():
         p50 = statistics.mean(r[name]["p50_ms"] for r in rounds)
-        print(f"  {name:<12} {mean:8.1f} inputs/s  p50 {p50:7.1f} ms  per round "
+        p99 = f"  p99 {statistics.mean(r[name]['p99_ms'] for r in rounds):7.1f} ms" if "p99_ms" in rounds[0][name] else ""
+        print(f"  {name:<12} {mean:8.1f} inputs/s  p50 {p50:7.1f} ms{p99}  per round "
               + ", ".join(f"{r[name]['inputs_per_s']:.1f}" for r in rounds))
     for key, label in (("head_vs_ref_server", "HEAD server / ref server"),
                        ("head_vs_ref_limit", "HEAD server / ref limit"),
                        ("ref_vs_ref_limit", "ref server / ref limit"),
                        ("head_vs_head_limit", "HEAD server / HEAD limit")):
+        if key not in result:
+            continue
         print(f"  {label:<26} median {statistics.median(result[key]):.2f}x  per round "
               + ", ".join(f"{x:.2f}" for x in result[key]))
     args.out.mkdir(parents=True, exist_ok=True)
