@@ -43,21 +43,17 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> st
     overhead = overhead_tokens(runner.config, runner.dtype)
     lengths = [p.n_tokens - p.prefix for p in work[0]]
     cut = groups(lengths, overhead)
-    packing = runner.packing
 
-    def grouped(b):
-        runner.packing = False
-        try:
-            return runner.forward(b)
-        finally:
-            runner.packing = packing
+    def forward_with(packing: bool):
+        def call(b):
+            before, runner.packing = runner.packing, packing
+            try:
+                return runner.forward(b)
+            finally:
+                runner.packing = before
+        return call
 
-    def packed(b):
-        runner.packing = True
-        try:
-            return runner.forward(b)
-        finally:
-            runner.packing = packing
+    grouped, packed = forward_with(False), forward_with(True)
 
     with torch.inference_mode():
         calls = {"padded": runner._forward_padded, "groups": grouped, "packed": packed}
