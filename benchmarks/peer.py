@@ -3,6 +3,7 @@ random-weight Qwen3 text checkpoint, under the same load, measured in turns.
 
     python -m benchmarks.peer --setup   # once: Infinity into its own virtual environment (benchmarks/.peer-venv)
     python -m benchmarks.peer           # make bench-peer: 3 rounds x 4 s per server, about 2 minutes
+    python -m benchmarks.peer --vocab qwen   # the tiny checkpoint with Qwen's real vocabulary
 
 Both servers are real processes on loopback ports, loaded once and idle when it is not their turn.
 The load (N concurrent clients, each with its own keep-alive connection, sending single short texts)
@@ -290,6 +291,8 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, default=4.0, help="seconds measured per server per round")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measurement")
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--vocab", default="byte", choices=("byte", "qwen"),
+                   help="the tiny checkpoint's vocabulary: the test tokenizer, or Qwen's real one")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of both servers (default: all cores minus one, at least 1)")
     p.add_argument("--peer-threads", type=int, default=None,
@@ -319,7 +322,7 @@ def main(argv=None) -> int:
     if loadavg_start[0] > 0.5:
         log(f"load average {loadavg_start[0]:.2f}: other processes compete for the CPU; figures will be noisy")
     cache = args.cache.resolve()
-    model = checkpoint(cache, "qwen3", "tiny")
+    model = checkpoint(cache, "qwen3", "tiny", args.vocab)
     wrapper = write_st_wrapper(model)
     run_dir = cache / "runs" / ("peer-" + time.strftime("%Y%m%d-%H%M%S"))
     bodies, inputs = request_bodies("text", args.encoding)
