@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from embedding_api.runners import load_runner, packed
@@ -78,3 +79,18 @@ def test_packing_stays_off_where_its_vectors_would_differ(runners, monkeypatch, 
     assert "packed forward off" in caplog.text
     monkeypatch.setattr(packed, "run", real)
     assert packed.check(runner) is True
+
+
+def test_a_long_text_beside_short_ones_gets_its_own_attention_call(runners):
+    # Attention is laid out padded per group of similar lengths: one 2,000-token row beside short ones
+    # must not pad them all to 2,000 (memory and time quadratic in the longest).
+    segments = packed.Segments([12] * 8 + [2000] + [15] * 4, [0] * 13, None, torch.device("cpu"))
+    assert max(len(g.valid) for g in segments.groups if g.valid.shape[1] == 2000) == 1
+    assert sum(int(g.valid.sum()) for g in segments.groups) == 12 * 8 + 2000 + 15 * 4
+    runner = runners["text"]
+    long_text = " ".join(f"word{i} and more words" for i in range(200))
+    batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(6) + [long_text])]
+    assert batch[-1].n_tokens > 10 * batch[0].n_tokens
+    together = runner.forward(batch)
+    alone = np.concatenate([runner.forward([p]) for p in batch])
+    assert _cosines(together, alone).min() >= 0.99999

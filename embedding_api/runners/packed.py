@@ -5,8 +5,8 @@ as a real one (the matmuls are compute-bound from a few rows on). Length groups 
 most of that; packing removes the rest and the extra forwards: the batch's token ids are put end
 to end in one row, each row's positions restart at its own start (after its cached prefix, if
 any), and attention runs per row on its own tokens, causal, on top of that row's prefix keys and
-values (laid out padded by row for one attention call per layer: attention is a small part of the
-work, the matmuls are where padding costs). Every matmul of the decoder (projections, MLP) then
+values (the rows laid out padded, in groups of similar length, one attention call per group and
+layer: attention is a small part of the work, the matmuls are where padding costs). Every matmul of the decoder (projections, MLP) then
 runs once on exactly the real tokens, and the last token of each row is pooled.
 
 The decoder layers are the model's own; only attention is swapped, for the duration of the packed
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import prefix as prefix_reuse
+from .split import groups as length_groups
 
 log = logging.getLogger("embedding_api")
 
@@ -42,22 +43,40 @@ def _register() -> None:
         _registered = True
 
 
+# One more attention call, in padded positions' worth: rows of very different lengths (a long
+# passage beside short queries) get calls of their own rather than one call padded to the longest.
+ATTENTION_CALL_TOKENS = 64
+
+
 class Segments:
-    """Where each row's tokens lie in the packed sequence, for attention: a gather index laying the
-    rows out padded (rows x longest), which of those places are real, each row's prefix keys and
-    values per layer (padded to the longest prefix), and the mask over prefix and own tokens."""
+    """Where each row's tokens lie in the packed sequence, for attention: the rows in groups of
+    similar length (split.py), each group laid out padded (rows x its longest) for one attention
+    call, with its rows' prefix keys and values and the mask over prefix and own tokens."""
 
     def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device):
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        self.groups = [_Group([lengths[i] for i in rows], [int(starts[i]) for i in rows],
+                              [prefix_lengths[i] for i in rows], rows, prefix_kv, device)
+                       for rows in length_groups(lengths, ATTENTION_CALL_TOKENS)]
+
+
+class _Group:
+    def __init__(self, lengths: list[int], starts: list[int], prefix_lengths: list[int], rows: list[int],
+                 prefix_kv: list | None, device: torch.device):
         longest = max(lengths)
-        starts = torch.tensor(np.concatenate(([0], np.cumsum(lengths)[:-1])), device=device)[:, None]
         n = torch.tensor(lengths, device=device)[:, None]
         cols = torch.arange(longest, device=device)[None, :]
         self.valid = cols < n  # (rows, longest)
-        self.index = starts + torch.minimum(cols, n - 1)  # a padded place reads its row's last token
-        self.prefix_kv = prefix_kv  # per layer (rows, kv heads, longest prefix, dim), or None
+        # A padded place reads its row's last token; the real places, in order, are the rows' tokens.
+        self.index = torch.tensor(starts, device=device)[:, None] + torch.minimum(cols, n - 1)
+        self.positions = self.index[self.valid]
         own = (cols <= cols.T) & self.valid[:, None, :]  # (rows, query, key): causal, real keys only
-        if prefix_kv is not None:
-            width = prefix_kv[0][0].shape[2]
+        self.prefix_kv = None
+        if prefix_kv is not None and any(prefix_lengths):
+            width = max(prefix_lengths)
+            picked = torch.tensor(rows, device=device)
+            self.prefix_kv = [(k.index_select(0, picked)[:, :, :width], v.index_select(0, picked)[:, :, :width])
+                              for k, v in prefix_kv]  # per layer (rows, kv heads, longest prefix, dim)
             seen = torch.arange(width, device=device)[None, :] < torch.tensor(prefix_lengths, device=device)[:, None]
             own = torch.cat((seen[:, None, :].expand(-1, longest, -1), own), dim=2)
         self.mask = own[:, None]  # (rows, 1, query, prefix + key)
@@ -66,22 +85,26 @@ class Segments:
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, segments=None,
               **kwargs):
     """Attention of a packed sequence (query (1, heads, T, dim), key/value (1, kv heads, T, dim)):
-    laid out padded by row for one call, each row on its own tokens and prefix; returns (1, T, heads,
-    dim) as the model's attention functions do. The padding costs only here, where it is small."""
+    each group of rows laid out padded for one call, each row on its own tokens and prefix; returns
+    (1, T, heads, dim) as the model's attention functions do. The padding costs only here, where it
+    is small."""
     if segments is None:  # not a packed forward: the model's default
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    q = query[0][:, segments.index].transpose(0, 1)  # (rows, heads, longest, dim)
-    k = key[0][:, segments.index].transpose(0, 1)
-    v = value[0][:, segments.index].transpose(0, 1)
-    if segments.prefix_kv is not None:
-        pk, pv = segments.prefix_kv[module.layer_idx]
-        k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=segments.mask, scale=scaling,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(1, 2)[segments.valid][None], None
+    out = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))  # (T, heads, dim)
+    for group in segments.groups:
+        q = query[0][:, group.index].transpose(0, 1)  # (rows, heads, longest, dim)
+        k = key[0][:, group.index].transpose(0, 1)
+        v = value[0][:, group.index].transpose(0, 1)
+        if group.prefix_kv is not None:
+            pk, pv = group.prefix_kv[module.layer_idx]
+            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out[group.positions] = o.transpose(1, 2)[group.valid]
+    return out[None], None
 
 
 def text_model(runner):
