@@ -6,8 +6,9 @@ most of that; packing removes the rest and the extra forwards: the batch's token
 to end in one row, each row's positions restart at its own start (after its cached prefix, if
 any), and attention runs per row on its own tokens, causal, on top of that row's prefix keys and
 values (the rows laid out padded, in groups of similar length, one attention call per group and
-layer: attention is a small part of the work, the matmuls are where padding costs). Every matmul of the decoder (projections, MLP) then
-runs once on exactly the real tokens, and the last token of each row is pooled.
+layer: attention is a small part of the work, the matmuls are where padding costs). Every matmul
+of the decoder (projections, MLP) then runs once on exactly the real tokens, and the last token of
+each row is pooled.
 
 The decoder layers are the model's own; only attention is swapped, for the duration of the packed
 forward, by naming this module's function as the attention implementation of the text model's
@@ -125,15 +126,7 @@ def run(runner, batch) -> np.ndarray:
     device = runner.device
     reuse = runner.prefix_cache is not None
     cuts = [p.prefix if reuse else 0 for p in batch]
-    keys = [tuple(p.input_ids[:cut]) for p, cut in zip(batch, cuts)]
-    unique: dict[tuple[int, ...], int] = {}
-    for key in keys:
-        if key and key not in unique:
-            unique[key] = len(unique)
-    prefix_kv = None
-    if unique:
-        entries = [runner.prefix_cache.get(key, lambda k: prefix_reuse.prefix_kv(runner, k)) for key in unique]
-        prefix_kv = prefix_reuse.batch_kv(entries, [unique[k] if k else -1 for k in keys], max(cuts))
+    prefix_kv = prefix_reuse.cached_kv(runner, [tuple(p.input_ids[:cut]) for p, cut in zip(batch, cuts)])
     own = [p.input_ids[cut:] for p, cut in zip(batch, cuts)]
     lengths = [len(ids) for ids in own]
     ids = torch.from_numpy(np.fromiter((t for row in own for t in row), dtype=np.int64, count=sum(lengths)))

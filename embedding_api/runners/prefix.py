@@ -106,6 +106,19 @@ def prefix_kv(runner, key: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Te
     return [(k.detach(), v.detach()) for k, v in _layers(cache)]
 
 
+def cached_kv(runner, keys: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer, the batch's prefix keys and values (`batch_kv`): row r's are those of prefix
+    `keys[r]` (an empty key: none), from the cache or computed into it; None when no row has one."""
+    unique: dict[tuple[int, ...], int] = {}
+    for key in keys:
+        if key and key not in unique:
+            unique[key] = len(unique)
+    if not unique:
+        return None
+    entries = [runner.prefix_cache.get(key, lambda k: prefix_kv(runner, k)) for key in unique]
+    return batch_kv(entries, [unique[k] if k else -1 for k in keys], max(len(k) for k in keys))
+
+
 def batch_kv(entries: list, rows: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (batch, heads, width, dim) keys and values: row r holds entry rows[r] (-1: none),
     padded with zeros (masked out) up to `width`. One prefix for every row: views, no copy."""
@@ -137,14 +150,8 @@ def run(runner, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
     device = runner.device
     keys = [tuple(p.input_ids[: p.prefix]) for p in batch]
-    unique: dict[tuple[int, ...], int] = {}
-    for key in keys:
-        if key and key not in unique:
-            unique[key] = len(unique)
-    entries = [runner.prefix_cache.get(key, lambda k: prefix_kv(runner, k)) for key in unique]
     lengths = [len(k) for k in keys]
     width = max(lengths)
-    rows = [unique[k] if k else -1 for k in keys]
 
     own = [_Own(p.input_ids[len(k):]) for p, k in zip(batch, keys)]
     ids, own_mask, own_lengths = _padded(own, runner.pad_id, left=False)
@@ -155,7 +162,7 @@ def run(runner, batch) -> tuple[torch.Tensor, torch.Tensor]:
         positions = _vision_positions(runner, batch, vision, ids.shape[1], lengths)
     else:
         positions = _positions(runner, lengths, ids.shape[1], device)
-    cache = DynamicCache(batch_kv(entries, rows, width))
+    cache = DynamicCache(cached_kv(runner, keys))
     out = runner.model(
         input_ids=ids.to(device, non_blocking=True),
         attention_mask=mask.to(device, non_blocking=True),
