@@ -94,3 +94,15 @@ def test_a_long_text_beside_short_ones_gets_its_own_attention_call(runners):
     together = runner.forward(batch)
     alone = np.concatenate([runner.forward([p]) for p in batch])
     assert _cosines(together, alone).min() >= 0.99999
+
+
+def test_layers_unlike_qwen3s_keep_packing_off(runners, monkeypatch, caplog):
+    # The packed forward writes out Qwen3's decoder layer: a model whose layers differ keeps the padded path.
+    runner = runners["vl"]
+    config = packed.text_model(runner).config
+    monkeypatch.setattr(config, "hidden_act", "gelu_pytorch_tanh")
+    with caplog.at_level(logging.INFO, logger="embedding_api"):
+        assert packed.check(runner) is False
+    assert "packed forward off: this model's layers have the activation 'gelu_pytorch_tanh'" in caplog.text
+    monkeypatch.setattr(config, "hidden_act", "silu")
+    assert packed.check(runner) is True

@@ -10,9 +10,9 @@ layer: attention is a small part of the work, the matmuls are where padding cost
 of the decoder (projections, MLP) then runs once on exactly the real tokens, and the last token of
 each row is pooled.
 
-The decoder layers are the model's own; only attention is swapped, for the duration of the packed
-forward, by naming this module's function as the attention implementation of the text model's
-config. Only text rows are packed (images and videos take the padded path: their M-RoPE positions
+The decoder layers run on the model's own weights and its own rotary embedding, with the
+operations of their forward written out (`_layer`): on a small model the module calls and
+wrappers around each operation cost more than the operations. Only text rows are packed (images and videos take the padded path: their M-RoPE positions
 and visual embeddings are placed by the model's own forward). Each model copy checks at start-up
 that a packed forward gives the padded forward's vectors on a few probe texts (`check`); where it
 does not (another transformers version, another layer interface) packing stays off.
@@ -30,19 +30,6 @@ from . import prefix as prefix_reuse
 from .split import groups as length_groups
 
 log = logging.getLogger("embedding_api")
-
-NAME = "embedding_api_packed"
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(NAME, attention)
-        _registered = True
-
 
 # One more attention call, in padded positions' worth: rows of very different lengths (a long
 # passage beside short queries) get calls of their own rather than one call padded to the longest.
@@ -83,29 +70,67 @@ class _Group:
         self.mask = own[:, None]  # (rows, 1, query, prefix + key)
 
 
-def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, segments=None,
-              **kwargs):
-    """Attention of a packed sequence (query (1, heads, T, dim), key/value (1, kv heads, T, dim)):
-    each group of rows laid out padded for one call, each row on its own tokens and prefix; returns
-    (1, T, heads, dim) as the model's attention functions do. The padding costs only here, where it
-    is small."""
-    if segments is None:  # not a packed forward: the model's default
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    out = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))  # (T, heads, dim)
+def attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
+    """Attention of a packed sequence (query (T, heads, dim), key/value (T, kv heads, dim)): each group
+    of rows laid out padded for one call, each row on its own tokens and prefix; returns (T, heads,
+    dim). The padding costs only here, where it is small."""
+    out = torch.empty_like(query)
     for group in segments.groups:
-        q = query[0][:, group.index].transpose(0, 1)  # (rows, heads, longest, dim)
-        k = key[0][:, group.index].transpose(0, 1)
-        v = value[0][:, group.index].transpose(0, 1)
+        q = query[group.index].transpose(1, 2)  # (rows, heads, longest, dim)
+        k = key[group.index].transpose(1, 2)
+        v = value[group.index].transpose(1, 2)
         if group.prefix_kv is not None:
-            pk, pv = group.prefix_kv[module.layer_idx]
+            pk, pv = group.prefix_kv[layer]
             k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
                                            enable_gqa=q.shape[1] != k.shape[1])
         out[group.positions] = o.transpose(1, 2)[group.valid]
-    return out[None], None
+    return out
+
+
+def _norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """The model's RMSNorm: one call in float32; the module itself in other dtypes (it normalizes
+    in float32 and rounds before applying the weight)."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, the sign of rotate_half folded into `signed_sin`."""
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
+
+
+def _layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+           segments: Segments) -> torch.Tensor:
+    """One decoder layer of Qwen3's (or Qwen3-VL's language model's) on a packed sequence
+    (T, hidden), on the layer's own weights: the operations of its forward, without the module
+    calls and wrappers around each of them (the larger part of a small model's time)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    rows, dim = hidden.shape[0], attn.head_dim
+    x = _norm(hidden, layer.input_layernorm)
+    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(rows, -1, dim)
+    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(rows, -1, dim)
+    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(rows, -1, dim)
+    q = _rotary(_norm(q, attn.q_norm), cos, signed_sin)
+    k = _rotary(_norm(k, attn.k_norm), cos, signed_sin)
+    o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
+    hidden = hidden + F.linear(o.view(rows, -1), attn.o_proj.weight, attn.o_proj.bias)
+    x = _norm(hidden, layer.post_attention_layernorm)
+    gate = F.silu(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
+    gate.mul_(F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias))
+    return hidden.add_(F.linear(gate, mlp.down_proj.weight, mlp.down_proj.bias))
+
+
+def unsupported(decoder) -> str | None:
+    """Why `_layer` cannot stand for this decoder's layers; None where it can."""
+    act = getattr(decoder.config, "hidden_act", None)
+    if act != "silu":
+        return f"the activation {act!r}"
+    if any(getattr(layer.self_attn, "sliding_window", None) for layer in decoder.layers):
+        return "sliding-window attention"
+    return None
 
 
 def text_model(runner):
@@ -122,7 +147,6 @@ def is_text(p) -> bool:
 @torch.inference_mode()
 def run(runner, batch) -> np.ndarray:
     """The pooled last hidden state of each row of a text batch, from one packed forward."""
-    _register()
     device = runner.device
     reuse = runner.prefix_cache is not None
     cuts = [p.prefix if reuse else 0 for p in batch]
@@ -136,21 +160,16 @@ def run(runner, batch) -> np.ndarray:
     decoder = text_model(runner)
     hidden = decoder.embed_tokens(ids)
     rope_positions = positions[None].expand(3, -1, -1) if runner.family == "qwen3_vl" else positions
-    position_embeddings = decoder.rotary_emb(hidden, rope_positions)
+    cos, sin = decoder.rotary_emb(hidden, rope_positions)  # (1, T, dim), the model's own
+    half = sin.shape[-1] // 2
+    cos, sin = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), -1)
     segments = Segments(lengths, cuts, prefix_kv, device)
-    config = decoder.config
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        for layer in decoder.layers:
-            out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings,
-                        segments=segments)
-            hidden = out[0] if isinstance(out, tuple) else out
-    finally:
-        config._attn_implementation = previous
-    hidden = decoder.norm(hidden)
+    hidden = hidden[0]
+    for layer in decoder.layers:
+        hidden = _layer(layer, hidden, cos, sin, segments)
+    hidden = _norm(hidden, decoder.norm)
     last = torch.tensor(np.cumsum(lengths) - 1, device=hidden.device)
-    return hidden[0, last].float().cpu().numpy()
+    return hidden[last].float().cpu().numpy()
 
 
 PROBES = ("a", "Paris is the capital of France.",
@@ -162,6 +181,10 @@ def check(runner) -> bool:
     """Whether a packed forward gives this model copy's padded vectors on a few probe texts
     (cosine >= 0.99999 each); logs and returns False where it does not or cannot run."""
     if runner.device.type != "cpu" or runner.kind != "embedding" or runner.family not in ("qwen3", "qwen3_vl"):
+        return False
+    why = unsupported(text_model(runner))
+    if why is not None:
+        log.info("packed forward off: this model's layers have %s", why)
         return False
     try:
         batch = [runner.prepare([text], [], None, None) for text in PROBES]
