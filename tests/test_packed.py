@@ -28,6 +28,12 @@ def runners(tiny_text, tiny_vl):
             for name, path in (("text", tiny_text), ("vl", tiny_vl))}
 
 
+def _padded(runner, p) -> np.ndarray:
+    """The input alone through the model's own (padded) forward."""
+    with torch.inference_mode():
+        return runner._forward_padded([p])
+
+
 def _texts(n: int) -> list[str]:
     return [f"text number {i} " + "and a few more words " * (i % 5) * 3 for i in range(n)]
 
@@ -54,7 +60,7 @@ def test_a_text_batch_runs_as_one_packed_sequence_with_each_input_alone(runners,
     # One sequence holding exactly the rows' own tokens (after their prefixes): no padded position.
     own = sum(p.n_tokens - p.prefix for p in batch)
     assert widths == [(1, own)]
-    alone = np.concatenate([runner.forward([p]) for p in batch])  # one input: the padded forward
+    alone = np.concatenate([_padded(runner, p) for p in batch])  # each input padded, alone
     assert _cosines(together, alone).min() >= 0.99999
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
@@ -65,7 +71,7 @@ def test_a_batch_with_an_image_packs_its_texts_and_pads_the_image(runners):
     batch = [runner.prepare([t], [], None, None) for t in _texts(5)]
     batch.insert(2, runner.prepare([], [image], None, None))
     together = runner.forward(batch)
-    alone = np.concatenate([runner.forward([p]) for p in batch])  # one input: the padded forward
+    alone = np.concatenate([_padded(runner, p) for p in batch])  # each input padded, alone
     assert _cosines(together, alone).min() >= 0.99999
 
 
@@ -92,7 +98,7 @@ def test_a_long_text_beside_short_ones_gets_its_own_attention_call(runners):
     batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(6) + [long_text])]
     assert batch[-1].n_tokens > 10 * batch[0].n_tokens
     together = runner.forward(batch)
-    alone = np.concatenate([runner.forward([p]) for p in batch])
+    alone = np.concatenate([_padded(runner, p) for p in batch])
     assert _cosines(together, alone).min() >= 0.99999
 
 
@@ -106,3 +112,19 @@ def test_layers_unlike_qwen3s_keep_packing_off(runners, monkeypatch, caplog):
     assert "packed forward off: this model's layers have the activation 'gelu_pytorch_tanh'" in caplog.text
     monkeypatch.setattr(config, "hidden_act", "silu")
     assert packed.check(runner) is True
+
+
+@pytest.mark.parametrize("family", ["text", "vl"])
+def test_a_text_alone_runs_packed_too(runners, family):
+    runner = runners[family]
+    p = runner.prepare(["a single query, alone in its batch"], [], None, "Find the answer")
+    runner.forward([p])  # its prefix's keys and values, computed once by the model's own forward
+    calls = []
+    decoder = packed.text_model(runner)
+    hook = decoder.layers[0].register_forward_hook(lambda *args: calls.append(1))  # the modules' own forward
+    try:
+        vector = runner.forward([p])
+    finally:
+        hook.remove()
+    assert calls == []  # the layers written out ran, not the modules
+    assert _cosines(vector, _padded(runner, p)).min() >= 0.99999

@@ -214,12 +214,13 @@ class Runner:
         """The batch through the model; returns the pooled (not yet normalised) rows in float32, in order.
 
         On a CPU, the texts of a batch run packed, without padding (runners/packed.py), where this
-        model copy's start-up check allowed it; the other inputs (images, videos), if of very
+        model copy's start-up check allowed it (a text alone too: its layers written out cost less
+        than the model's modules); the other inputs (images, videos), if of very
         different lengths, run as a few forwards of similar lengths (runners/split.py), where the
         padding they save costs more than the extra forwards."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this worker thread's device, for anything placed implicitly
-        if self.device.type != "cpu" or len(batch) < 2:
+        if self.device.type != "cpu":
             return self._forward_padded(batch)
         rest = list(range(len(batch)))
         parts: list[tuple[list[int], Any]] = []
