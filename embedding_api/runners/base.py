@@ -16,7 +16,7 @@ from PIL import Image
 from ..settings import Settings
 from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
-from .long_text import PrefixTokenizer, TokenPrefix
+from .long_text import PrefixTokenizer
 from . import dtype_tier, packed, prefix as prefix_reuse
 from .split import groups as length_groups, overhead_tokens
 
