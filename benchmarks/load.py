@@ -41,6 +41,7 @@ class _State:
         self.start = self.end = float("inf")
         self.done: list[tuple[float, float, int, int]] = []  # (started, finished, inputs, tokens) in the window
         self.errors = 0
+        self.answered = 0  # every response read, warm-up and errors included (for CPU per request)
         self.first_error: str | None = None
         self.mark = spec["mark"].encode() if spec.get("mark") else EMBEDDING_MARK
         self.server_ms: list[tuple[float, float]] = []  # x-queue-time, x-inference-time of the window's requests
@@ -118,6 +119,7 @@ async def _worker(index: int, state: _State, requests: list[bytes], inputs: list
             writer.write(request)
             status, body, close, head = await _read_response(reader)
             done = time.perf_counter()
+            state.answered += 1
             if status != 200:
                 state.error(f"HTTP {status}: {body[:300]!r}")
             elif body.count(state.mark) != expected:
@@ -186,6 +188,7 @@ async def run(spec: dict) -> dict:
     return {
         "clients": clients,
         "requests": n,
+        "answered": state.answered,
         "errors": state.errors,
         "first_error": state.first_error,
         "window_s": round(window, 3),

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .server import Server, drive
+from .server import Server, children, cpu_seconds, drive
 from .workload import REALISTIC_KINDS, request_bodies
 
 HERE = Path(__file__).resolve().parent
@@ -47,9 +47,20 @@ def _settings(model: Path, threads: int, batch_size: int) -> dict[str, str]:
 
 
 def _load(server: Server, kind: str, clients: int, warmup: float, seconds: float) -> dict:
+    """One load on `server`, with `cpu_ms`: the CPU milliseconds per request answered (warm-up
+    included) of the server's own process, of its model processes together, and of the load generator
+    (its start-up included: a slight over-count)."""
     bodies, inputs = request_bodies(kind)
+    pids = [server.pid] + children(server.pid)
+    before, generator = [cpu_seconds(p) for p in pids], os.times()
     r = drive(server, {"bodies": bodies, "inputs": inputs, "clients": clients, "warmup": warmup,
                        "duration": seconds})
+    after, spent = [cpu_seconds(p) for p in pids], os.times()
+    requests = max(1, r["answered"])  # warm-up included, as the CPU seconds are
+    r["cpu_ms"] = {"server": (after[0] - before[0]) * 1e3 / requests,
+                   "model": sum(a - b for a, b in zip(after[1:], before[1:])) * 1e3 / requests,
+                   "load": (spent.children_user + spent.children_system - generator.children_user
+                            - generator.children_system) * 1e3 / requests}
     if r["errors"]:
         log(f"  {r['errors']} failed requests; first: {r['first_error']}")
     return r
@@ -91,10 +102,14 @@ def null_turns(model: Path, threads: int, batch_size: int, rounds: int, seconds:
             rows.append({"bare": b["inputs_per_s"], "null": n["inputs_per_s"], "server": s["inputs_per_s"],
                          "limit": lim["inputs_per_s"], "server_p50_ms": s["p50_ms"], "server_p99_ms": s["p99_ms"],
                          "null_p50_ms": n["p50_ms"], "errors": n["errors"] + s["errors"] + b["errors"],
+                         "server_cpu_ms": s["cpu_ms"], "null_cpu_ms": n["cpu_ms"],
                          "loadavg": os.getloadavg()[0]})
             log(f"  round {i + 1}: bare ASGI {b['inputs_per_s']:.0f}, null server {n['inputs_per_s']:.0f}, server "
                 f"{s['inputs_per_s']:.0f} inputs/s ({s['inputs_per_s'] / n['inputs_per_s']:.2f} x null), limit "
                 f"{lim['inputs_per_s']:.0f}; load average {os.getloadavg()[0]:.1f}")
+            log(f"    CPU ms per request: server process {s['cpu_ms']['server']:.3f} + model process "
+                f"{s['cpu_ms']['model']:.3f}, null server {n['cpu_ms']['server']:.3f}; load generator "
+                f"{s['cpu_ms']['load']:.3f} / {n['cpu_ms']['load']:.3f}")
     finally:
         limit.close()
         for s in (server, null, bare):
@@ -137,6 +152,11 @@ def report(result: dict) -> list[str]:
                      f"{v['x_bare']:.2f} x a bare ASGI app ({v['bare_inputs_per_s']:.0f})")
         lines.append("        per round (x null): " + ", ".join(f"{r:.2f}" for r in v["x_null_per_round"])
                      + "; load average " + ", ".join(f"{r['loadavg']:.1f}" for r in v["rounds"]))
+        cpu = {k: statistics.median(r["server_cpu_ms"][k] for r in v["rounds"]) for k in ("server", "model", "load")}
+        null = statistics.median(r["null_cpu_ms"]["server"] for r in v["rounds"])
+        lines.append(f"        CPU ms per request (medians): server process {cpu['server']:.3f} + model process "
+                     f"{cpu['model']:.3f}; null server {null:.3f}; load generator {cpu['load']:.3f}; "
+                     f"an event loop saturates one core at 1000 / its ms per request")
     return lines
 
 
