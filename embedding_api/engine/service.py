@@ -78,6 +78,17 @@ def input_rules(settings: Settings, runner: Runner) -> InputRules:
     )
 
 
+
+async def _settled(futures: list[asyncio.Future]) -> None:
+    """Until every future is done, whatever its outcome (read afterwards). Awaiting each in turn costs
+    a fraction of `asyncio.wait`'s waiter and callbacks, per request on the event loop."""
+    for future in futures:
+        if not future.done():
+            try:
+                await future
+            except Exception:  # noqa: BLE001 - the outcomes are read by the caller
+                pass
+
 class Service:
     """Owns the runners (one model copy per device), the batcher, the image and video loaders and
     the preparation threads. The first runner prepares inputs; every runner runs batches.
@@ -261,7 +272,7 @@ class Service:
         except QueueFull:
             raise capacity_error() from None
         try:
-            await asyncio.wait(futures)  # the route bounds the whole request by REQUEST_TIMEOUT
+            await _settled(futures)  # the route bounds the whole request by REQUEST_TIMEOUT
             # Read every outcome, so no failed future is left unretrieved.
             outcomes = [(item, f.exception()) for item, f in zip(request.inputs, futures)]
             for item, error in outcomes:
