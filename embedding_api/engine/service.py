@@ -78,7 +78,6 @@ def input_rules(settings: Settings, runner: Runner) -> InputRules:
     )
 
 
-
 async def _settled(futures: list[asyncio.Future]) -> None:
     """Until every future is done, whatever its outcome (read afterwards). Awaiting each in turn costs
     a fraction of `asyncio.wait`'s waiter and callbacks, per request on the event loop."""
@@ -88,6 +87,7 @@ async def _settled(futures: list[asyncio.Future]) -> None:
                 await future
             except Exception:  # noqa: BLE001 - the outcomes are read by the caller
                 pass
+
 
 class Service:
     """Owns the runners (one model copy per device), the batcher, the image and video loaders and

@@ -12,8 +12,9 @@ each row is pooled.
 
 The decoder layers run on the model's own weights and its own rotary embedding, with the
 operations of their forward written out (`_layer`): on a small model the module calls and
-wrappers around each operation cost more than the operations. Only text rows are packed (images and videos take the padded path: their M-RoPE positions
-and visual embeddings are placed by the model's own forward). Each model copy checks at start-up
+wrappers around each operation cost more than the operations. Only text rows are packed (images
+and videos take the padded path: their M-RoPE positions and visual embeddings are placed by the
+model's own forward). Each model copy checks at start-up
 that a packed forward gives the padded forward's vectors on a few probe texts (`check`); where it
 does not (another transformers version, another layer interface) packing stays off.
 """
