@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
 from benchmarks.server import children
+from embedding_api.observability.ids import random_id
 from embedding_api.runners import load_runner_on
 from embedding_api.runners.qwen3_vl import normalise_instruction
 from embedding_api.settings import Settings
@@ -182,3 +184,23 @@ def test_a_load_failure_in_the_model_process_ends_the_server_with_one_message(st
     out = server.output()
     assert "CRITICAL" in out or "critical" in out.lower(), out
     assert "Traceback" not in out, out
+
+
+# ------------------------------------------------------------------ ids without a system call each
+
+
+def test_ids_are_unique_hex_and_a_forked_child_draws_its_own():
+    ids = [random_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, written back
+        os.write(write, random_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert re.fullmatch(r"[0-9a-f]{32}", child)
+    assert child != random_id()  # reseeded after the fork: not the parent's next id

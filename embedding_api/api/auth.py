@@ -6,6 +6,7 @@ import hmac
 
 from fastapi import Request
 
+from .common import header
 from .errors import APIError
 
 
@@ -20,7 +21,8 @@ def check_api_key(request: Request) -> None:
     keys: tuple[str, ...] = request.app.state.settings.api_keys
     if not keys:
         return
-    presented = _presented_key(request.headers.get("authorization", "")).encode()
+    raw = header(request, b"authorization")
+    presented = _presented_key(raw.decode("latin-1") if raw is not None else "").encode()
     # Compare against every key so the time taken does not reveal which one nearly matched.
     matched = False
     for key in keys:

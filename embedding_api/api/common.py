@@ -10,7 +10,6 @@ from typing import Awaitable, Callable
 
 import orjson
 from fastapi import Request
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from ..engine.service import Service
@@ -26,10 +25,28 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by th
 # Bodies larger than this are parsed and checked in a thread (a few ms of work on the event loop below it).
 OFF_LOOP_BODY_BYTES = 256 * 1024
 _BODY_BYTES = "embedding_api.body_bytes"
+# A request still running this long starts watching for its client's disconnect (a task per request).
+WATCH_AFTER_S = 0.1
+
+
+class RenderedJSON(Response):
+    """A response of JSON bytes already rendered, its raw headers built directly (Starlette's
+    Response.__init__ renders and normalizes them generically: a measurable share of a small request)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int = 200, headers: dict[str, str] | None = None):
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        raw = [(b"content-length", str(len(body)).encode("latin-1")), (b"content-type", b"application/json")]
+        if headers:
+            raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers = raw
 
 
 def json_response(body: dict, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    return RenderedJSON(orjson.dumps(body), status)
 
 
 def ready_service(request: Request) -> Service:
@@ -51,23 +68,41 @@ def ready_model(request: Request, body, kind: str):
     return request.app.state.models.pick(model, kind)
 
 
+def header(request: Request, name: bytes) -> bytes | None:
+    """A request header's raw value by its lower-case name (ASGI sends names lower-cased), read from
+    the scope without building Starlette's Headers."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+
+
 async def read_json(request: Request, limit: int):
-    too_large = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-    length = request.headers.get("content-length")
+    """The body, at most `limit` bytes, parsed as JSON (413 beyond; 499 if the client goes while sending)."""
+    length = header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
+        raise _too_large(limit)
+    receive = request.receive
     chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise APIError(CLIENT_CLOSED, "The client closed the connection while sending the body.",
-                       code="client_closed_request") from None
-    raw = b"".join(chunks)
+    while True:  # the ASGI messages themselves: Request.stream() wraps each in a generator step
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise APIError(CLIENT_CLOSED, "The client closed the connection while sending the body.",
+                           code="client_closed_request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     del chunks
+    request._body = raw  # what Request.body() returns, should a handler ask for the body again
     if not raw:
         raise invalid("The request body is empty; send a JSON object with 'input'.", None, "invalid_json")
     request.scope[_BODY_BYTES] = len(raw)
@@ -120,6 +155,8 @@ async def run_watched(request: Request, work: Awaitable, timeout: float):
     passes included), and by the shutdown grace (`app.state.inflight`). The watcher and the timer
     cancel the task through callbacks, and the route awaits the task alone: no `asyncio.wait`
     per request (its waiter and callbacks were a tenth of the event loop's time with a small model).
+    The client is watched from WATCH_AFTER_S on: most requests are answered before that and never
+    start a watcher task; a client that leaves sooner is noticed then.
     """
     loop = asyncio.get_running_loop()
     task = loop.create_task(work)
@@ -131,8 +168,15 @@ async def run_watched(request: Request, work: Awaitable, timeout: float):
             stopped_by.append(reason)
             task.cancel()
 
-    watcher = loop.create_task(_until_disconnected(request))
-    watcher.add_done_callback(lambda w: None if w.cancelled() else stop("client"))
+    watcher: asyncio.Task | None = None
+
+    def watch() -> None:  # a request still running after WATCH_AFTER_S starts watching its client
+        nonlocal watcher
+        if not task.done():
+            watcher = loop.create_task(_until_disconnected(request))
+            watcher.add_done_callback(lambda w: None if w.cancelled() else stop("client"))
+
+    starter = loop.call_later(WATCH_AFTER_S, watch)
     timer = loop.call_later(timeout, stop, "timeout")
     inflight: set = request.app.state.inflight
     inflight.add(task)
@@ -155,8 +199,10 @@ async def run_watched(request: Request, work: Awaitable, timeout: float):
             headers={"Retry-After": "1"},
         ) from None
     finally:
+        starter.cancel()
         timer.cancel()
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         inflight.discard(task)
         if not task.done():
             task.cancel()

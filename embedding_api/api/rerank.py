@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-
 from typing import Annotated, Union
 
 import orjson
@@ -13,6 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from ..inputs import parse_rerank, parse_score
+from ..observability.ids import random_id
 from ..runners.scoring import relevance_scores
 from .auth import check_api_key
 from .common import parse_body, read_json, ready_model, run_watched
@@ -89,7 +88,7 @@ async def rerank(request: Request) -> Response:
             result["document"] = {"text": raw} if isinstance(raw, str) else raw
         results.append(result)
     return _json({
-        "id": f"rerank-{os.urandom(16).hex()}",
+        "id": f"rerank-{random_id()}",
         "model": entry.name,
         "results": results,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
@@ -111,7 +110,7 @@ async def score(request: Request) -> Response:
     entry, _, log_odds, tokens = await _scores(request, parse_score)
     scores = relevance_scores(log_odds)
     return _json({
-        "id": f"score-{os.urandom(16).hex()}",
+        "id": f"score-{random_id()}",
         "object": "list",
         "created": int(time.time()),
         "model": entry.name,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import time
 from typing import Annotated, Any, Literal, Union
 
@@ -13,6 +12,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from ..observability.ids import random_id
+from .common import RenderedJSON
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -144,12 +145,10 @@ def embedding_response(
         "data": data,
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "id": f"embd-{os.urandom(16).hex()}",
+        "id": f"embd-{random_id()}",
         "created": int(time.time()),
     }
-    return Response(
-        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers
-    )
+    return RenderedJSON(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers)
 
 
 def complete_openapi(app: FastAPI) -> None:
