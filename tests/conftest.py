@@ -18,6 +18,31 @@ from .util import API_KEY, ImageServer, ServerProcess
 os.environ.setdefault("DTYPE_PROBE", "false")
 
 
+def _one_ssl_context_per_configuration() -> None:
+    """httpx builds a new SSL context for every client and every `httpx.get` (parsing certifi's whole
+    CA bundle: about 50 ms of CPU each on the CI host), even for the plain-HTTP loopback servers every
+    test here talks to; a server's start-up poll alone spent a third of a core on it, beside the server
+    it waited for. One context per configuration is built instead and shared, as httpx allows."""
+    transports = getattr(httpx, "_transports", None)
+    default = getattr(transports, "default", None)
+    build = getattr(default, "create_ssl_context", None)
+    if build is None or getattr(build, "shared", False):
+        return  # another httpx layout: each client builds its own, as before
+    built: dict = {}
+
+    def shared(verify=True, cert=None, trust_env=True):
+        key = (id(verify) if not isinstance(verify, (bool, str)) else verify, repr(cert), trust_env)
+        if key not in built:
+            built[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return built[key]
+
+    shared.shared = True
+    default.create_ssl_context = shared
+
+
+_one_ssl_context_per_configuration()
+
+
 @pytest.fixture(scope="session")
 def tiny_vl(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vl", family="qwen3_vl", size="tiny", seed=0)
