@@ -324,10 +324,11 @@ def test_request_timeout_is_a_clean_503_and_drops_the_rest(runner, tiny_vl):
         assert "0.5 s" in err["message"] and err["type"] == "service_unavailable_error"
         assert response.headers["retry-after"] == "1"
         assert at_answer < 64, at_answer  # answered at the deadline, not after all the work
-        time.sleep(0.5)
+        _wait_idle(base)  # the forward that was running at the deadline ends (slowly on a loaded host)
         ran = embedded(base) - before
         time.sleep(0.3)
         assert embedded(base) - before == ran  # nothing of it is still running
+        assert ran <= at_answer + 1, (ran, at_answer)  # at most that forward (one input each) after the answer
         assert ran < 64, ran  # the inputs still queued at the deadline never reached the model
         assert vectors(c.post("/v1/embeddings", json={"input": "still serving"})).shape == (1, 64)
 
@@ -350,9 +351,11 @@ def test_client_disconnect_cancels_its_work_and_disturbs_nobody(disconnect_serve
     base = server.base_url
     probes = ["probe one", "probe two", long_text(999)]
     with httpx.Client(base_url=base, timeout=30) as c:
+        started = time.time()
         reference = vectors(c.post("/v1/embeddings", json={"input": probes}))
+        per_input = (time.time() - started) / len(probes)  # on this host, at its load now
     before = embedded(base)
-    n = 256  # ~12 s of model time, one input per forward pass
+    n = 256  # ~12 s of model time on a quiet host, one input per forward pass
     body = json.dumps({"input": [long_text(300 + i) for i in range(n)]}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(
@@ -374,12 +377,13 @@ def test_client_disconnect_cancels_its_work_and_disturbs_nobody(disconnect_serve
         t.start()
     for t in threads:
         t.join(30)
-    # Others are served at once, with the right vectors, not after the abandoned inputs.
-    assert time.time() - dropped_at < 5
+    # Others are served at once, with the right vectors, not after the abandoned inputs: within 5 s on
+    # a quiet host, and on a loaded one well before a quarter of the abandoned inputs could have run.
+    assert time.time() - dropped_at < max(5.0, per_input * n / 4), per_input
     assert len(results) == 4
     for r in results:
         assert np.allclose(vectors(r), reference, atol=1e-5)
-    time.sleep(0.5)
+    _wait_idle(base)
     ran = embedded(base) - before - 4 * len(probes)
     time.sleep(0.5)
     assert embedded(base) - before - 4 * len(probes) == ran  # the model is idle: nothing left of it
@@ -528,6 +532,17 @@ def _start_long_request(base: str, inputs: list[str], out: dict) -> threading.Th
     thread = threading.Thread(target=go)
     thread.start()
     return thread
+
+
+def _wait_idle(base: str, timeout: float = 60) -> None:
+    """Until no model worker runs a batch and nothing is queued."""
+    deadline = time.time() + timeout
+    while True:
+        h = health(base)
+        if h["queued_inputs"] == 0 and not any(w["busy"] for w in h["workers"]):
+            return
+        assert time.time() < deadline, h
+        time.sleep(0.05)
 
 
 def _wait_started(base: str, before: int, timeout: float = 20) -> None:
