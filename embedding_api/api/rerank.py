@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Union
 
-import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
@@ -14,7 +13,7 @@ from ..inputs import parse_rerank, parse_score
 from ..observability.ids import random_id
 from ..runners.scoring import relevance_scores
 from .auth import check_api_key
-from .common import parse_body, read_json, ready_model, run_watched
+from .common import json_response, parse_body, read_json, ready_model, run_watched
 from .schemas import ErrorResponse, FusedInput, NonEmpty, Part
 
 router = APIRouter()
@@ -66,10 +65,6 @@ async def _scores(request: Request, parse):
     return entry, parsed, scores, tokens
 
 
-def _json(body: dict) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
-
-
 @router.post("/v1/rerank", responses=_ERRORS, openapi_extra=_body(RerankRequest))
 @router.post("/rerank", responses=_ERRORS, include_in_schema=False)
 async def rerank(request: Request) -> Response:
@@ -79,7 +74,7 @@ async def rerank(request: Request) -> Response:
     scores = relevance_scores(log_odds)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[: parsed.top_n]
     if parsed.tei:
-        return _json([_tei_rank(i, log_odds[i] if parsed.raw_scores else scores[i], parsed) for i in order])
+        return json_response([_tei_rank(i, log_odds[i] if parsed.raw_scores else scores[i], parsed) for i in order])
     results = []
     for i in order:
         result = {"index": i, "relevance_score": float(scores[i])}
@@ -87,7 +82,7 @@ async def rerank(request: Request) -> Response:
             raw = parsed.raw_documents[i]
             result["document"] = {"text": raw} if isinstance(raw, str) else raw
         results.append(result)
-    return _json({
+    return json_response({
         "id": f"rerank-{random_id()}",
         "model": entry.name,
         "results": results,
@@ -109,7 +104,7 @@ async def score(request: Request) -> Response:
     """vLLM's score API: `text_1` against each `text_2` (one to many), or pairwise (equal lists)."""
     entry, _, log_odds, tokens = await _scores(request, parse_score)
     scores = relevance_scores(log_odds)
-    return _json({
+    return json_response({
         "id": f"score-{random_id()}",
         "object": "list",
         "created": int(time.time()),
