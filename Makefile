@@ -52,8 +52,12 @@ demo: install
 	  MODELS='[{"name": "Qwen3-VL-Reranker-2B", "path": "$(DEMO_RERANKER_PATH)", "kind": "reranker"}]' \
 	  exec $(BIN)/python -m embedding_api
 
+# The suite runs its test files on TEST_WORKERS processes (pytest-xdist, one file per worker at a time,
+# so a file's servers are started once); TEST_WORKERS=1 runs it in this process, one file after another.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 bench: install
 	$(BIN)/python -m benchmarks.run

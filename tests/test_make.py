@@ -136,3 +136,20 @@ def test_the_demo_listens_on_loopback_unless_host_says_otherwise(tiny_vl, tiny_v
         with contextlib.suppress(ProcessLookupError):
             os.killpg(make.pid, signal.SIGKILL)
         make.wait(10)
+
+
+@pytest.mark.parametrize("workers, flags", [(None, "-n 2 --dist loadfile"), ("4", "-n 4 --dist loadfile"),
+                                            ("1", None)])
+def test_make_test_runs_the_files_on_test_workers_processes(workers, flags, tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()  # newer than the requirements: `make -n` prints only the test command
+    extra = [f"TEST_WORKERS={workers}"] if workers else []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "TEST_WORKERS"}
+    out = subprocess.run(["make", "-s", "-n", "test", f"VENV={venv}", *extra], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out.startswith(f"{venv}/bin/python -m pytest -q"), out
+    if flags:
+        assert out.endswith(flags), out
+    else:
+        assert "-n" not in out.split() and "--dist" not in out, out
