@@ -16,7 +16,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -25,7 +24,6 @@ from typing import Callable
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import start_http_server
-from pydantic import ValidationError
 
 from .draining import STOP_SIGNALS, drain_on_signals
 from .engine.registry import ModelEntry
@@ -35,7 +33,7 @@ from .observability import configure_logging
 from .observability.startup import no_key_warning, report_loading, summary
 from .runners import ModelLoadError, Runner, check_startup, detect_kind
 from .runners.kinds import contradiction as kind_contradiction
-from .settings import Settings, settings_error_message
+from .settings import Settings
 
 log = logging.getLogger("embedding_api")
 
@@ -47,16 +45,6 @@ def exit_process(message: str) -> None:
     log.critical(message)
     logging.shutdown()
     os._exit(1)
-
-
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment and .env, `overrides` (command-line flags) winning over both;
-    a bad value ends the process with one clear message."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        print(f"embedding_api: {settings_error_message(exc)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
 
 
 def _api_host(settings: Settings) -> str:

@@ -33,10 +33,10 @@ from .api.schemas import complete_openapi
 from .draining import DrainingServer, begin_draining
 from .engine.model_process import load_for_serving
 from .engine.registry import ModelEntry, Registry, model_settings
-from .lifespan import exit_process, lifespan_for, load_settings, settings_error_message
+from .lifespan import exit_process, lifespan_for
 from .observability import Metrics, ObservabilityMiddleware, configure_logging
 from .runners import Runner
-from .settings import Settings
+from .settings import Settings, load_settings, settings_error_message
 
 __all__ = ["App", "DrainingServer", "begin_draining", "configure_logging", "create_app", "load_settings",
            "settings_error_message"]

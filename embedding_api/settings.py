@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from functools import cached_property
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -300,3 +301,13 @@ def settings_error_message(exc: ValidationError) -> str:
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         lines.append(f"{name}={error.get('input')!r}: {message}" if "input" in error else f"{name}: {message}")
     return "Invalid settings: " + "; ".join(lines)
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment and .env, `overrides` (command-line flags) winning over both;
+    a bad value ends the process with one clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        print(f"embedding_api: {settings_error_message(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

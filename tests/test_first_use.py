@@ -125,6 +125,31 @@ def test_the_server_and_the_bulk_job_name_the_repository_of_the_missing_director
     assert rc == 1 and want in out and "Traceback" not in out, out
 
 
+_WITHOUT_TORCH = """
+import atexit, runpy, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules, file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module, flags", [("embedding_api", ["--log-level", "verbose"]), ("embedding_api", []),
+                                           ("embedding_api.bulk", []), ("embedding_api.ray_serve", [])])
+def test_a_bad_setting_or_a_missing_directory_is_said_before_torch_is_imported(tmp_path, module, flags):
+    """The settings and the model directory are checked first: the message comes without the seconds of
+    importing torch and transformers."""
+    model = tmp_path / "models" / "Qwen3-Embedding-0.6B"
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "a"}\n')
+    args = [str(tmp_path / "in.jsonl"), str(tmp_path / "out")] if module.endswith("bulk") else []
+    rc, out = run([PY, "-c", _WITHOUT_TORCH, module, *args, *flags], {"MODEL_PATH": str(model)}, tmp_path)
+    assert rc == 1 and "Traceback" not in out, out
+    if flags:
+        assert "LOG_LEVEL='verbose'" in out, out
+    else:
+        assert f"Model directory {str(model)!r} does not exist" in out and "hf download Qwen/Qwen3-Embedding-0.6B" in out, out
+    assert "torch imported: False" in out, out
+
+
 # --------------------------------------------------------------------------- no API key
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..model_paths import ModelLoadError, hidden_size, read_config
 from ..settings import Settings, settings_error_message
 from .reading import Columns, InputError, check_columns, count_rows, discover, iter_rows
 
@@ -95,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             return _fail(2, f"{name} must be at least 1")
 
-    from ..runners import ModelLoadError, hidden_size, read_config
-    from .embedder import DimensionError, JobOptions
-    from .writing import Output, OutputError, TooManyErrors
-
     columns = Columns(id=args.id_column, text=args.text_column, image=args.image_column,
                       instruction=args.instruction_column, video=args.video_column)
     try:
@@ -110,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     dimensions = args.dimensions or settings.embedding_dimension or native
     if not 1 <= dimensions <= native:
         return _fail(2, f"--dimensions must be between 1 and {native} for this model, got {dimensions}")
+    # torch and transformers (seconds to import) only once the settings, the model directory and the
+    # input files have been checked.
+    from .embedder import DimensionError, JobOptions
+    from .writing import Output, OutputError, TooManyErrors
+
     options = JobOptions(dimensions=dimensions, input_type=args.input_type, instruction=args.instruction,
                          columns=columns)
     job = {"input": [str(f) for f in files], "columns": asdict(columns), "dimensions": dimensions,

@@ -15,9 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..lifespan import load_settings
+from ..settings import load_settings
 from ..observability import configure_logging
-from ..runners import ModelLoadError, check_startup, read_config
+from ..model_paths import ModelLoadError, read_config
 
 log = logging.getLogger("embedding_api")
 
@@ -35,6 +35,9 @@ def main() -> None:
         # A local Ray runs the replicas on this host: check everything here first. A cluster's
         # nodes may differ from this one (GPUs, paths): check the model directory only if it is here.
         if local:
+            read_config(settings.model_path)  # at once, before torch is imported
+            from ..runners import check_startup
+
             check_startup(settings)
         elif Path(settings.model_path).is_dir():
             read_config(settings.model_path)

@@ -6,49 +6,10 @@ with one message that names the path or setting, and the server does not start.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from ..settings import Settings
-from ..model_paths import weights_hint
-
-
-
-class ModelLoadError(RuntimeError):
-    """The model directory or the device settings cannot be used; the server must not start."""
-
-
-
-def read_config(model_path: str) -> dict:
-    """Check the model directory enough to fail fast with a clear message."""
-    path = Path(model_path)
-    if not path.is_dir():
-        raise ModelLoadError(f"Model directory {str(path)!r} does not exist. {weights_hint(model_path)}")
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"Model directory {str(path)!r} has no config.json. {weights_hint(model_path)}") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{str(config_file)!r} is not readable JSON ({exc.__class__.__name__}). "
-                             f"{weights_hint(model_path)}") from None
-    if config.get("model_type") not in ("qwen3_vl", "qwen3"):
-        raise ModelLoadError(
-            f"{str(config_file)!r} has model_type {config.get('model_type')!r}; this server serves "
-            "Qwen3-VL-Embedding ('qwen3_vl') and Qwen3-Embedding ('qwen3') checkpoints."
-        )
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"Model directory {str(path)!r} has no *.safetensors weights. {weights_hint(model_path)}")
-    if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
-        raise ModelLoadError(f"Model directory {str(path)!r} has no tokenizer files. {weights_hint(model_path)}")
-    return config
-
-
-def hidden_size(config: dict) -> int:
-    text = config.get("text_config", config)
-    return int(text["hidden_size"])
+from ..model_paths import ModelLoadError, hidden_size, read_config, weights_hint  # noqa: F401 - re-exported
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
