@@ -101,6 +101,12 @@ def ray_server(ray_address, tiny_vl, tmp_path_factory):
     }, log_dir / "server.log", module="embedding_api.ray_serve")
     try:
         server.wait_ready(timeout=300)
+        # Ray's proxy answers as soon as one replica is up; the command says "serving ... through Ray
+        # Serve" once every replica is (seconds later on a loaded host).
+        deadline = time.monotonic() + 300
+        while "through Ray Serve (" not in server.output():
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.output()[-3000:]
+            time.sleep(0.2)
         yield server
     finally:
         if server.proc.poll() is None:
@@ -113,16 +119,22 @@ def ray_server(ray_address, tiny_vl, tmp_path_factory):
         assert server.proc.returncode == 0, server.output()[-3000:]
 
 
-def replica_pids(base_url: str, want: int, tries: int = 40) -> set[int]:
-    """The replicas seen answering /health (Ray spreads requests over them)."""
+def replica_pids(base_url: str, want: int, tries: int = 40, within: float = 0.0) -> set[int]:
+    """The replicas seen answering /health (Ray spreads requests over them): `tries` requests and, while
+    fewer than `want` have answered, more until `within` seconds have passed (Ray's proxy learns of a
+    ready replica a moment later, seconds later on a loaded host)."""
     seen: set[int] = set()
-    for _ in range(tries):
+    deadline = time.monotonic() + within
+    asked = 0
+    while True:
         body = httpx.get(base_url + "/health", timeout=30).json()
         assert body["status"] == "ok"
         seen.add(body["replica"]["pid"])
-        if len(seen) >= want:
-            break
-    return seen
+        asked += 1
+        if len(seen) >= want or (asked >= tries and time.monotonic() >= deadline):
+            return seen
+        if asked >= tries:
+            time.sleep(0.2)
 
 
 def test_same_api_and_vectors_as_the_plain_server(ray_server, vl_server, image_server):
@@ -159,7 +171,7 @@ def test_same_api_and_vectors_as_the_plain_server(ray_server, vl_server, image_s
 
 def test_a_killed_replica_is_replaced_while_requests_keep_being_answered(ray_server):
     base = ray_server.base_url
-    pids = replica_pids(base, want=2)
+    pids = replica_pids(base, want=2, within=120)
     assert len(pids) == 2, f"expected 2 replicas, saw {pids}"
     victim = min(pids)
     body = {"input": ["keep answering", "while a replica dies"]}
