@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from embedding_api.runners import PreparedInput
 
 from .test_operating import scrape, value
 from .test_robustness import assert_envelope
-from .util import API_KEY, ServerProcess, free_port
+from .util import API_KEY, ServerProcess, free_port, wait_for
 
 MODEL_PROCESS_MODULE = "embedding_api.engine.model_process"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -42,19 +41,6 @@ def model_processes(pid: int) -> list[int]:
     """The server's model processes, oldest first (models load in order)."""
     pids = [c for c in children(pid) if MODEL_PROCESS_MODULE in Path(f"/proc/{c}/cmdline").read_text()]
     return sorted(pids, key=lambda c: int(Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[19]))
-
-
-def wait_for(check, what: str, timeout: float = GUARD):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = check()
-        except httpx.TransportError:
-            got = None
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.2)
 
 
 def embed(server, inputs, timeout: float = GUARD) -> httpx.Response:

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .util import _SETTING_NAMES, API_KEY, ROOT, ServerProcess, png_bytes, sample_image
+from .util import _SETTING_NAMES, API_KEY, ROOT, ServerProcess, png_bytes, sample_image, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -103,10 +103,9 @@ def ray_server(ray_address, tiny_vl, tmp_path_factory):
         server.wait_ready(timeout=300)
         # Ray's proxy answers as soon as one replica is up; the command says "serving ... through Ray
         # Serve" once every replica is (seconds later on a loaded host).
-        deadline = time.monotonic() + 300
-        while "through Ray Serve (" not in server.output():
-            assert server.proc.poll() is None and time.monotonic() < deadline, server.output()[-3000:]
-            time.sleep(0.2)
+        wait_for(lambda: "through Ray Serve (" in server.output() or server.proc.poll() is not None,
+                 "every replica to serve", 300)
+        assert server.proc.poll() is None, server.output()[-3000:]
         yield server
     finally:
         if server.proc.poll() is None:

@@ -27,7 +27,7 @@ from embedding_api.main import begin_draining, create_app
 from embedding_api.runners import load_runner
 from embedding_api.settings import Settings
 
-from .util import ROOT, _SETTING_NAMES, ServerProcess, free_port
+from .util import ROOT, _SETTING_NAMES, ServerProcess, free_port, wait_for
 
 SIGTERM_RC = -signal.SIGTERM  # how Popen reports "terminated by SIGTERM"
 
@@ -534,15 +534,13 @@ def _start_long_request(base: str, inputs: list[str], out: dict) -> threading.Th
     return thread
 
 
-def _wait_idle(base: str, timeout: float = 60) -> None:
+def _wait_idle(base: str) -> None:
     """Until no model worker runs a batch and nothing is queued."""
-    deadline = time.time() + timeout
-    while True:
+    def idle() -> bool:
         h = health(base)
-        if h["queued_inputs"] == 0 and not any(w["busy"] for w in h["workers"]):
-            return
-        assert time.time() < deadline, h
-        time.sleep(0.05)
+        return h["queued_inputs"] == 0 and not any(w["busy"] for w in h["workers"])
+
+    wait_for(idle, "the model to go idle", 60)
 
 
 def _wait_started(base: str, before: int, timeout: float = 20) -> None:

@@ -92,6 +92,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(check, what: str, timeout: float = 240):
+    """Until `check()` is truthy (a server not answering yet counts as not yet); returns its value.
+    `timeout` is a hang guard, never a speed requirement."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+        except httpx.TransportError:
+            got = None
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
 def _end_with_parent() -> None:
     """In the child before exec: SIGTERM it when the test run that started it dies (Linux), so a killed
     pytest leaves no server behind."""
