@@ -5,16 +5,20 @@
     python -m benchmarks.dtype_tier --family qwen3 --sizes wide
 
 In-process, no HTTP. One runner is loaded in float32; the other tiers are copies of its weights:
-bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives) and int8 (dynamic quantization
-of every nn.Linear, `torch.ao.quantization.quantize_dynamic`, activations quantized per batch; the
-server does not offer it, see docs/benchmarks.md). Each tier has its own prefix cache.
+bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives), int8 (what DTYPE=int8 runs:
+runners/int8.py, the decoder's projections with weights per output channel and activations per
+row) and int8-tensor (torch's own `quantize_dynamic` of every nn.Linear: weights per tensor, one
+activation range per call, so a row's vector depends on the other rows of its batch; not offered,
+for comparison). Each tier has its own prefix cache.
 
 Per tier: inputs/s of `runner.forward` on a batch of 32 short texts and on a batch of 32 small
 images (Qwen3-VL), the tiers timed in turns (the order rotates each round), median of the rounds;
-and the cosine of each reference input's vector to float32's (texts, an instruction, three image
-sizes, a fused text+image input, each run alone), min and mean. `--threads` repeats the speed for
+the cosine of each reference input's vector to float32's (texts, an instruction, three image
+sizes, a fused text+image input, each run alone), min and mean; and `alone`, the lowest cosine between
+a text's vector run alone and in a batch of 32 (1.000000: the batch does not change it). `--threads` repeats the speed for
 each torch thread count, `--denormal` times torch.set_flush_denormal(True) against False, `--compile`
-times torch.compile'd forwards (and how long compiling took). The load average is printed before and
+times the packed text forward with its elementwise steps (RMSNorm with the rotary embedding, silu
+times up) compiled by torch.compile (and how long compiling took). The load average is printed before and
 after: on a busy host absolute figures move, the paired ratios much less.
 """
 
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedding_api.runners import PreparedInput, Runner, load_runner
+from embedding_api.runners import PreparedInput, Runner, int8, load_runner
 from embedding_api.runners.dtype_tier import bfloat16_copy, native_bf16
 from embedding_api.runners.prefix import PrefixCache
 from embedding_api.settings import Settings
@@ -66,10 +70,17 @@ def _image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8), "RGB")
 
 
-def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
+def int8_tensor_copy(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def int8_row_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """What DTYPE=int8 runs: the decoder's projections as runners/int8.py's RowInt8Linear."""
+    out = copy.deepcopy(model)
+    int8.quantize(out)
+    return out
 
 
 class Tiers:
@@ -77,8 +88,10 @@ class Tiers:
 
     def __init__(self, runner: Runner, names: list[str]):
         self.runner = runner
-        make = {"float32": lambda m: m, "bfloat16": bfloat16_copy, "int8": int8_copy}
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+        make = {"float32": lambda m: m, "bfloat16": bfloat16_copy, "int8": int8_row_copy,
+                "int8-tensor": int8_tensor_copy}
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32,
+                  "int8-tensor": torch.float32}
         base = runner.model
         self.models = {n: (make[n](base), dtypes[n], PrefixCache(8)) for n in names}
 
@@ -94,13 +107,17 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def fidelity(tiers: Tiers, inputs: list[PreparedInput]) -> dict[str, tuple[float, float]]:
+def fidelity(tiers: Tiers, inputs: list[PreparedInput], batch: list[PreparedInput]) -> dict[str, tuple]:
+    """Per tier: min and mean cosine to float32 over `inputs` (each run alone), and the lowest cosine
+    between a row of `batch` run alone and in the whole batch."""
     want = np.concatenate([tiers.forward("float32", [p]) for p in inputs])
     out = {}
     for name in tiers.models:
         got = np.concatenate([tiers.forward(name, [p]) for p in inputs])
         c = cosines(got, want)
-        out[name] = (float(c.min()), float(c.mean()))
+        together = tiers.forward(name, batch)
+        alone = np.concatenate([tiers.forward(name, [p]) for p in batch[:8]])
+        out[name] = (float(c.min()), float(c.mean()), float(cosines(alone, together[:8]).min()))
     return out
 
 
@@ -224,29 +241,40 @@ def denormal(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]
 
 
 def compiled(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]:
+    """The packed text forward with its elementwise steps compiled (torch.compile, dynamic shapes),
+    against the same forward eager, per float tier."""
+    from embedding_api.runners import packed
+
+    eager_steps = (packed._normed_rotary, packed._gated)
     lines = []
-    for name in [n for n in tiers.models if n != "int8"]:
-        eager, dtype, cache = tiers.models[name]
+    for name in [n for n in tiers.models if not n.startswith("int8")]:
+        want = tiers.forward(name, batch)
         t0 = time.perf_counter()
         try:
-            tiers.models[f"{name}+compile"] = (torch.compile(eager), dtype, PrefixCache(8))
-            tiers.forward(f"{name}+compile", batch)
-            tiers.forward(f"{name}+compile", batch)
+            packed._normed_rotary, packed._gated = (torch.compile(f, dynamic=True) for f in eager_steps)
+            got = tiers.forward(name, batch)
+            tiers.forward(name, batch[: len(batch) // 2])  # another shape: no recompiling with dynamic shapes
         except Exception as exc:  # noqa: BLE001 - a compiler failure is a figure too
             lines.append(f"  torch.compile, {name}: failed ({exc.__class__.__name__}: {str(exc)[:120]})")
-            tiers.models.pop(f"{name}+compile", None)
             continue
+        finally:
+            compiled_steps = (packed._normed_rotary, packed._gated)
+            packed._normed_rotary, packed._gated = eager_steps
         took = time.perf_counter() - t0
-        want = tiers.forward(name, batch)
-        got = tiers.forward(f"{name}+compile", batch)
-        t = in_turns({"eager": lambda n=name: tiers.forward(n, batch),
-                      "compiled": lambda n=name: tiers.forward(f"{n}+compile", batch)}, rounds)
+
+        def run(steps, name=name) -> None:
+            packed._normed_rotary, packed._gated = steps
+            try:
+                tiers.forward(name, batch)
+            finally:
+                packed._normed_rotary, packed._gated = eager_steps
+
+        t = in_turns({"eager": lambda: run(eager_steps), "compiled": lambda: run(compiled_steps)}, rounds)
         paired = statistics.median([e / c for e, c in zip(t["eager"], t["compiled"])])
-        lines.append(f"  torch.compile, {name}: compiling {took:.0f} s; "
+        lines.append(f"  torch.compile of the elementwise steps, {name}: compiling {took:.0f} s; "
                      f"eager {statistics.median(t['eager']) * 1e3:.1f} ms,"
                      f" compiled {statistics.median(t['compiled']) * 1e3:.1f} ms, paired speedup {paired:.2f}x; "
                      f"min cosine to eager {cosines(got, want).min():.6f}")
-        tiers.models.pop(f"{name}+compile")
     return lines
 
 
@@ -254,7 +282,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("qwen3_vl", "qwen3"), default="qwen3_vl")
     p.add_argument("--sizes", default="tiny,cpu,wide", help="benchmark checkpoint sizes (tools/checkpoint.py)")
-    p.add_argument("--tiers", default="float32,bfloat16,int8")
+    p.add_argument("--tiers", default="float32,bfloat16,int8,int8-tensor")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", default="0", help="torch thread counts to time, comma-separated; 0 = one per core")
     p.add_argument("--denormal", action="store_true", help="also time torch.set_flush_denormal(True)")
@@ -269,23 +297,24 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16() or 'no'}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; batch {BATCH}, {args.rounds} rounds in turns")
-    header = (f"{'checkpoint':<14} {'tier':<9} {'threads':>7} {'texts/s':>9} {'images/s':>9} {'min cos':>9} "
-              f"{'mean cos':>9}")
+    header = (f"{'checkpoint':<14} {'tier':<11} {'threads':>7} {'texts/s':>9} {'images/s':>9} {'min cos':>9} "
+              f"{'mean cos':>9} {'alone':>9}")
     for size in args.sizes.split(","):
         path = checkpoint(HERE / ".cache", args.family, size)
         runner = load_runner(Settings(_env_file=None, model_path=str(path), dtype="float32", device="cpu",
                                       log_level="WARNING"))
         tiers = Tiers(runner, tiers_wanted)
-        fid = fidelity(tiers, reference_inputs(runner))
         work = batches(runner)
+        fid = fidelity(tiers, reference_inputs(runner), work["texts"])
         print(header)
         threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",")]
         rates = {kind: speed(tiers, batch, args.rounds, threads) for kind, batch in work.items()}
         for n in threads:
             for name in tiers.models:
                 images = f"{rates['images'][name, n]:9.1f}" if "images" in rates else f"{'-':>9}"
-                print(f"{args.family + '/' + size:<14} {name:<9} {n:>7} "
-                      f"{rates['texts'][name, n]:9.1f} {images} {fid[name][0]:9.5f} {fid[name][1]:9.5f}")
+                print(f"{args.family + '/' + size:<14} {name:<11} {n:>7} "
+                      f"{rates['texts'][name, n]:9.1f} {images} {fid[name][0]:9.5f} {fid[name][1]:9.5f} "
+                      f"{fid[name][2]:9.6f}")
         torch.set_num_threads(os.cpu_count() or 1)
         if args.varied:
             rates = varied_speed(tiers, varied(runner), args.rounds)
@@ -297,7 +326,7 @@ def main(argv=None) -> int:
             print("\n".join(compiled(tiers, work["texts"], args.rounds)))
         if args.server:
             del tiers, runner
-            print("\n".join(through_server(path, [t for t in tiers_wanted if t != "int8"], args.rounds, 32,
+            print("\n".join(through_server(path, [t for t in tiers_wanted if t != "int8-tensor"], args.rounds, 32,
                                             args.server_seconds, threads[0])))
         sys.stdout.flush()
     load_after = os.getloadavg()

@@ -80,7 +80,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, a comma-separated list of these "
                         "(one model copy each, e.g. cuda:0,cuda:1 or cpu,cpu), or cuda:all (every visible GPU)")
     dtype: str = Field("auto", description="auto (bfloat16 on CUDA; on a CPU bfloat16 where it has native bf16 "
-                       "and a start-up probe measures it faster, else float32), float32, bfloat16 or float16")
+                       "and a start-up probe measures it faster, else float32), float32, bfloat16, float16, or int8 "
+                       "(a CPU only: the decoder's projections in int8, faster on wide models, cosine ~0.997-0.998 "
+                       "to float32; never chosen by auto)")
     dtype_probe: bool = Field(True, description="with DTYPE=auto on a CPU with native bf16: time float32 against "
                               "bfloat16 at start-up and keep the faster (false: float32, no probe)")
     embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
@@ -242,9 +244,9 @@ class Settings(BaseSettings):
     @classmethod
     def _check_dtype(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "float32", "bfloat16", "float16"):
+        if value in ("auto", "float32", "bfloat16", "float16", "int8"):
             return value
-        raise ValueError("DTYPE must be auto, float32, bfloat16 or float16")
+        raise ValueError("DTYPE must be auto, float32, bfloat16, float16 or int8")
 
     @field_validator("log_level")
     @classmethod

@@ -1,6 +1,7 @@
 """The dtype a model copy runs in (runners/dtype_tier.py): DTYPE=auto on a CPU takes bfloat16 only where
 the CPU has native bf16 and a start-up probe measures it faster; the servers say which dtype and why,
-and bfloat16 vectors stay within cosine 0.999 of float32's.
+and bfloat16 vectors stay within cosine 0.999 of float32's. DTYPE=int8 (runners/int8.py, a CPU only):
+the decoder's projections in int8, a row's vector independent of its batch, close to float32's.
 
 The probe's outcome depends on the host and its load, so no test depends on it: the decision is
 tested on given timings, and the switch between the two copies on a decision given to it."""
@@ -76,6 +77,22 @@ def test_initial_choice_per_setting_and_device():
     assert (cuda.dtype, cuda.reason) == (torch.bfloat16, "cuda")
     cpu = dtype_tier.initial_choice("auto", torch.device("cpu"))
     assert (cpu.dtype, cpu.reason) == (torch.float32, "pending")
+    int8 = dtype_tier.initial_choice("int8", torch.device("cpu"))  # loaded in float32, then quantized
+    assert (int8.dtype, int8.int8, int8.name, int8.reason) == (torch.float32, True, "int8", "setting")
+    assert dtype_tier.DtypeChoice.named("int8", "setting") == int8  # as a model process reports it
+    assert dtype_tier.DtypeChoice.named("bfloat16", "probe").dtype == torch.bfloat16
+
+
+def test_int8_is_refused_on_a_gpu_before_any_weight_is_loaded(tiny_vl, monkeypatch):
+    """This host has no GPU: the devices DEVICE resolves to are given (DEVICE=auto on a GPU host)."""
+    from embedding_api.runners import ModelLoadError, check_startup, loading
+
+    monkeypatch.setattr(loading, "resolve_devices", lambda setting: [torch.device("cuda:0")])
+    settings = Settings(_env_file=None, model_path=str(tiny_vl), dtype="int8")
+    with pytest.raises(ModelLoadError, match=r"DTYPE=int8 runs on a CPU only .* gives cuda:0\. Set DEVICE=cpu"):
+        check_startup(settings)
+    with pytest.raises(ValueError, match="DTYPE must be auto, float32, bfloat16, float16 or int8"):
+        Settings(_env_file=None, dtype="int4")
 
 
 # ------------------------------------------------------------------ the switch, on a real runner
@@ -150,12 +167,39 @@ def test_bfloat16_copy_matches_loading_in_bfloat16(tiny_vl, float32_runner):
     assert next(float32_runner.model.parameters()).dtype == torch.float32  # the original is untouched
 
 
-def test_text_reranker_in_bfloat16_scores_as_float32(tiny_text_reranker):
+def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, float32_runner):
+    from embedding_api.runners.int8 import RowInt8Linear
+
+    runner = _runner(tiny_vl, dtype="int8")
+    info = runner.info()
+    assert (runner.dtype, info.dtype, info.dtype_reason) == (torch.float32, "int8", "setting")
+    assert runner.packing  # checked on the float32 weights, before quantizing
+    modules = dict(runner.model.named_modules())
+    int8 = [n for n, m in modules.items() if isinstance(m, RowInt8Linear)]
+    left = [n for n, m in modules.items() if type(m) is torch.nn.Linear]
+    layers = runner.model.language_model.layers
+    assert len(int8) == 7 * len(layers) and all(".layers." in f".{n}" and "visual" not in n for n in int8)
+    assert left and all(n.startswith("visual.") for n in left)  # the vision encoder stays float32
+    got = runner.forward(_inputs(runner))
+    want = float32_runner.forward(_inputs(float32_runner))
+    cos = _cos(got, want)
+    assert np.all(cos >= 0.995), cos
+    assert not np.all(cos >= 0.9999995), cos  # really int8
+    # Activations are quantized per row: a row's vector does not depend on the rest of its batch.
+    texts = ["a", "The capital of China is Beijing.", "Roses are red and violets are blue, " * 6]
+    together = runner.forward([runner.prepare([t], [], None, None) for t in texts])
+    alone = np.concatenate([runner.forward([runner.prepare([t], [], None, None)]) for t in texts])
+    assert np.all(_cos(alone, together) >= 0.99999), _cos(alone, together)
+
+
+@pytest.mark.parametrize("dtype,within", [("bfloat16", 0.01), ("int8", 0.02)])
+def test_text_reranker_in_bfloat16_or_int8_scores_as_float32(tiny_text_reranker, dtype, within):
     from types import SimpleNamespace
 
     from embedding_api.runners.scoring import relevance_scores
 
-    f32, bf16 = _runner(tiny_text_reranker, dtype="float32"), _runner(tiny_text_reranker, dtype="bfloat16")
+    f32, other = _runner(tiny_text_reranker, dtype="float32"), _runner(tiny_text_reranker, dtype=dtype)
+    assert other.info().dtype == dtype
     query = SimpleNamespace(texts=["what is the capital of China?"], images=[])
     docs = ["The capital of China is Beijing.", "Today is Friday.", "Roses are red."]
 
@@ -163,7 +207,7 @@ def test_text_reranker_in_bfloat16_scores_as_float32(tiny_text_reranker):
         pairs = [r.prepare_pair(query, SimpleNamespace(texts=[d], images=[]), None) for d in docs]
         return relevance_scores(r.forward(pairs))
 
-    assert np.abs(scores(bf16) - scores(f32)).max() <= 0.01
+    assert np.abs(scores(other) - scores(f32)).max() <= within
 
 
 # ------------------------------------------------------------------ what the servers report
@@ -213,23 +257,24 @@ def test_the_test_servers_run_auto_in_float32(client):
     assert health["dtype"] == "float32" and health["dtype_reason"] in ("probe off", "no native bf16")
 
 
-def test_a_bfloat16_server_reports_it_and_stays_close_to_float32(start_server, tiny_vl, float32_runner,
-                                                                 image_server):
+@pytest.mark.parametrize("dtype,min_cosine", [("bfloat16", 0.999), ("int8", 0.995)])
+def test_a_bfloat16_or_int8_server_reports_it_and_stays_close_to_float32(start_server, tiny_vl, float32_runner,
+                                                                         image_server, dtype, min_cosine):
     server = start_server({"MODEL_PATH": str(tiny_vl), "MODEL_NAME": "Qwen3-VL-Embedding-2B", "API_KEY": API_KEY,
-                           "DTYPE": "bfloat16", "TORCH_THREADS": "1", "ALLOW_PRIVATE_IMAGE_URLS": "true"})
+                           "DTYPE": dtype, "TORCH_THREADS": "1", "ALLOW_PRIVATE_IMAGE_URLS": "true"})
     image = sample_image(300, 200, seed=2)
     url = image_server.add("/dtype-tier.png", png_bytes(image))
     texts = ["The capital of China is Beijing.", "混合 text with ünïcödé and emoji 🚀"]
     body = {"input": texts + [{"type": "image", "data": url}, {"text": "a photo of noise", "image": url}]}
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
         card = c.get("/v1/models").json()["data"][0]
-        assert (card["dtype"], card["dtype_reason"]) == ("bfloat16", "setting")
+        assert (card["dtype"], card["dtype_reason"]) == (dtype, "setting")
         health = c.get("/health").json()
-        assert (health["dtype"], health["dtype_reason"], health["dtype_probe_ms"]) == ("bfloat16", "setting", None)
+        assert (health["dtype"], health["dtype_reason"], health["dtype_probe_ms"]) == (dtype, "setting", None)
         got = _vectors(c, body)
     r = float32_runner
     want = r.forward([r.prepare([t], [], None, None) for t in texts]
                      + [r.prepare([], [image], None, None), r.prepare(["a photo of noise"], [image], None, None)])
     cos = _cos(got, want)
-    assert np.all(cos >= 0.999), cos
-    assert not np.allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)  # really bfloat16
+    assert np.all(cos >= min_cosine), cos
+    assert not np.allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)  # really not float32

@@ -24,7 +24,7 @@ from .reading import Columns, InputError, check_columns, count_rows, discover, i
 _SETTING_FLAGS = {
     "model_path": ("--model-path", str, "MODEL_PATH: the checkpoint directory"),
     "device": ("--device", str, "DEVICE: auto, cpu, cuda, cuda:N"),
-    "dtype": ("--dtype", str, "DTYPE: auto, float32, bfloat16, float16"),
+    "dtype": ("--dtype", str, "DTYPE: auto, float32, bfloat16, float16, int8 (CPU)"),
     "torch_threads": ("--torch-threads", int, "TORCH_THREADS: torch CPU threads (0 = one per core)"),
     "max_batch_size": ("--batch-size", int, "MAX_BATCH_SIZE: inputs per forward pass"),
     "max_batch_tokens": ("--max-batch-tokens", int, "MAX_BATCH_TOKENS: padded tokens per forward pass"),

@@ -100,12 +100,10 @@ class ModelProcess:
             self._end_child()
             raise ModelLoadError(value)
         if extra and self.dtype_choice is None:
-            import torch
-
             from ..runners.dtype_tier import DtypeChoice
 
             name, reason, times = extra[0]
-            self.dtype_choice = DtypeChoice(getattr(torch, name), reason, times)
+            self.dtype_choice = DtypeChoice.named(name, reason, times)
             settings, device, threads = self._args
             if settings.dtype != name:  # a restarted child runs in the dtype chosen now, with no second probe
                 self._args = (settings.model_copy(update={"dtype": name}), device, threads)

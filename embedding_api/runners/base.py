@@ -118,7 +118,7 @@ class Runner:
             takes_images=self.takes_images,
             vocab_size=self.vocab_size,
             device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", ""),
+            dtype=self.dtype_choice.name,
             default_query_instruction=self.default_query_instruction,
             kind=self.kind,
             dtype_reason=self.dtype_choice.reason,

@@ -1,6 +1,8 @@
 """The dtype a model copy runs in, and for DTYPE=auto on a CPU, the one a start-up probe measures faster.
 
-DTYPE=float32 / bfloat16 / float16: that dtype (reason "setting"). DTYPE=auto on CUDA: bfloat16
+DTYPE=float32 / bfloat16 / float16: that dtype (reason "setting"). DTYPE=int8 (a CPU only, never
+chosen by auto): loaded in float32, then the decoder's projections are made int8 (runners/int8.py);
+the model computes in float32 around them and reports "int8". DTYPE=auto on CUDA: bfloat16
 (reason "cuda"). DTYPE=auto on a CPU: the model is loaded in float32; where the CPU has native
 bfloat16 arithmetic (AVX512-BF16 or AMX, as /proc/cpuinfo or oneDNN say) and DTYPE_PROBE is on, a
 bfloat16 copy of the loaded weights is made and a few forwards of one small batch run on each, in
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model_paths import ModelLoadError
+
 log = logging.getLogger("embedding_api")
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -34,23 +38,35 @@ PROBE_ROUNDS = (2, 4)  # at least, at most; each round is one float32 and one bf
 PROBE_TEXT = "A short sentence about engineers who measure latency and throughput before choosing a design."
 
 
+INT8 = "int8"  # DTYPE=int8: float32 activations, the decoder's projections in int8 (runners/int8.py)
+
+
 @dataclass
 class DtypeChoice:
-    """The dtype in effect and why: "setting", "cuda", "probe", "no native bf16" or "probe off"."""
+    """The dtype in effect and why: "setting", "cuda", "probe", "no native bf16" or "probe off".
+    `dtype` is what the model computes in; `int8`: its decoder's projections are int8 (DTYPE=int8)."""
 
     dtype: torch.dtype
     reason: str
     times_ms: dict[str, float] = field(default_factory=dict)  # the probe's medians, when it ran
+    int8: bool = False
 
     @property
     def name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
+        return INT8 if self.int8 else str(self.dtype).replace("torch.", "")
+
+    @classmethod
+    def named(cls, name: str, reason: str, times_ms: dict | None = None) -> "DtypeChoice":
+        """The choice a `name` stands for ("int8" or a torch dtype's name)."""
+        if name == INT8:
+            return cls(torch.float32, reason, dict(times_ms or {}), int8=True)
+        return cls(getattr(torch, name), reason, dict(times_ms or {}))
 
 
 def initial_choice(setting: str, device: torch.device) -> DtypeChoice:
     """The dtype the weights are loaded in; for auto on a CPU, float32 until `settle` decides."""
     if setting != "auto":
-        return DtypeChoice(getattr(torch, setting), "setting")
+        return DtypeChoice.named(setting, "setting")
     if device.type == "cuda":
         return DtypeChoice(torch.bfloat16, "cuda")
     return DtypeChoice(torch.float32, "pending")
@@ -129,6 +145,8 @@ def settle(runner) -> DtypeChoice:
     """Apply DTYPE=auto's CPU rule to a loaded runner (see the module's text); returns the choice,
     also kept as `runner.dtype_choice`, and logs it on one line."""
     choice = runner.dtype_choice
+    if choice.int8:
+        _to_int8(runner)
     if choice.reason != "pending":
         return choice
     flag = native_bf16()
@@ -143,6 +161,19 @@ def settle(runner) -> DtypeChoice:
         choice = _probe(runner, flag)
     runner.dtype_choice = choice
     return choice
+
+
+def _to_int8(runner) -> None:
+    from . import int8
+
+    if runner.device.type != "cpu":
+        raise ModelLoadError(f"DTYPE=int8 runs on a CPU only; this model copy is on {runner.device}.")
+    why = int8.supported()
+    if why is not None:
+        raise ModelLoadError(f"DTYPE=int8 cannot run here: {why}. Use DTYPE=float32.")
+    count = int8.quantize(runner.model)
+    log.info("dtype int8 (DTYPE=int8): %d projections of the decoder in int8 (weights per channel, "
+             "activations per row); the rest in float32", count)
 
 
 def _probe(runner, flag: str) -> DtypeChoice:

@@ -49,8 +49,13 @@ def check_startup(settings: Settings) -> tuple[dict, torch.device, torch.dtype]:
             f"EMBEDDING_DIMENSION={settings.embedding_dimension} is larger than the model's own size {native} "
             f"({settings.model_path}); use a value from 1 to {native}."
         )
-    device = resolve_devices(settings.device)[0]  # every device is checked; the first one is returned
-    return config, device, resolve_dtype(settings.dtype, device)
+    devices = resolve_devices(settings.device)  # every device is checked; the first one is returned
+    if settings.dtype == "int8" and any(d.type != "cpu" for d in devices):
+        raise ModelLoadError(
+            f"DTYPE=int8 runs on a CPU only (torch's int8 kernels), but DEVICE={settings.device} gives "
+            f"{', '.join(str(d) for d in devices)}. Set DEVICE=cpu, or on a GPU DTYPE=auto, bfloat16 or float16."
+        )
+    return config, devices[0], resolve_dtype(settings.dtype, devices[0])
 
 
 def _attn_implementation(device: torch.device) -> str:

@@ -103,6 +103,24 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
 
 
+def _normed_rotary(x: torch.Tensor, norm, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The query/key path after the projection: the head's RMSNorm, then the rotary embedding."""
+    return _rotary(_norm(x, norm), cos, signed_sin)
+
+
+def _gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's silu(gate) * up, in place on `gate`."""
+    return F.silu(gate, inplace=True).mul_(up)
+
+
+def _linear(module, x: torch.Tensor) -> torch.Tensor:
+    """A projection: an nn.Linear's own weights in one call; any other module (a quantized linear, as
+    benchmarks/dtype_tier.py makes) through its own forward."""
+    if type(module) is torch.nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
 def _layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
            segments: Segments) -> torch.Tensor:
     """One decoder layer of Qwen3's (or Qwen3-VL's language model's) on a packed sequence
@@ -111,17 +129,14 @@ def _layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
     attn, mlp = layer.self_attn, layer.mlp
     rows, dim = hidden.shape[0], attn.head_dim
     x = _norm(hidden, layer.input_layernorm)
-    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(rows, -1, dim)
-    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(rows, -1, dim)
-    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(rows, -1, dim)
-    q = _rotary(_norm(q, attn.q_norm), cos, signed_sin)
-    k = _rotary(_norm(k, attn.k_norm), cos, signed_sin)
+    q = _normed_rotary(_linear(attn.q_proj, x).view(rows, -1, dim), attn.q_norm, cos, signed_sin)
+    k = _normed_rotary(_linear(attn.k_proj, x).view(rows, -1, dim), attn.k_norm, cos, signed_sin)
+    v = _linear(attn.v_proj, x).view(rows, -1, dim)
     o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
-    hidden = hidden + F.linear(o.view(rows, -1), attn.o_proj.weight, attn.o_proj.bias)
+    hidden = hidden + _linear(attn.o_proj, o.view(rows, -1))
     x = _norm(hidden, layer.post_attention_layernorm)
-    gate = F.silu(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
-    gate.mul_(F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias))
-    return hidden.add_(F.linear(gate, mlp.down_proj.weight, mlp.down_proj.bias))
+    gate = _gated(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x))
+    return hidden.add_(_linear(mlp.down_proj, gate))
 
 
 def unsupported(decoder) -> str | None:

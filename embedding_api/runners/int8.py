@@ -1,0 +1,87 @@
+"""DTYPE=int8 on a CPU: the decoder's projections in int8, everything else as in float32.
+
+Each nn.Linear of the decoder layers (attention and MLP projections; not the vision encoder, the
+embeddings, the final norm or a reranker's head) is replaced, once the float32 weights are loaded,
+by `RowInt8Linear`: its weights quantized per output channel (symmetric int8), its input
+quantized per row at each call, and the product computed by torch's own int8 kernel (fbgemm's
+dynamic linear, int32 accumulation). Per row, not per call: torch's own dynamic quantization
+(`quantize_dynamic`) takes one range for the whole input of a call, so one row's vector would
+depend on the other rows of its batch (and on a packed batch's longest row). Here each row is first
+divided by its largest magnitude and one guard row of +1 and -1 is appended, so the kernel's range
+is always [-1, 1] and a row is quantized the same whatever else is in its batch; the output rows
+are multiplied back. fbgemm takes 7-bit activations on x86 (`reduce_range`), which bounds the
+fidelity: docs/benchmarks.md gives the speed and the cosine to float32 on the test checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+log = logging.getLogger("embedding_api")
+
+
+class RowInt8Linear(torch.nn.Module):
+    """A linear layer in int8: weights per output channel, activations per row (see the module)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(1) / 127).clamp_min(1e-12).double()
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (moving to torchao)
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
+                                                                         requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(-1, keepdim=True).clamp_min_(1e-30)
+        scaled = rows.new_empty(rows.shape[0] + 1, self.in_features)
+        torch.div(rows, scale, out=scaled[:-1])
+        scaled[-1].zero_()
+        scaled[-1, 0], scaled[-1, 1] = 1.0, -1.0  # the guard row: the kernel's range is [-1, 1]
+        out = torch.ops.quantized.linear_dynamic(scaled, self.packed, True)[:-1]
+        out.mul_(scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel x per row"
+
+
+def quantizable(name: str) -> bool:
+    """Whether the nn.Linear at `name` (a qualified module name) runs in int8: the decoder layers' own."""
+    return ".layers." in f".{name}" and "visual" not in name
+
+
+def quantize(model: torch.nn.Module) -> int:
+    """Replace the decoder layers' nn.Linear modules of `model` (float32, on a CPU) in place; returns
+    how many. Raises RuntimeError where this torch has no int8 CPU kernel."""
+    done = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is torch.nn.Linear and quantizable(full):
+                setattr(module, child_name, RowInt8Linear(child))
+                done += 1
+    return done
+
+
+def supported() -> str | None:
+    """Why DTYPE=int8 cannot run in this torch, or None: one small int8 linear is built and run
+    (torch marks its quantized tensors deprecated; a torch without them is said at start-up)."""
+    try:
+        layer = RowInt8Linear(torch.nn.Linear(4, 3))
+        out = layer(torch.ones(2, 4))
+        if out.shape != (2, 3) or not torch.isfinite(out).all():
+            return "its int8 linear kernel gave a wrong result"
+    except Exception as exc:  # noqa: BLE001 - any failure means the kernel is not there
+        return f"this torch has no int8 linear kernel ({exc.__class__.__name__}: {str(exc)[:200]})"
+    return None
