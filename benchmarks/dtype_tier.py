@@ -13,13 +13,15 @@ for comparison). Each tier has its own prefix cache.
 
 Per tier: inputs/s of `runner.forward` on a batch of 32 short texts and on a batch of 32 small
 images (Qwen3-VL), the tiers timed in turns (the order rotates each round), median of the rounds;
-the cosine of each reference input's vector to float32's (texts, an instruction, three image
-sizes, a fused text+image input, each run alone), min and mean; and `alone`, the lowest cosine between
-a text's vector run alone and in a batch of 32 (1.000000: the batch does not change it). `--threads` repeats the speed for
-each torch thread count, `--denormal` times torch.set_flush_denormal(True) against False, `--compile`
-times the packed text forward with its elementwise steps (RMSNorm with the rotary embedding, silu
-times up) compiled by torch.compile (and how long compiling took). The load average is printed before and
-after: on a busy host absolute figures move, the paired ratios much less.
+the cosine of each reference input's vector to float32's (texts, an instruction, three image sizes,
+a fused text+image input, each run alone), min and mean; and `alone`, the lowest cosine between a
+text's vector run alone and in a batch of 32 (1.000000: the batch does not change it). `--threads`
+repeats the speed for each torch thread count; `--denormal` times torch.set_flush_denormal(True)
+against False; `--outliers F` first scales four channels of every decoder layer's RMSNorm weights
+by F (every tier, float32 too: the projections' inputs then carry outlier channels, as trained
+models' do); `--compile` times the packed text forward with its elementwise steps (RMSNorm with the
+rotary embedding, silu times up) compiled by torch.compile (and how long compiling took). The load
+average is printed before and after: on a busy host absolute figures move, the paired ratios much less.
 """
 
 from __future__ import annotations
@@ -101,6 +103,17 @@ class Tiers:
     def forward(self, name: str, batch: list[PreparedInput]) -> np.ndarray:
         self.use(name)
         return self.runner.forward(batch)
+
+
+def add_outliers(model: torch.nn.Module, factor: float, channels: int = 4) -> None:
+    """Scale the same few channels of every decoder layer's two RMSNorm weights by `factor`: the inputs
+    of its projections then carry outlier channels, as trained models' do and random weights' do not."""
+    layers = getattr(getattr(model, "language_model", None), "layers", None) or model.layers
+    picked = torch.randperm(layers[0].input_layernorm.weight.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[picked[:channels]] *= factor
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -286,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", default="0", help="torch thread counts to time, comma-separated; 0 = one per core")
     p.add_argument("--denormal", action="store_true", help="also time torch.set_flush_denormal(True)")
+    p.add_argument("--outliers", type=float, default=0.0,
+                   help="scale 4 channels of every decoder layer's RMSNorm weights by this (float32 included): "
+                        "outlier channels as trained models have them")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
     p.add_argument("--varied", action="store_true", help="also time batches of varying size and width")
     p.add_argument("--server", action="store_true",
@@ -303,6 +319,8 @@ def main(argv=None) -> int:
         path = checkpoint(HERE / ".cache", args.family, size)
         runner = load_runner(Settings(_env_file=None, model_path=str(path), dtype="float32", device="cpu",
                                       log_level="WARNING"))
+        if args.outliers:
+            add_outliers(runner.model, args.outliers)
         tiers = Tiers(runner, tiers_wanted)
         work = batches(runner)
         fid = fidelity(tiers, reference_inputs(runner), work["texts"])

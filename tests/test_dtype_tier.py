@@ -179,6 +179,8 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     left = [n for n, m in modules.items() if type(m) is torch.nn.Linear]
     layers = runner.model.language_model.layers
     assert len(int8) == 7 * len(layers) and all(".layers." in f".{n}" and "visual" not in n for n in int8)
+    # Outliers in float32, except for the MLP's down projection (its input is heavy-tailed everywhere).
+    assert all(modules[n].outliers == (not n.endswith("mlp.down_proj")) for n in int8)
     assert left and all(n.startswith("visual.") for n in left)  # the vision encoder stays float32
     got = runner.forward(_inputs(runner))
     want = float32_runner.forward(_inputs(float32_runner))
@@ -190,6 +192,35 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     together = runner.forward([runner.prepare([t], [], None, None) for t in texts])
     alone = np.concatenate([runner.forward([runner.prepare([t], [], None, None)]) for t in texts])
     assert np.all(_cos(alone, together) >= 0.99999), _cos(alone, together)
+
+
+def test_an_int8_layer_takes_outliers_in_float32_and_each_row_on_its_own(monkeypatch):
+    """Trained models put a few input channels far above the rest: in one int8 range with them, the
+    other values of the row would lose their precision. Each row's outliers are multiplied in float32,
+    and neither they nor anything else in a batch changes another row's result."""
+    from embedding_api.runners import int8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    layer = int8.RowInt8Linear(linear)
+    x = torch.randn(6, 256)
+    x[0, :3] *= 60.0  # outlier channels in row 0
+    x[2, 7] = -300.0  # and one outlier value in row 2
+
+    def cos(a, b):
+        return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+    with torch.inference_mode():
+        want = linear(x)
+        got = layer(x)
+        assert cos(got, want).min() >= 0.9995, cos(got, want)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+        assert torch.allclose(alone, got, rtol=0, atol=1e-5)
+        monkeypatch.setattr(int8, "OUTLIER", float("inf"))  # the same layer without the float32 outliers
+        plain = layer(x)
+    error = lambda out: (out - want).norm(dim=-1)  # noqa: E731
+    assert error(got)[0] < error(plain)[0] / 4 and error(got)[2] < error(plain)[2] / 4
+    assert torch.allclose(plain[[1, 3, 4, 5]], got[[1, 3, 4, 5]], rtol=0, atol=1e-5)  # rows without outliers
 
 
 @pytest.mark.parametrize("dtype,within", [("bfloat16", 0.01), ("int8", 0.02)])

@@ -173,7 +173,7 @@ def _to_int8(runner) -> None:
         raise ModelLoadError(f"DTYPE=int8 cannot run here: {why}. Use DTYPE=float32.")
     count = int8.quantize(runner.model)
     log.info("dtype int8 (DTYPE=int8): %d projections of the decoder in int8 (weights per channel, "
-             "activations per row); the rest in float32", count)
+             "activations per row, outliers in float32); the rest in float32", count)
 
 
 def _probe(runner, flag: str) -> DtypeChoice:

@@ -9,8 +9,16 @@ dynamic linear, int32 accumulation). Per row, not per call: torch's own dynamic 
 depend on the other rows of its batch (and on a packed batch's longest row). Here each row is first
 divided by its largest magnitude and one guard row of +1 and -1 is appended, so the kernel's range
 is always [-1, 1] and a row is quantized the same whatever else is in its batch; the output rows
-are multiplied back. fbgemm takes 7-bit activations on x86 (`reduce_range`), which bounds the
-fidelity: docs/benchmarks.md gives the speed and the cosine to float32 on the test checkpoints.
+are multiplied back. Outliers: trained models carry a few input channels far larger than the rest,
+and in one int8 range with them every other value of the row would lose its precision; a value
+more than OUTLIER times its row's mean magnitude is left out of the int8 product and multiplied in
+float32 (on the same int8 weights), in the columns where any row has one (at most 1/16 of them,
+the farthest out). A row's own values decide its range and which of its values are outliers, so
+the rest of its batch does not change its result (unless more columns than that have outliers). The
+MLP's down projection is the exception: its input, silu(gate) * up, is heavy-tailed in every column,
+so its rows are quantized whole. fbgemm takes
+7-bit activations on x86 (`reduce_range`), which bounds the fidelity: docs/benchmarks.md gives the
+speed and the cosine to float32 on the test checkpoints, with and without simulated outliers.
 """
 
 from __future__ import annotations
@@ -23,17 +31,35 @@ import torch
 log = logging.getLogger("embedding_api")
 
 
-class RowInt8Linear(torch.nn.Module):
-    """A linear layer in int8: weights per output channel, activations per row (see the module)."""
+# An input value more than OUTLIER times its row's mean magnitude is an outlier: it is left out of the
+# int8 product and multiplied in float32 instead. For a Gaussian row that is beyond 6 standard
+# deviations (about one value in five billion); trained models put a few channels far beyond that.
+OUTLIER = 8.0
+# At most this share of a layer's input columns is taken in float32 (those farthest out); past it the
+# batch decides which, and a row's result then depends a little on its batch. Trained models'
+# outlier channels are a handful per layer.
+OUTLIER_COLUMNS = 1 / 16
+# The MLP's down projection takes silu(gate) * up, a product whose values are heavy-tailed in every
+# column (past 8x the mean magnitude in all of them, on random weights and trained ones alike): its
+# rows are quantized whole, without outliers in float32.
+PLAIN = ("down_proj",)
 
-    def __init__(self, linear: torch.nn.Linear):
+
+class RowInt8Linear(torch.nn.Module):
+    """A linear layer in int8: weights per output channel, activations per row (see the module), the
+    outlier values of each row in float32."""
+
+    def __init__(self, linear: torch.nn.Linear, outliers: bool = True):
         super().__init__()
+        self.outliers = outliers
         weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(1) / 127).clamp_min(1e-12).double()
+        scale = (weight.abs().amax(1) / 127).clamp_min(1e-12)
+        self.weight_int8 = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.weight_scale = scale
         zero = torch.zeros(weight.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (moving to torchao)
             warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+            quantized = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
@@ -41,19 +67,41 @@ class RowInt8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        scale = rows.abs().amax(-1, keepdim=True).clamp_min_(1e-30)
+        size = rows.abs()
+        peak = size.amax(-1, keepdim=True)
+        limit = size.mean(-1, keepdim=True).mul_(OUTLIER) if self.outliers else peak
+        outliers = None
+        if self.outliers and bool((peak > limit).any()):  # outliers: the columns they are in, then the values
+            reach = (size / limit).amax(0)  # per column, its largest value against its row's limit
+            cap = max(1, int(self.in_features * OUTLIER_COLUMNS))
+            columns = (reach > 1).nonzero().squeeze(1)
+            if len(columns) > cap:
+                columns = reach.topk(cap).indices
+            part = rows[:, columns]
+            far = size[:, columns] > limit
+            outliers = (part * far, columns)
+            part = part.masked_fill(far, 0.0)  # what stays in int8, in those columns
+            peak = torch.maximum(size.index_fill(1, columns, 0.0).amax(-1, keepdim=True),
+                                 part.abs().amax(-1, keepdim=True))
+        scale = peak.clamp_min_(1e-30)
         scaled = rows.new_empty(rows.shape[0] + 1, self.in_features)
         torch.div(rows, scale, out=scaled[:-1])
+        if outliers is not None:
+            scaled[:-1].index_copy_(1, outliers[1], part / scale)
         scaled[-1].zero_()
         scaled[-1, 0], scaled[-1, 1] = 1.0, -1.0  # the guard row: the kernel's range is [-1, 1]
         out = torch.ops.quantized.linear_dynamic(scaled, self.packed, True)[:-1]
         out.mul_(scale)
+        if outliers is not None:  # the outliers, on the same int8 weights, in float32
+            values, columns = outliers
+            out.addmm_(values, self.weight_int8[:, columns].float().mul_(self.weight_scale[:, None]).T)
         if self.bias is not None:
             out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel x per row"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel x per row"
+                + (", outliers in float32" if self.outliers else ""))
 
 
 def quantizable(name: str) -> bool:
@@ -69,7 +117,7 @@ def quantize(model: torch.nn.Module) -> int:
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is torch.nn.Linear and quantizable(full):
-                setattr(module, child_name, RowInt8Linear(child))
+                setattr(module, child_name, RowInt8Linear(child, outliers=child_name not in PLAIN))
                 done += 1
     return done
 
