@@ -163,38 +163,55 @@ def ray_address(tmp_path_factory):
                 return port
 
     ray_exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
-    head = subprocess.Popen(
-        [ray_exe, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-         f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # Token auth off: Ray turns it on for a new head whenever ~/.ray/auth_token exists, while clients
-        # given an explicit address (RAY_ADDRESS) do not send the token. A loopback test head needs none.
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"},
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # a hang guard
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if head.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the local Ray head did not start; see {log.name}")
-        time.sleep(0.5)
-    try:
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
+
+    def start(attempt: int):
+        temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}-{attempt}"  # short: Ray's socket paths have a limit
+        port = free_port()
+        log_path = tmp_path_factory.mktemp("ray") / "head.log"
+        log = open(log_path, "w")
+        head = subprocess.Popen(
+            [ray_exe, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
+             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+             f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # Token auth off: Ray turns it on for a new head whenever ~/.ray/auth_token exists, while clients
+            # given an explicit address (RAY_ADDRESS) do not send the token. A loopback test head needs none.
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"},
+        )
+        return head, log, log_path, port, temp_dir
+
+    def stop(head, log, temp_dir) -> None:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         try:
             head.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+    # `ray start` says "Ray runtime started." once its raylet has registered. On a loaded host the
+    # raylet can miss Ray's fixed 30 s for that, and the head exits: it is started again, twice at most.
+    deadline = time.monotonic() + 600  # a hang guard
+    for attempt in range(3):
+        head, log, log_path, port, temp_dir = start(attempt)
+        while "Ray runtime started." not in log_path.read_text(errors="replace"):
+            if head.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        else:
+            break
+        stop(head, log, temp_dir)
+    else:
+        raise RuntimeError(f"the local Ray head did not start three times; see {log_path}")
+    address = f"127.0.0.1:{port}"
+    try:
+        yield address
+    finally:
+        stop(head, log, temp_dir)

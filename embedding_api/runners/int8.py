@@ -16,20 +16,16 @@ float32 (on the same int8 weights), in the columns where any row has one (at mos
 the farthest out). A row's own values decide its range and which of its values are outliers, so
 the rest of its batch does not change its result (unless more columns than that have outliers). The
 MLP's down projection is the exception: its input, silu(gate) * up, is heavy-tailed in every column,
-so its rows are quantized whole. fbgemm takes
-7-bit activations on x86 (`reduce_range`), which bounds the fidelity: docs/benchmarks.md gives the
-speed and the cosine to float32 on the test checkpoints, with and without simulated outliers.
+so its rows are quantized whole. fbgemm takes 7-bit activations on x86 (`reduce_range`), which bounds
+the fidelity: docs/benchmarks.md gives the speed and the cosine to float32 on the test checkpoints,
+with and without simulated outliers.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
-
-log = logging.getLogger("embedding_api")
-
 
 # An input value more than OUTLIER times its row's mean magnitude is an outlier: it is left out of the
 # int8 product and multiplied in float32 instead. For a Gaussian row that is beyond 6 standard
@@ -37,11 +33,11 @@ log = logging.getLogger("embedding_api")
 OUTLIER = 8.0
 # At most this share of a layer's input columns is taken in float32 (those farthest out); past it the
 # batch decides which, and a row's result then depends a little on its batch. Trained models'
-# outlier channels are a handful per layer.
+# outlier channels are reported to be a handful per layer.
 OUTLIER_COLUMNS = 1 / 16
 # The MLP's down projection takes silu(gate) * up, a product whose values are heavy-tailed in every
-# column (past 8x the mean magnitude in all of them, on random weights and trained ones alike): its
-# rows are quantized whole, without outliers in float32.
+# column (on the test checkpoints' shapes, past 8x the mean magnitude in nearly all of them in any
+# batch): its rows are quantized whole, without outliers in float32.
 PLAIN = ("down_proj",)
 
 

@@ -114,8 +114,8 @@ def _gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
-    """A projection: an nn.Linear's own weights in one call; any other module (a quantized linear, as
-    benchmarks/dtype_tier.py makes) through its own forward."""
+    """A projection: an nn.Linear's own weights in one call; any other module (DTYPE=int8's
+    runners/int8.py layers, a benchmark's quantized copy) through its own forward."""
     if type(module) is torch.nn.Linear:
         return F.linear(x, module.weight, module.bias)
     return module(x)
