@@ -10,7 +10,7 @@ import pytest
 
 from embedding_api.tools.checkpoint import write_checkpoint
 
-from .util import API_KEY, ImageServer, ServerProcess
+from .util import API_KEY, ImageServer, ServerProcess, wait_for
 
 # DTYPE=auto runs in float32 on every host: on a CPU with native bf16 the start-up probe could pick
 # bfloat16 by its timing, and the reference tests hold float32 to cosine 0.9999. The bfloat16 tier and
@@ -150,7 +150,6 @@ def ray_address(tmp_path_factory):
     import socket
     import subprocess
     import sys
-    import time
 
     worker_ports = 20000 + (os.getpid() % 200) * 200  # a range of its own for this session's workers
 
@@ -196,16 +195,15 @@ def ray_address(tmp_path_factory):
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
+    def started(log_path) -> bool:
+        return "Ray runtime started." in log_path.read_text(errors="replace")
+
     # `ray start` says "Ray runtime started." once its raylet has registered. On a loaded host the
     # raylet can miss Ray's fixed 30 s for that, and the head exits: it is started again, twice at most.
-    deadline = time.monotonic() + 600  # a hang guard
     for attempt in range(3):
         head, log, log_path, port, temp_dir = start(attempt)
-        while "Ray runtime started." not in log_path.read_text(errors="replace"):
-            if head.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        else:
+        wait_for(lambda: started(log_path) or head.poll() is not None, "the Ray head", 600)  # a hang guard
+        if started(log_path):
             break
         stop(head, log, temp_dir)
     else:

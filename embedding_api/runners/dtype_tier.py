@@ -164,10 +164,9 @@ def settle(runner) -> DtypeChoice:
 
 
 def _to_int8(runner) -> None:
+    """DTYPE=int8 (on a CPU: check_startup refuses any other device before the weights load)."""
     from . import int8
 
-    if runner.device.type != "cpu":
-        raise ModelLoadError(f"DTYPE=int8 runs on a CPU only; this model copy is on {runner.device}.")
     why = int8.supported()
     if why is not None:
         raise ModelLoadError(f"DTYPE=int8 cannot run here: {why}. Use DTYPE=float32.")

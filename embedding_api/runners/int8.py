@@ -50,8 +50,9 @@ class RowInt8Linear(torch.nn.Module):
         self.outliers = outliers
         weight = linear.weight.detach().float()
         scale = (weight.abs().amax(1) / 127).clamp_min(1e-12)
-        self.weight_int8 = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.weight_scale = scale
+        if outliers:  # the outliers' product reads these columns of the int8 weights
+            self.weight_int8 = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.weight_scale = scale
         zero = torch.zeros(weight.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (moving to torchao)
             warnings.simplefilter("ignore")
