@@ -128,3 +128,44 @@ def test_a_text_alone_runs_packed_too(runners, family):
         hook.remove()
     assert calls == []  # the layers written out ran, not the modules
     assert _cosines(vector, _padded(runner, p)).min() >= 0.99999
+
+
+def test_long_rows_without_a_prefix_attend_causally_in_calls_of_their_own(runners):
+    cpu = torch.device("cpu")
+    segments = packed.Segments([300, 290, 20, 22], [0] * 4, None, cpu)
+    shapes = sorted((tuple(g.valid.shape), g.mask is None) for g in segments.groups)
+    assert shapes == [((1, 290), True), ((1, 300), True), ((2, 22), False)]
+    # With a cached prefix the mask stays (the prefix's keys precede the row's own).
+    runner = runners["text"]
+    batch = [runner.prepare([t], [], None, instruction) for t, instruction in
+             ((" ".join(f"word{i} and more" for i in range(90)), None),
+              (" ".join(f"term{i} and less" for i in range(80)), "Find the answer"),
+              ("a short one", None), ("another short text", "Find the answer"))]
+    assert batch[0].n_tokens >= packed.CAUSAL_ALONE_TOKENS and batch[1].n_tokens - batch[1].prefix >= 256
+    runner.forward(batch)  # the prefix's keys and values, computed once
+    together = runner.forward(batch)
+    alone = np.concatenate([_padded(runner, p) for p in batch])
+    assert _cosines(together, alone).min() >= 0.99999
+
+
+def test_a_batch_past_the_token_budget_runs_as_several_packed_forwards(runners, monkeypatch):
+    assert packed.forwards([5, 30, 10, 70, 20]) == [[0, 2, 4, 1, 3]]
+    monkeypatch.setattr(packed, "PACKED_FORWARD_TOKENS", 40)
+    # In length order, each forward at most 40 tokens; a longer row alone.
+    assert packed.forwards([5, 30, 10, 70, 20]) == [[0, 2, 4], [1], [3]]
+    runner = runners["vl"]
+    batch = [runner.prepare([t], [], None, None) for t in _texts(9)]
+    runner.forward(batch)  # the prefix's keys and values, computed once
+    own = sorted(p.n_tokens - p.prefix for p in batch)
+    assert own[0] + own[1] <= 40 < own[-1]
+    widths: list[int] = []
+    decoder = packed.text_model(runner)
+    hook = decoder.embed_tokens.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+    try:
+        together = runner.forward(batch)
+    finally:
+        hook.remove()
+    assert 1 < len(widths) < len(batch) and sum(widths) == sum(own)
+    assert all(w <= 40 or w in own for w in widths)
+    alone = np.concatenate([_padded(runner, p) for p in batch])
+    assert _cosines(together, alone).min() >= 0.99999

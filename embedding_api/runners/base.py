@@ -227,7 +227,10 @@ class Runner:
         if self.packing:
             texts = [i for i in rest if packed.is_text(batch[i])]
             if texts:
-                parts.append((texts, lambda rows: packed.run(self, rows)))
+                reuse = self.prefix_cache is not None
+                lengths = [batch[i].n_tokens - (batch[i].prefix if reuse else 0) for i in texts]
+                for rows in packed.forwards(lengths):
+                    parts.append(([texts[j] for j in rows], lambda rows: packed.run(self, rows)))
                 rest = [i for i in rest if not packed.is_text(batch[i])]
         if rest:
             reuse = self.prefix_cache is not None

@@ -35,6 +35,13 @@ log = logging.getLogger("embedding_api")
 # One more attention call, in padded positions' worth: rows of very different lengths (a long
 # passage beside short queries) get calls of their own rather than one call padded to the longest.
 ATTENTION_CALL_TOKENS = 64
+# A row this long without a prefix gets an attention call of its own: plain causal attention, which
+# skips the keys past each query where a mask only hides them (at 1,000 tokens 1.5x faster).
+CAUSAL_ALONE_TOKENS = 256
+# The texts of a batch run as packed forwards of at most this many tokens each (a longer text alone):
+# past a few thousand rows the matmuls and the elementwise steps run out of the CPU's caches
+# (9,155 tokens in one forward: 1.2x slower than in forwards of 2,048).
+PACKED_FORWARD_TOKENS = 2048
 
 
 class Segments:
@@ -44,9 +51,15 @@ class Segments:
 
     def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device):
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        alone = {i for i, n in enumerate(lengths) if n >= CAUSAL_ALONE_TOKENS and not prefix_lengths[i]}
+        rest = [i for i in range(len(lengths)) if i not in alone]
+        calls = [[i] for i in sorted(alone)]
+        if rest:
+            calls += [[rest[j] for j in rows]
+                      for rows in length_groups([lengths[i] for i in rest], ATTENTION_CALL_TOKENS)]
         self.groups = [_Group([lengths[i] for i in rows], [int(starts[i]) for i in rows],
                               [prefix_lengths[i] for i in rows], rows, prefix_kv, device)
-                       for rows in length_groups(lengths, ATTENTION_CALL_TOKENS)]
+                       for rows in calls]
 
 
 class _Group:
@@ -68,7 +81,9 @@ class _Group:
                               for k, v in prefix_kv]  # per layer (rows, kv heads, longest prefix, dim)
             seen = torch.arange(width, device=device)[None, :] < torch.tensor(prefix_lengths, device=device)[:, None]
             own = torch.cat((seen[:, None, :].expand(-1, longest, -1), own), dim=2)
-        self.mask = own[:, None]  # (rows, 1, query, prefix + key)
+        # Rows of one length and no prefix: plain causal attention, which skips the keys past each
+        # query rather than masking them (1.5x faster at 1,000 tokens on a CPU).
+        self.mask = None if self.prefix_kv is None and min(lengths) == longest else own[:, None]
 
 
 def attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
@@ -83,8 +98,8 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
         if group.prefix_kv is not None:
             pk, pv = group.prefix_kv[layer]
             k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.mask is None,
+                                           scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
         out[group.positions] = o.transpose(1, 2)[group.valid]
     return out
 
@@ -153,6 +168,21 @@ def text_model(runner):
     """The decoder stack: Qwen3Model itself, or Qwen3-VL's language model."""
     model = runner.model
     return getattr(model, "language_model", None) or model
+
+
+def forwards(lengths: list[int]) -> list[list[int]]:
+    """The rows of a text batch cut into packed forwards of at most PACKED_FORWARD_TOKENS tokens each
+    (a longer row alone), in length order: rows of similar length share their forward's attention calls."""
+    budget = PACKED_FORWARD_TOKENS
+    out: list[list[int]] = [[]]
+    total = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if out[-1] and total + lengths[i] > budget:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += lengths[i]
+    return out
 
 
 def is_text(p) -> bool:
