@@ -6,10 +6,12 @@ differ keeps it off."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from embedding_api.runners import load_runner, packed
@@ -130,12 +132,29 @@ def test_a_text_alone_runs_packed_too(runners, family):
     assert _cosines(vector, _padded(runner, p)).min() >= 0.99999
 
 
-def test_long_rows_without_a_prefix_attend_causally_in_calls_of_their_own(runners):
+def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     cpu = torch.device("cpu")
     segments = packed.Segments([300, 290, 20, 22], [0] * 4, None, cpu)
     shapes = sorted((tuple(g.valid.shape), g.mask is None) for g in segments.groups)
     assert shapes == [((1, 290), True), ((1, 300), True), ((2, 22), False)]
-    # With a cached prefix the mask stays (the prefix's keys precede the row's own).
+    # A row with a cached prefix too: empty queries in the prefix's places put the causal diagonal
+    # where the row's own keys start; the same attention as the mask gives.
+    torch.manual_seed(0)
+    lengths, prefixes = [300, 20, 22], [7, 7, 0]
+    prefix_kv = [(torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8))]
+    segments = packed.Segments(lengths, prefixes, prefix_kv, cpu)
+    found = sorted((tuple(g.valid.shape), g.mask is None, g.lead) for g in segments.groups)
+    assert found == [((1, 300), True, 7), ((2, 22), False, 0)]
+    query, key, value = torch.randn(342, 4, 8), torch.randn(342, 2, 8), torch.randn(342, 2, 8)
+    out = packed.attention(query, key, value, segments, 0, 0.3)
+    for row, (start, n, p) in enumerate(zip((0, 300, 320), lengths, prefixes)):
+        k = torch.cat((prefix_kv[0][0][row, :, :p], key[start:start + n].transpose(0, 1)), 1)
+        v = torch.cat((prefix_kv[0][1][row, :, :p], value[start:start + n].transpose(0, 1)), 1)
+        mask = torch.ones(n, p + n, dtype=torch.bool).tril(p)
+        want = F.scaled_dot_product_attention(query[start:start + n].transpose(0, 1), k.repeat_interleave(2, 0),
+                                              v.repeat_interleave(2, 0), attn_mask=mask, scale=0.3)
+        torch.testing.assert_close(out[start:start + n], want.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    # Through the model: long rows with and without an instruction's prefix, beside short ones.
     runner = runners["text"]
     batch = [runner.prepare([t], [], None, instruction) for t, instruction in
              ((" ".join(f"word{i} and more" for i in range(90)), None),
@@ -169,3 +188,33 @@ def test_a_batch_past_the_token_budget_runs_as_several_packed_forwards(runners, 
     assert all(w <= 40 or w in own for w in widths)
     alone = np.concatenate([_padded(runner, p) for p in batch])
     assert _cosines(together, alone).min() >= 0.99999
+
+
+@pytest.fixture(scope="module")
+def rerankers(tiny_text_reranker, tiny_vl_reranker):
+    return {name: load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1))
+            for name, path in (("text", tiny_text_reranker), ("vl", tiny_vl_reranker))}
+
+
+@pytest.mark.parametrize("family", ["text", "vl"])
+def test_rerankers_run_their_text_pairs_packed_with_the_padded_scores(rerankers, family):
+    runner = rerankers[family]
+    assert runner.kind == "reranker" and runner.packing is True
+    side = lambda text, images=(): SimpleNamespace(texts=[text] if text else [], images=list(images))  # noqa: E731
+    query = side("which river runs past the mill")
+    documents = _texts(6) + [" ".join(f"word{i} and more words" for i in range(120))]
+    batch = [runner.prepare_pair(query, side(d), instruction)
+             for d, instruction in zip(documents, (None, "Find the answer") * 4)]
+    if family == "vl":  # a pair with an image runs padded beside the packed ones
+        batch.insert(3, runner.prepare_pair(query, side("", [Image.new("RGB", (64, 48), (20, 140, 90))]), None))
+    runner.forward(batch)  # the judge prompts' keys and values, computed once
+    calls = []
+    hook = packed.text_model(runner).layers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        together = runner.forward(batch)
+    finally:
+        hook.remove()
+    assert len(calls) == (1 if family == "vl" else 0)  # the modules ran for the image pair only
+    with torch.inference_mode():
+        alone = np.array([runner._scores(torch.from_numpy(runner._forward_padded([p])))[0].item() for p in batch])
+    np.testing.assert_allclose(together, alone, atol=1e-4)

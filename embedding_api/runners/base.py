@@ -247,9 +247,13 @@ class Runner:
             out[rows] = pooled
         return out
 
+    def probe_inputs(self, texts) -> list[PreparedInput]:
+        """Inputs for start-up checks (runners/packed.py): the texts, without instruction."""
+        return [self.prepare([text], [], None, None) for text in texts]
+
     def check_packing(self) -> bool:
-        """Turn the packed forward on where it gives this model copy's padded vectors (CPU, embedding
-        models); called once the weights are loaded."""
+        """Turn the packed forward on where it gives this model copy's padded vectors (on a CPU);
+        called once the weights are loaded."""
         self.packing = packed.check(self)
         return self.packing
 

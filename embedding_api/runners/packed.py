@@ -35,13 +35,13 @@ log = logging.getLogger("embedding_api")
 # One more attention call, in padded positions' worth: rows of very different lengths (a long
 # passage beside short queries) get calls of their own rather than one call padded to the longest.
 ATTENTION_CALL_TOKENS = 64
-# A row this long without a prefix gets an attention call of its own: plain causal attention, which
-# skips the keys past each query where a mask only hides them (at 1,000 tokens 1.5x faster).
+# A row this long gets an attention call of its own: plain causal attention, which skips the keys
+# past each query where a mask only hides them (at 1,000 tokens 1.5x faster).
 CAUSAL_ALONE_TOKENS = 256
 # The texts of a batch run as packed forwards of at most this many tokens each (a longer text alone):
-# past a few thousand rows the matmuls and the elementwise steps run out of the CPU's caches
-# (9,155 tokens in one forward: 1.2x slower than in forwards of 2,048).
-PACKED_FORWARD_TOKENS = 2048
+# past a thousand rows or so the matmuls and the elementwise steps run out of the CPU's caches (on
+# the wide and `cpu` checkpoints 1.01-1.11x faster than forwards of 2,048, 1.08-1.35x than 4,096).
+PACKED_FORWARD_TOKENS = 1024
 
 
 class Segments:
@@ -51,7 +51,7 @@ class Segments:
 
     def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device):
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        alone = {i for i, n in enumerate(lengths) if n >= CAUSAL_ALONE_TOKENS and not prefix_lengths[i]}
+        alone = {i for i, n in enumerate(lengths) if n >= CAUSAL_ALONE_TOKENS}
         rest = [i for i in range(len(lengths)) if i not in alone]
         calls = [[i] for i in sorted(alone)]
         if rest:
@@ -81,9 +81,12 @@ class _Group:
                               for k, v in prefix_kv]  # per layer (rows, kv heads, longest prefix, dim)
             seen = torch.arange(width, device=device)[None, :] < torch.tensor(prefix_lengths, device=device)[:, None]
             own = torch.cat((seen[:, None, :].expand(-1, longest, -1), own), dim=2)
-        # Rows of one length and no prefix: plain causal attention, which skips the keys past each
-        # query rather than masking them (1.5x faster at 1,000 tokens on a CPU).
-        self.mask = None if self.prefix_kv is None and min(lengths) == longest else own[:, None]
+        # Rows of one length and one prefix length: plain causal attention, which skips the keys past
+        # each query rather than masking them (1.5x faster at 1,000 tokens on a CPU). Its diagonal
+        # starts at the first key, so `lead` empty queries stand in for the prefix's own and are dropped.
+        same = min(lengths) == longest and min(prefix_lengths) == max(prefix_lengths)
+        self.mask = None if same else own[:, None]
+        self.lead = prefix_lengths[0] if same and self.prefix_kv is not None else 0
 
 
 def attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
@@ -98,8 +101,12 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
         if group.prefix_kv is not None:
             pk, pv = group.prefix_kv[layer]
             k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        if group.lead:
+            q = torch.cat((q.new_zeros(*q.shape[:2], group.lead, q.shape[3]), q), 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.mask is None,
                                            scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        if group.lead:
+            o = o[:, :, group.lead:]
         out[group.positions] = o.transpose(1, 2)[group.valid]
     return out
 
@@ -224,16 +231,17 @@ PROBES = ("a", "Paris is the capital of France.",
 
 @torch.inference_mode()
 def check(runner) -> bool:
-    """Whether a packed forward gives this model copy's padded vectors on a few probe texts
-    (cosine >= 0.99999 each); logs and returns False where it does not or cannot run."""
-    if runner.device.type != "cpu" or runner.kind != "embedding" or runner.family not in ("qwen3", "qwen3_vl"):
+    """Whether a packed forward gives this model copy's padded vectors on a few probe texts (a
+    reranker: pairs of them, its last hidden states) (cosine >= 0.99999 each); logs and returns
+    False where it does not or cannot run."""
+    if runner.device.type != "cpu" or runner.family not in ("qwen3", "qwen3_vl"):
         return False
     why = unsupported(text_model(runner))
     if why is not None:
         log.info("packed forward off: this model's layers have %s", why)
         return False
     try:
-        batch = [runner.prepare([text], [], None, None) for text in PROBES]
+        batch = runner.probe_inputs(PROBES)
         padded = np.stack([runner._forward_padded([p])[0] for p in batch])
         packed = run(runner, batch)
     except Exception as exc:  # another transformers' layer interface: keep the padded path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -96,13 +97,14 @@ class ScoringMixin:
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.inference_mode()
-    def forward(self, batch: list[PreparedInput]) -> np.ndarray:
+    def _forward_padded(self, batch: list[PreparedInput]) -> np.ndarray:
+        """The last position's hidden state of each pair, in float32: one left-padded forward, or the
+        judge prompt's keys and values reused with each pair's own tokens right-padded. The runner's
+        `forward` (base.py) takes it for what it does not pack, as an embedding model's pooled rows."""
         if self.prefix_cache is not None and any(p.prefix for p in batch):
-            # The judge prompt's keys and values reused; each pair's own tokens right-padded.
             hidden, last = prefix_reuse.run(self, batch)
             rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
-            return self._scores(rows.float()).cpu().numpy()
+            return rows.float().cpu().numpy()
         ids, mask = self._collate_left(batch)
         out = self.model(
             input_ids=ids.to(self.device, non_blocking=True),
@@ -110,4 +112,16 @@ class ScoringMixin:
             use_cache=False,
             **self._vision_inputs(batch, ids),
         )
-        return self._scores(out.last_hidden_state[:, -1].float()).cpu().numpy()
+        return out.last_hidden_state[:, -1].float().cpu().numpy()
+
+    def probe_inputs(self, texts) -> list[PreparedInput]:
+        """Pairs for start-up checks (runners/packed.py): each text as a document of the first."""
+        side = lambda text: SimpleNamespace(texts=[text], images=[])  # noqa: E731
+        return [self.prepare_pair(side(texts[0]), side(text), None) for text in texts]
+
+    @torch.inference_mode()
+    def forward(self, batch: list[PreparedInput]) -> np.ndarray:
+        """The pairs' log-odds: the last positions' hidden states as the runner's forward makes them
+        (on a CPU the text pairs packed, runners/packed.py), then the two head rows."""
+        last = torch.from_numpy(super().forward(batch)).to(self.score_rows.device)
+        return self._scores(last).cpu().numpy()
