@@ -2,12 +2,16 @@
 
     python -m benchmarks.length_groups                     # qwen3/wide and qwen3_vl/wide, batch 32 and 16
     python -m benchmarks.length_groups --families qwen3 --batches 32 --rounds 6
+    python -m benchmarks.length_groups --texts passages --batches 16   # 100-400 words each
+    python -m benchmarks.length_groups --kind reranker --families qwen3 --texts passages   # query/passage pairs
 
 In-process, no HTTP, one runner per checkpoint: `runner._forward_padded` (the whole batch right-padded
 to its longest input, as before length groups), `runner.forward` with packing off (length groups,
 runners/split.py) and `runner.forward` with packing on (runners/packed.py: one sequence, no padding),
-on the same batches of single short texts as the server benchmark sends (Qwen3-VL with its default
-instruction, so prefix reuse is on; Qwen3-Embedding documents), in turns, several rounds; the median
+on the same batches of single short texts as the server benchmark sends (`--texts passages`: of
+100-400 words; `mixed`: 3 search queries to 1 passage; Qwen3-VL with its default instruction, so
+prefix reuse is on; Qwen3-Embedding documents; `--kind reranker`: the family's reranker at the same
+size, each text a document of a short query, its scores compared), in turns, several rounds; the median
 inputs/s of each, the paired ratios, the groups a batch was cut into, the largest difference between
 the vectors, and the load average before and after.
 """
@@ -19,6 +23,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,18 +32,38 @@ from embedding_api.runners import load_runner
 from embedding_api.runners.split import groups, overhead_tokens
 from embedding_api.settings import Settings
 
+from .rerank import reranker_checkpoint
 from .run import checkpoint
-from .workload import short_texts
+from .workload import passages, queries, short_texts
 
 HERE = Path(__file__).resolve().parent
 BATCHES_TIMED = 4  # consecutive batches per timed turn
 
 
-def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> str:
-    path = checkpoint(HERE / ".cache", family, size)
+def texts(kind: str, n: int) -> list[str]:
+    if kind == "passages":
+        return passages(n, seed=0)
+    if kind == "mixed":
+        found, found_passages = queries(n, seed=0), passages(n // 4 + 1, seed=0)
+        return [found_passages[i // 4] if i % 4 == 3 else found[i] for i in range(n)]
+    return short_texts(n, seed=0)
+
+
+def measure(family: str, size: str, batch: int, rounds: int, threads: int, kind: str = "short",
+            model: str = "embedding") -> str:
+    if model == "reranker":
+        path = reranker_checkpoint(HERE / ".cache", size, family)
+    else:
+        path = checkpoint(HERE / ".cache", family, size)
     runner = load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=threads, dtype="float32",
                                   device="cpu", log_level="WARNING"))
-    prepared = [runner.prepare([t], [], None, None) for t in short_texts(batch * BATCHES_TIMED, seed=0)]
+    inputs = texts(kind, batch * BATCHES_TIMED)
+    if model == "reranker":
+        side = lambda text: SimpleNamespace(texts=[text], images=[])  # noqa: E731
+        query = side(short_texts(1, seed=1)[0])
+        prepared = [runner.prepare_pair(query, side(t), None) for t in inputs]
+    else:
+        prepared = [runner.prepare([t], [], None, None) for t in inputs]
     work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES_TIMED)]
     overhead = overhead_tokens(runner.config, runner.dtype)
     lengths = [p.n_tokens - p.prefix for p in work[0]]
@@ -55,8 +80,12 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> st
 
     grouped, packed = forward_with(False), forward_with(True)
 
+    padded = runner._forward_padded
+    if model == "reranker":  # the last hidden states, then the scoring head, as `forward` does
+        padded = lambda b: runner._scores(torch.from_numpy(runner._forward_padded(b))).numpy()  # noqa: E731
+
     with torch.inference_mode():
-        calls = {"padded": runner._forward_padded, "groups": grouped, "packed": packed}
+        calls = {"padded": padded, "groups": grouped, "packed": packed}
         vectors = {name: call(work[0]) for name, call in calls.items()}
         times: dict[str, list[float]] = {name: [] for name in calls}
         for r in range(rounds):
@@ -72,7 +101,8 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int) -> st
         return statistics.median([x / y for x, y in zip(times[a], times[b])])
 
     diff = max(np.abs(vectors["padded"] - vectors[k]).max() for k in ("groups", "packed"))
-    return (f"{family}/{size} batch {batch}: one padded forward {rate['padded']:.1f} inputs/s, length groups "
+    what = "pairs of a query and" if model == "reranker" else "batch of"
+    return (f"{family}/{size} {model} {what} {batch} {kind} texts: one padded forward {rate['padded']:.1f} inputs/s, length groups "
             f"{rate['groups']:.1f} ({paired('padded', 'groups'):.2f}x), packed {rate['packed']:.1f} "
             f"({paired('padded', 'packed'):.2f}x padded, {paired('groups', 'packed'):.2f}x groups); groups "
             f"{[len(g) for g in cut]} (own lengths {min(lengths)}-{max(lengths)}, positions padded "
@@ -86,12 +116,14 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="32,16", help="batch sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--texts", choices=("short", "passages", "mixed"), default="short")
+    p.add_argument("--kind", choices=("embedding", "reranker"), default="embedding")
     args = p.parse_args(argv)
     print(f"length groups, torch threads {args.threads}, {args.rounds} rounds in turns; "
           f"load average before {os.getloadavg()[0]:.2f}", flush=True)
     for family in args.families.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            print(measure(family, args.size, batch, args.rounds, args.threads), flush=True)
+            print(measure(family, args.size, batch, args.rounds, args.threads, args.texts, args.kind), flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
     return 0
 

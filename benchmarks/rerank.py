@@ -37,14 +37,14 @@ HERE = Path(__file__).resolve().parent
 DOCS_PER_REQUEST = 8
 
 
-def reranker_checkpoint(cache: Path, size: str = "cpu") -> Path:
+def reranker_checkpoint(cache: Path, size: str = "cpu", family: str = "qwen3") -> Path:
     digest = checkpoint_module.source_digest()[:10]
-    path = cache / f"qwen3-reranker-{size}-{digest}"
+    path = cache / f"{family}-reranker-{size}-{digest}"
     if not (path / "config.json").exists():
-        for old in cache.glob(f"qwen3-reranker-{size}-*"):
+        for old in cache.glob(f"{family}-reranker-{size}-*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-        write_checkpoint(path, family="qwen3", size=size, seed=0, overwrite=True, kind="reranker")
+        write_checkpoint(path, family=family, size=size, seed=0, overwrite=True, kind="reranker")
     return path
 
 
