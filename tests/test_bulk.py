@@ -25,13 +25,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from .util import API_KEY, ROOT, _SETTING_NAMES, png_bytes, sample_image
+from .util import API_KEY, ROOT, child_env, png_bytes, sample_image
 
 
 def job_env(model_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES and k != "RAY_ADDRESS"}
-    env.update({"PYTHONPATH": str(ROOT), "MODEL_PATH": str(model_path), "TORCH_THREADS": "1", **extra})
-    return env
+    return child_env({"MODEL_PATH": str(model_path), "TORCH_THREADS": "1", **extra})
 
 
 def start_job(args: list, env: dict, cwd: Path) -> subprocess.Popen:

@@ -26,16 +26,13 @@ from embedding_api.tools import torch_wheel
 from embedding_api.model_paths import KNOWN_REPOS, repo_for, weights_hint
 from embedding_api.tools.checkpoint import write_checkpoint
 
-from .util import ROOT, _SETTING_NAMES, ImageServer, free_port, png_bytes, sample_image
+from .util import ROOT, ImageServer, child_env, free_port, png_bytes, sample_image
 
 PY = sys.executable
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
-    env.update(extra)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return child_env(extra)
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .util import ROOT, _SETTING_NAMES, free_port
+from .util import ROOT, child_env, free_port
 
 
 def _children(pid: int) -> list[int]:
@@ -42,7 +42,7 @@ def test_sigterm_to_make_drains_and_stops_the_server(target, tiny_vl, tmp_path):
     python.chmod(0o755)
     (venv / ".installed").touch()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES and not k.startswith("MAKE")}
+    env = child_env(drop=("MAKE",), pythonpath=False)
     env.update(HOST="127.0.0.1", PORT=str(port), TORCH_THREADS="1", SHUTDOWN_GRACE="5")
     log_path = tmp_path / "make.log"
     with open(log_path, "wb") as log:
@@ -105,7 +105,7 @@ def test_the_demo_listens_on_loopback_unless_host_says_otherwise(tiny_vl, tiny_v
     python.chmod(0o755)
     (venv / ".installed").touch()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES and not k.startswith("MAKE")}
+    env = child_env(drop=("MAKE",), pythonpath=False)
     env.update(PORT=str(port), TORCH_THREADS="1", SHUTDOWN_GRACE="1")  # no HOST
     log_path = tmp_path / "make.log"
     with open(log_path, "wb") as log:

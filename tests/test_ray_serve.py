@@ -14,14 +14,13 @@ import httpx
 import numpy as np
 import pytest
 
-from .util import _SETTING_NAMES, API_KEY, ROOT, ServerProcess, png_bytes, sample_image, wait_for
+from .util import API_KEY, ROOT, ServerProcess, child_env, png_bytes, sample_image, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def run_module(module: str, env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
-    full.update(env, PYTHONPATH=str(ROOT))
+    full = child_env(env)
     return subprocess.run([sys.executable, "-m", module], env=full, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
 

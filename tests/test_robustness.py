@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from embedding_api.main import begin_draining, create_app
 from embedding_api.runners import load_runner
 from embedding_api.settings import Settings
 
-from .util import ROOT, _SETTING_NAMES, ServerProcess, free_port, wait_for
+from .util import _SETTING_NAMES, ServerProcess, child_env, free_port, wait_for
 
 SIGTERM_RC = -signal.SIGTERM  # how Popen reports "terminated by SIGTERM"
 
@@ -77,10 +76,7 @@ def embedded(base_url: str) -> int:
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
-    env.update(extra)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return child_env(extra)
 
 
 class ModuleServer(ServerProcess):

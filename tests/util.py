@@ -124,10 +124,7 @@ class ServerProcess:
         """`module`: run `python -m module` instead, with HOST and PORT given as settings."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        full_env = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
-        full_env.update(env)
-        full_env.setdefault("DTYPE_PROBE", "false")  # DTYPE=auto: float32 on every host (see conftest.py)
-        full_env["PYTHONPATH"] = str(ROOT)
+        full_env = child_env(env)
         self.log_path = log_path
         self.log = open(log_path, "wb")
         if module:
@@ -183,3 +180,16 @@ _SETTING_NAMES = {
 }
 
 
+def child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = (), pythonpath: bool = True) -> dict[str, str]:
+    """This process's environment for a child that runs the product (a server, a bulk job, make): none
+    of the settings the caller's shell may have, DTYPE_PROBE=false so that DTYPE=auto is float32 on
+    every host (on a CPU with native bf16 the probe may pick bfloat16, whose vectors differ from the
+    float32 ones by ~1e-3; tests/test_dtype_tier.py sets it where it tests the probe), then `extra`;
+    names starting with `drop` left out; PYTHONPATH at this checkout."""
+    env = {k: v for k, v in os.environ.items()
+           if k.upper() not in _SETTING_NAMES and not (drop and k.startswith(drop))}
+    env["DTYPE_PROBE"] = "false"
+    env.update(extra or {})
+    if pythonpath:
+        env["PYTHONPATH"] = str(ROOT)
+    return env
