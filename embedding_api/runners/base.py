@@ -223,19 +223,17 @@ class Runner:
         if self.device.type != "cpu":
             return self._forward_padded(batch)
         rest = list(range(len(batch)))
+        reuse = self.prefix_cache is not None
+        own = [p.n_tokens - (p.prefix if reuse else 0) for p in batch]  # the tokens each input computes
         parts: list[tuple[list[int], Any]] = []
         if self.packing:
             texts = [i for i in rest if packed.is_text(batch[i])]
             if texts:
-                reuse = self.prefix_cache is not None
-                lengths = [batch[i].n_tokens - (batch[i].prefix if reuse else 0) for i in texts]
-                for rows in packed.forwards(lengths):
+                for rows in packed.forwards([own[i] for i in texts]):
                     parts.append(([texts[j] for j in rows], lambda rows: packed.run(self, rows)))
                 rest = [i for i in rest if not packed.is_text(batch[i])]
         if rest:
-            reuse = self.prefix_cache is not None
-            lengths = [batch[i].n_tokens - (batch[i].prefix if reuse else 0) for i in rest]
-            for group in length_groups(lengths, overhead_tokens(self.config, self.dtype)):
+            for group in length_groups([own[i] for i in rest], overhead_tokens(self.config, self.dtype)):
                 parts.append(([rest[j] for j in group], self._forward_padded))
         if len(parts) == 1 and len(parts[0][0]) == len(batch):
             return parts[0][1](batch)  # one forward of the batch as it came
