@@ -31,12 +31,8 @@ from .util import ROOT, ImageServer, child_env, free_port, png_bytes, sample_ima
 PY = sys.executable
 
 
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    return child_env(extra)
-
-
 def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240) -> tuple[int, str]:
-    proc = subprocess.run(args, env=clean_env(env), cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, env=child_env(env), cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -99,7 +95,7 @@ def test_make_run_prints_the_download_command_for_the_configured_path(tmp_path):
     python.chmod(0o755)
     (venv / ".installed").touch()
     model = tmp_path / "models" / "Qwen3-Embedding-0.6B"
-    env = {k: v for k, v in clean_env({}).items() if not k.startswith("MAKE")}
+    env = child_env(drop=("MAKE",))
     proc = subprocess.run(["make", "-s", "run", f"VENV={venv}", f"MODEL_PATH={model}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
@@ -173,7 +169,7 @@ def test_a_server_on_every_interface_without_a_key_says_so(tiny_vl, tmp_path):
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([PY, "-m", "embedding_api"], cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                                env=clean_env({"MODEL_PATH": str(tiny_vl), "HOST": "0.0.0.0", "PORT": str(port),
+                                env=child_env({"MODEL_PATH": str(tiny_vl), "HOST": "0.0.0.0", "PORT": str(port),
                                                "TORCH_THREADS": "1"}))
     want = f"listening on 0.0.0.0:{port} with no API_KEY: anyone who can reach this address can use the API"
     try:
@@ -217,7 +213,7 @@ def test_flags_override_the_environment_and_dotenv(tiny_vl, tmp_path):
     proc = subprocess.Popen(
         [PY, "-m", "embedding_api", "--model-path", str(tiny_vl), "--model-name", "name-from-flag",
          "--port", str(port), "--api-key", "key-from-flag", "--log-level", "warning"],
-        env=clean_env(env), cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+        env=child_env(env), cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -257,7 +253,7 @@ def test_a_bad_log_level_is_one_line_and_exit_1(tiny_vl, tmp_path):
                     env),
         "flag": ([PY, "-m", "embedding_api", "--log-level", "verbose"], {**env, "LOG_LEVEL": "INFO"}),
     }
-    procs = {name: subprocess.Popen(args, env=clean_env(e), cwd=str(tmp_path), stdout=subprocess.PIPE,
+    procs = {name: subprocess.Popen(args, env=child_env(e), cwd=str(tmp_path), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name, (args, e) in runs.items()}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=120)

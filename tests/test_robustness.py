@@ -75,10 +75,6 @@ def embedded(base_url: str) -> int:
     return health(base_url)["inputs_embedded"]
 
 
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    return child_env(extra)
-
-
 class ModuleServer(ServerProcess):
     """`python -m embedding_api` (the DrainingServer entry point) on a loopback port."""
 
@@ -90,7 +86,7 @@ class ModuleServer(ServerProcess):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "embedding_api"],
             cwd=str(log_path.parent), stdout=self.log, stderr=subprocess.STDOUT,
-            env=clean_env({**env, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "INFO"}),
+            env=child_env({**env, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "INFO"}),
         )
 
 
@@ -660,7 +656,7 @@ def _run_startup_failures(tiny_vl: Path, tmp: Path, results: dict) -> None:
         for case, kind, needles, env in runs[i:i + 5]:
             port = free_port()
             args = COMMANDS[kind] + (["--port", str(port)] if kind == "uvicorn" else [])
-            proc = subprocess.Popen(args, env=clean_env({**env, "HOST": "127.0.0.1", "PORT": str(port)}),
+            proc = subprocess.Popen(args, env=child_env({**env, "HOST": "127.0.0.1", "PORT": str(port)}),
                                     cwd=str(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append((case, kind, needles, time.time(), proc))
         for case, kind, needles, started, proc in procs:

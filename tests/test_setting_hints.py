@@ -13,7 +13,7 @@ import pytest
 from embedding_api.cli import build_parser, parse_overrides
 from embedding_api.settings import Settings
 
-from .util import ROOT, free_port, png_bytes, sample_image
+from .util import ROOT, child_env, free_port, png_bytes, sample_image
 
 PY = sys.executable
 
@@ -57,10 +57,8 @@ def test_every_flag_has_a_description_and_device_lists_its_forms():
 
 
 def _serve(env: dict[str, str], cwd) -> tuple[int, str]:
-    from .test_first_use import clean_env
-
     proc = subprocess.run([PY, "-m", "embedding_api", "--port", str(free_port()), "--host", "127.0.0.1"],
-                          env=clean_env(env), cwd=str(cwd), capture_output=True, text=True, timeout=300)
+                          env=child_env(env), cwd=str(cwd), capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
 
