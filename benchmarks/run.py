@@ -183,13 +183,16 @@ def _log_scenario(label: str, kind: str, clients: int, r: dict) -> None:
 class LimitProcess:
     """`python -m benchmarks.limit --serve`: the model loaded once, forward passes timed on request."""
 
-    def __init__(self, model: Path, threads: int, batch_size: int, first: Path | None = None):
+    def __init__(self, model: Path, threads: int, batch_size: int, first: Path | None = None,
+                 dtype: str | None = None):
         # `first`: another revision's package directory (benchmarks/versus.py); the working directory
         # comes first on the path, so the process starts there and finds this tree's benchmarks after it.
+        # `dtype`: the DTYPE it loads the model in, as its server's (None: the default, `auto`).
+        env = {"TORCH_THREADS": str(threads), **({"DTYPE": dtype} if dtype else {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.limit", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     cwd=str(first or HERE.parent), env=clean_env({"TORCH_THREADS": str(threads)}, first))
-        self.ask({"model_path": str(model), "threads": threads, "batch_size": batch_size})
+                                     cwd=str(first or HERE.parent), env=clean_env(env, first))
+        self.dtype = self.ask({"model_path": str(model), "threads": threads, "batch_size": batch_size}).get("dtype")
 
     def ask(self, message: dict) -> dict:
         self.proc.stdin.write(json.dumps(message) + "\n")

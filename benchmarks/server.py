@@ -205,6 +205,13 @@ class Server(ServerLog):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
             return json.loads(r.read())
 
+    def busy_seconds(self) -> float:
+        """Seconds the model workers have spent in forward passes (/metrics, all workers together)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("embedding_api_model_worker_busy_seconds_total"))
+
     def wait_idle(self, timeout: float = 120) -> None:
         """Until no request is in flight and no input queued (after a scenario's clients hung up)."""
         deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@
     python -m benchmarks.versus --ref 8bdb8b2            # Qwen3-VL `cpu` checkpoint, 32 clients, short texts
     python -m benchmarks.versus --ref 8bdb8b2 --family qwen3 --size wide
     python -m benchmarks.versus --ref 8bdb8b2 --kind realistic --vocab qwen --clients 8   # the realistic mix
+    python -m benchmarks.versus --ref 8bdb8b2 --size wide --dtype auto   # HEAD at its fastest tier
 
 The revision's `embedding_api` package is extracted with `git archive` into benchmarks/.versus/<commit>/
 and put first on the path of its own server and limit process; everything else (this benchmark, the
@@ -13,7 +14,8 @@ Four contenders stay loaded and take turns, one at a time, for `--rounds` rounds
 - `limit@ref` and `limit@HEAD`: each revision's own batched forward (`runner.forward`, batch
   MAX_BATCH_SIZE) on the same texts prepared by that revision, in-process, no HTTP.
 Prints the means and the paired ratios of each round: HEAD's server against the revision's server and
-against the revision's limit (what was the ceiling then). `--kind` takes any load of
+against the revision's limit (what was the ceiling then). The revision runs in float32; `--dtype` is HEAD's
+DTYPE (server and limit alike; default float32, `auto` for its fastest tier on this host). `--kind` takes any load of
 benchmarks/workload.py (`realistic`: queries, passages, a batch of passages and images of four
 sizes); the limits time short texts only, so for another kind they are left out. Writes benchmarks/results/versus-<time>.json.
 """
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of every contender")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="DTYPE of HEAD's server and limit (the revision: float32)")
     p.add_argument("--cache", type=Path, default=HERE / ".cache")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
@@ -76,18 +79,24 @@ def main(argv=None) -> int:
     run_dir = args.out / f"versus-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = {**server_settings(model, args.threads, args.batch_size), "DTYPE": "float32",
                 "MAX_INPUTS_PER_REQUEST": "64"}
+    dtypes = "float32" if args.dtype == "float32" else f"float32 against HEAD's DTYPE={args.dtype}"
     bodies, inputs = request_bodies(args.kind, "base64")
     load = "single short texts" if args.kind == "text" else f"the {args.kind} load"
-    log(f"versus {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), float32, TORCH_THREADS={args.threads}, "
+    log(f"versus {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), {dtypes}, TORCH_THREADS={args.threads}, "
         f"{args.clients} clients, {load}, {args.rounds} rounds x {args.duration:.0f} s")
     servers = {"server@ref": Server(settings, run_dir, "ref", first=old_root).start(),
-               "server@HEAD": Server(settings, run_dir, "head").start()}
-    limits = {"limit@ref": LimitProcess(model, args.threads, args.batch_size, first=old_root),
-              "limit@HEAD": LimitProcess(model, args.threads, args.batch_size)} if args.kind == "text" else {}
+               "server@HEAD": Server({**settings, "DTYPE": args.dtype}, run_dir, "head").start()}
+    limits = {"limit@ref": LimitProcess(model, args.threads, args.batch_size, first=old_root, dtype="float32"),
+              "limit@HEAD": LimitProcess(model, args.threads, args.batch_size, dtype=args.dtype)
+              } if args.kind == "text" else {}
     rounds: list[dict] = []
     try:
         for server in servers.values():
             server.wait_ready()
+        health = servers["server@HEAD"].health()
+        head_dtype = f"{health.get('dtype')} ({health.get('dtype_reason')})"
+        log(f"  server@HEAD runs in {head_dtype}"
+            + "".join(f", {name} in {limit.dtype}" for name, limit in limits.items()))
         names = list(servers) + list(limits)
         for i in range(args.rounds):
             row = {}
@@ -113,6 +122,7 @@ def main(argv=None) -> int:
         return [r[a]["inputs_per_s"] / r[b]["inputs_per_s"] for r in rounds]
 
     result = {"ref": commit, "family": args.family, "size": args.size, "vocab": args.vocab, "kind": args.kind,
+              "head_dtype": head_dtype,
               "clients": args.clients, "threads": args.threads, "rounds": rounds,
               "means": {n: statistics.mean(r[n]["inputs_per_s"] for r in rounds) for n in rounds[0]},
               "head_vs_ref_server": ratios("server@HEAD", "server@ref")}
@@ -120,8 +130,8 @@ def main(argv=None) -> int:
         result.update(head_vs_ref_limit=ratios("server@HEAD", "limit@ref"),
                       head_vs_head_limit=ratios("server@HEAD", "limit@HEAD"),
                       ref_vs_ref_limit=ratios("server@ref", "limit@ref"))
-    print(f"\nembedding_api HEAD against {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), float32, "
-          f"{args.clients} clients, {load}, TORCH_THREADS={args.threads}, {args.rounds} rounds in turns")
+    print(f"\nembedding_api HEAD against {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), {dtypes} "
+          f"(HEAD: {head_dtype}), {args.clients} clients, {load}, TORCH_THREADS={args.threads}, {args.rounds} rounds in turns")
     for name, mean in result["means"].items():
         p50 = statistics.mean(r[name]["p50_ms"] for r in rounds)
         p99 = f"  p99 {statistics.mean(r[name]['p99_ms'] for r in rounds):7.1f} ms" if "p99_ms" in rounds[0][name] else ""

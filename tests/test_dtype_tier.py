@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedding_api.runners import dtype_tier, load_runner
+from embedding_api.runners import dtype_tier, load_runner, packed
 from embedding_api.settings import Settings
 
 from .util import API_KEY, png_bytes, sample_image
@@ -143,8 +143,21 @@ def test_the_probe_keeps_the_copy_it_chose(tiny_vl, float32_runner, monkeypatch,
         return dtype_tier.DtypeChoice(winner, "probe", {"float32": 1.0, "bfloat16": 2.0})
 
     monkeypatch.setattr(dtype_tier, "decide", given)
+    real_run, packed_dtypes = packed.run, []
+
+    def counted(runner, batch):
+        packed_dtypes.append(runner.dtype)
+        return real_run(runner, batch)
+
+    monkeypatch.setattr(packed, "run", counted)
     runner = _runner(tiny_vl, dtype_probe=True)
     assert len(timed["f32"]) == len(timed["bf16"]) >= dtype_tier.PROBE_ROUNDS[0]
+    # The packed forward is checked in float32 before the probe, which then times it in both dtypes (a
+    # check in bfloat16 against float32's line would have refused it, and the probe timed another forward).
+    assert runner.packing is True
+    assert packed_dtypes[0] == torch.float32  # the check
+    probed = packed_dtypes[1:]
+    assert probed.count(torch.float32) == probed.count(torch.bfloat16) == len(timed["f32"]) + 1  # + a warm-up
     info = runner.info()
     assert (runner.dtype, info.dtype, info.dtype_reason) == (winner, str(winner)[6:], "probe")
     assert info.dtype_probe_ms == {"float32": 1.0, "bfloat16": 2.0}
@@ -160,6 +173,9 @@ def test_the_probe_keeps_the_copy_it_chose(tiny_vl, float32_runner, monkeypatch,
 def test_bfloat16_copy_matches_loading_in_bfloat16(tiny_vl, float32_runner):
     loaded = _runner(tiny_vl, dtype="bfloat16")
     assert loaded.info().dtype_reason == "setting"
+    # Checked in bfloat16, where packed and padded round differently (~1e-5) but stay within its line.
+    assert loaded.packing is True
+    assert packed.HALF_AGREEMENT <= packed.agreement(loaded) < packed.AGREEMENT[torch.float32]
     copied = dtype_tier.bfloat16_copy(float32_runner.model)
     ours = dict(copied.named_parameters())
     for name, p in loaded.model.named_parameters():

@@ -53,16 +53,13 @@ def _load(settings: Settings, limit: int | None) -> list["Runner"]:
 
 
 def _settle(runner: "Runner") -> None:
-    """Once the weights are loaded: DTYPE=auto on a CPU picks float32 or bfloat16 as measured, then
-    the packed forward is checked against the padded one (runners/packed.py). With DTYPE=int8 the
-    check runs first, on the float32 weights: the same code, where the two forwards agree exactly
-    (in int8 a rounding that flips between them moves the vectors by ~1e-5, past the check's line)."""
-    if runner.dtype_choice.int8:
-        runner.check_packing()
-        settle_dtype(runner)
-        return
-    settle_dtype(runner)
+    """Once the weights are loaded: the packed forward is checked against the padded one
+    (runners/packed.py), then DTYPE=auto on a CPU picks float32 or bfloat16 as measured, or DTYPE=int8
+    quantizes. The check runs in the dtype the weights were loaded in: for auto and int8 that is
+    float32, where the two forwards agree to ~1e-7 (in int8 a rounding that flips between them moves
+    the vectors by ~1e-5), and auto's probe then times the packed forward that requests will run."""
     runner.check_packing()
+    settle_dtype(runner)
 
 
 def torch_threads(settings: Settings, devices: list[torch.device]) -> int:
