@@ -194,43 +194,13 @@ def varied_speed(tiers: Tiers, work: list[list[PreparedInput]], rounds: int) -> 
 
 def through_server(path: Path, dtypes: list[str], rounds: int, clients: int, seconds: float, threads: int) -> list[str]:
     """A real server per dtype, driven in turns by 32 clients of single short texts from another
-    process (benchmarks/load.py); inputs/s, p50, the batcher's mean batch size from /health, and the forwards' own rate and share of
-    the time from the model workers' busy seconds (/metrics)."""
-    from .run import run_load
-    from .server import Server
+    process (benchmarks/settings_ab.py): inputs/s, p50, the batcher's mean batch, and the forwards'
+    own rate and share of the time."""
+    from .settings_ab import describe, in_turns
 
-    run_dir = HERE / "results" / "dtype_tier"
-    servers = {d: Server({"MODEL_PATH": str(path), "DTYPE": d, "LOG_LEVEL": "info", "TORCH_THREADS": str(threads)},
-                         run_dir, d) for d in dtypes}
-    lines = []
-    try:
-        for server in servers.values():
-            server.start()
-        for server in servers.values():
-            server.wait_ready()
-        got: dict[str, list[tuple[float, float, float]]] = {d: [] for d in dtypes}
-        for r in range(rounds):
-            for d in (dtypes if r % 2 == 0 else dtypes[::-1]):
-                before, busy_before, t0 = servers[d].health(), servers[d].busy_seconds(), time.perf_counter()
-                res = run_load(servers[d], "text", clients, "base64", warmup=1.0, duration=seconds)
-                after, busy, took = servers[d].health(), servers[d].busy_seconds() - busy_before, time.perf_counter() - t0
-                batches = after["batches_run"] - before["batches_run"]
-                inputs = after["inputs_embedded"] - before["inputs_embedded"]
-                got[d].append((res["inputs_per_s"], res["p50_ms"], inputs / max(1, batches),
-                               inputs / busy if busy else float("nan"), busy / took))
-        for d in dtypes:
-            health = servers[d].health()
-            rates = [g[0] for g in got[d]]
-            lines.append(f"  server DTYPE={d:<9} ({health['dtype']}, {health['dtype_reason']}): "
-                         f"{statistics.median(rates):7.1f} inputs/s (runs {', '.join(f'{x:.0f}' for x in rates)}), "
-                         f"p50 {statistics.median(g[1] for g in got[d]):.0f} ms, "
-                         f"mean batch {statistics.median(g[2] for g in got[d]):.1f}; the forwards alone "
-                         f"{statistics.median(g[3] for g in got[d]):.1f} inputs/s, model busy "
-                         f"{statistics.median(g[4] for g in got[d]):.0%} of the time")
-    finally:
-        for server in servers.values():
-            server.stop()
-    return lines
+    got = in_turns(path, {d: {"DTYPE": d} for d in dtypes}, rounds, clients, seconds, threads,
+                   HERE / "results" / "dtype_tier")
+    return [describe(f"server DTYPE={d:<9}", got[d]) for d in dtypes]
 
 
 def denormal(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import cached_property
 
@@ -88,6 +89,10 @@ class Settings(BaseSettings):
     embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
                                             "empty = the model's size")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")
+    # The allocator of the model processes on a CPU (engine/allocator.py): preloaded when the process starts.
+    cpu_allocator: str = Field("system", description="memory allocator of the CPU model processes: system, "
+                               "tcmalloc (the host's, e.g. Debian's libtcmalloc-minimal4), or the path of an "
+                               "allocator library to preload")
     # Each model copy runs its forward passes in a child process of its own (engine/model_process.py),
     # off the HTTP process's GIL; false keeps them on a thread of the HTTP process.
     model_process: bool = Field(True, description="run each model copy in a child process of its own "
@@ -247,6 +252,17 @@ class Settings(BaseSettings):
         if value in ("auto", "float32", "bfloat16", "float16", "int8"):
             return value
         raise ValueError("DTYPE must be auto, float32, bfloat16, float16 or int8")
+
+    @field_validator("cpu_allocator")
+    @classmethod
+    def _check_cpu_allocator(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() in ("system", "tcmalloc"):  # tcmalloc: whether the host has it is checked at start-up
+            return value.lower()
+        if os.path.isabs(value) and os.path.isfile(value):
+            return value
+        raise ValueError(f"CPU_ALLOCATOR must be system, tcmalloc or the absolute path of an allocator library "
+                         f"(a .so file); {value!r} is not a file")
 
     @field_validator("log_level")
     @classmethod

@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from . import allocator
 from .batcher import WorkerUnavailable
 
 log = logging.getLogger("embedding_api")
@@ -67,9 +68,10 @@ class ModelProcess:
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
         alive_r, alive_w = os.pipe()
+        settings = self._args[0]
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedding_api.engine.model_process", str(theirs.fileno()), str(alive_r)],
-            pass_fds=(theirs.fileno(), alive_r),
+            pass_fds=(theirs.fileno(), alive_r), env=allocator.child_env(settings.cpu_allocator, self.device),
         )
         theirs.close()
         os.close(alive_r)
@@ -180,11 +182,16 @@ def load_for_serving(settings) -> list:
     """The server's loader: with MODEL_PROCESS (the default), one model process per device of DEVICE,
     all loading at once, and in this process runners without weights that prepare inputs and send
     the forward passes to them; otherwise the runners themselves, in this process."""
-    from ..runners import load_runner_on, load_runners, resolve_devices, torch_threads
+    from ..runners import ModelLoadError, load_runner_on, load_runners, resolve_devices, torch_threads
 
     if not settings.model_process:
         return load_runners(settings)
     devices = resolve_devices(settings.device)
+    if any(d.type == "cpu" for d in devices):
+        try:
+            allocator.library(settings.cpu_allocator)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
     threads = torch_threads(settings, devices)
     processes = [ModelProcess(settings, str(d), threads) for d in devices]
     try:
@@ -233,6 +240,9 @@ def _serve(conn: Connection) -> None:
         conn.send_bytes(pickle.dumps(("failed", f"{exc.__class__.__name__}: {exc}")))
         return
     choice = runner.dtype_choice
+    if runner.device.type == "cpu":
+        log.info("model process %d on %s: memory allocator %s (CPU_ALLOCATOR=%s)", os.getpid(), device,
+                 allocator.in_use(), settings.cpu_allocator)
     conn.send_bytes(pickle.dumps(("ready", os.getpid(), (choice.name, choice.reason, choice.times_ms))))
     cuda = runner.device.type == "cuda"
     while True:
