@@ -1,7 +1,9 @@
 """The side-by-side benchmarks' parts that need no peer installed. Infinity: the sentence-transformers
 wrapper directory it writes over a checkpoint, and what it says when Infinity is not set up. vLLM: its
 command line and environment, the requests it is sent, the vector check and the choice of its fastest
-setting on given vectors, the torchvision start-up hook, and what it says when vLLM is not set up."""
+setting on given vectors, the torchvision start-up hook, and what it says when vLLM is not set up.
+The in-turns comparisons of this server with itself: the settings of benchmarks.settings_ab, and the
+dtype of an in-process limit (benchmarks.versus pins it to its server's)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from benchmarks import peer, peer_vllm, vllm_peer
+from benchmarks import peer, peer_vllm, settings_ab, vllm_peer
+from benchmarks.run import LimitProcess
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +247,26 @@ def test_vllm_families_use_checkpoints_whose_heads_vllm_cpu_attention_supports()
     for family, size, _ in peer_vllm.FAMILIES.values():
         assert SPECS[(family, size)].text["head_dim"] in vllm_peer.CPU_HEAD_SIZES, (family, size)
     assert SPECS[("qwen3_vl", "cpu")].text["head_dim"] not in vllm_peer.CPU_HEAD_SIZES  # why not `cpu`
+
+
+# --------------------------------------------------------------------------- comparisons with itself
+
+
+def test_settings_ab_takes_one_server_per_argument():
+    assert settings_ab.parse("DTYPE=float32  cpu_allocator=/usr/lib/x.so") == {
+        "DTYPE": "float32", "CPU_ALLOCATOR": "/usr/lib/x.so"}
+    assert settings_ab.parse("PREFIX_CACHE=") == {"PREFIX_CACHE": ""}
+    for bad in ("DTYPE", "=float32", "DTYPE=float32 oops"):
+        with pytest.raises(SystemExit, match="not NAME=VALUE"):
+            settings_ab.parse(bad)
+
+
+def test_a_limit_process_loads_in_the_dtype_it_is_given(tiny_text: Path):
+    # Its server's DTYPE: left to `auto`, a CPU with native bf16 would probe and might choose otherwise.
+    for dtype in ("bfloat16", "float32"):
+        limit = LimitProcess(tiny_text, 1, 8, dtype=dtype)
+        try:
+            assert limit.dtype == dtype
+            assert limit.ask({"kind": "text", "batch_size": 8, "seconds": 0.2})["inputs_per_s"] > 0
+        finally:
+            limit.close()
