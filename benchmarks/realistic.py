@@ -86,14 +86,15 @@ def null_turns(model: Path, threads: int, batch_size: int, rounds: int, seconds:
     """The real-vocabulary tiny server, the null server and the in-process limit, in turns."""
     from .run import LimitProcess
 
-    limit = LimitProcess(model, threads, batch_size)
     server = Server(_settings(model, threads, batch_size), run_dir, "real-vocab").start()
     null = Server({}, run_dir, "null", app="benchmarks.null_server:app").start()
     bare = Server({}, run_dir, "null-bare", app="benchmarks.null_server:bare").start()
     rows = []
+    limit = None
     try:
         for s in (server, null, bare):
             s.wait_ready()
+        limit = LimitProcess(model, threads, batch_size, dtype=server.health()["dtype"])  # the server's dtype
         for i in range(rounds):
             b = _load(bare, "text", clients, 1.0, seconds)
             n = _load(null, "text", clients, 1.0, seconds)
@@ -111,7 +112,8 @@ def null_turns(model: Path, threads: int, batch_size: int, rounds: int, seconds:
                 f"{s['cpu_ms']['model']:.3f}, null server {n['cpu_ms']['server']:.3f}; load generator "
                 f"{s['cpu_ms']['load']:.3f} / {n['cpu_ms']['load']:.3f}")
     finally:
-        limit.close()
+        if limit is not None:
+            limit.close()
         for s in (server, null, bare):
             s.stop()
     mean = {k: statistics.fmean(r[k] for r in rows) for k in ("bare", "null", "server", "limit")}

@@ -214,12 +214,14 @@ def main_model(model: Path, threads: int, batch_size: int, plan: Plan, encoding:
     loaded and are idle when it is not their turn. This machine's speed drifts by 10-30% within a
     minute, so the targets are checked on figures taken seconds apart, round by round."""
     out: dict = {"batched": {}, "no-batching": {}}
-    limit = LimitProcess(model, threads, batch_size)
     batched = Server(server_settings(model, threads, batch_size), run_dir, "batched").start()
     unbatched = Server(server_settings(model, threads, 1), run_dir, "no-batching").start()
+    limit = None
     try:
         batched.wait_ready()
         unbatched.wait_ready()
+        # In the dtype the server runs in (DTYPE=auto on a CPU with native bf16 decides by a probe).
+        limit = LimitProcess(model, threads, batch_size, dtype=batched.health()["dtype"])
         for label, server, scenarios in (("batched", batched, plan.scenarios),
                                          ("no-batching", unbatched, plan.no_batching)):
             for kind, clients in scenarios:
@@ -241,7 +243,8 @@ def main_model(model: Path, threads: int, batch_size: int, plan: Plan, encoding:
                 f"no batching {n['inputs_per_s']:.1f} inputs/s; one input: forward p50 {fwd['p50_ms']:.1f} ms, "
                 f"server p50 {one['p50_ms']:.1f} ms")
     finally:
-        limit.close()
+        if limit is not None:
+            limit.close()
         batched.stop()
         unbatched.stop()
     keys = ("limit", "batched", "no_batching", "forward_p50_ms", "one_client_p50_ms")
@@ -271,7 +274,7 @@ def tiny_server(model: Path, threads: int, batch_size: int, plan: Plan, encoding
             _log_scenario("tiny", "text", clients, r)
         # The target, in turns with the tiny model's limit (its forward is short, so this machine's
         # drift moves the limit by 10-30% between the runs before and after the servers).
-        limit = LimitProcess(model, threads, batch_size)
+        limit = LimitProcess(model, threads, batch_size, dtype=server.health()["dtype"])
         try:
             rounds = []
             for i in range(plan.rounds):
