@@ -6,7 +6,6 @@ The end-to-end test needs a tcmalloc library on the host (Debian's libtcmalloc-m
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,7 +17,7 @@ from embedding_api.engine.model_process import load_for_serving
 from embedding_api.runners import ModelLoadError, load_runner
 from embedding_api.settings import Settings
 
-from .util import API_KEY
+from .util import API_KEY, model_processes
 
 
 def test_the_setting_takes_system_tcmalloc_or_a_library_path(tmp_path):
@@ -69,14 +68,6 @@ def test_a_host_without_tcmalloc_refuses_it_at_start_up(tiny_text, tmp_path, mon
         load_for_serving(settings)  # before any process starts
 
 
-def _model_process_pid(server_pid: int) -> int:
-    children = []
-    for task in os.listdir(f"/proc/{server_pid}/task"):
-        children += Path(f"/proc/{server_pid}/task/{task}/children").read_text().split()
-    (pid,) = children
-    return int(pid)
-
-
 def test_a_server_with_tcmalloc_runs_its_model_process_on_it_with_the_same_vectors(start_server, tiny_text):
     if allocator.find_tcmalloc() is None:
         if os.environ.get("CI"):
@@ -89,7 +80,7 @@ def test_a_server_with_tcmalloc_runs_its_model_process_on_it_with_the_same_vecto
         r = c.post("/v1/embeddings", json={"input": texts})
     assert r.status_code == 200, r.text
     got = np.array([d["embedding"] for d in r.json()["data"]])
-    child = _model_process_pid(server.proc.pid)
+    [child] = model_processes(server.proc.pid)
     assert allocator.in_use(child) == "tcmalloc"
     assert allocator.in_use(server.proc.pid) == "system"  # the HTTP process keeps the system's
     assert f"model process {child} on cpu: memory allocator tcmalloc (CPU_ALLOCATOR=tcmalloc)" in \

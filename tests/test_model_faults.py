@@ -17,30 +17,21 @@ import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from benchmarks.server import children
 from embedding_api.engine.batcher import WORKER_RETRIES, Batcher, WorkerUnavailable
 from embedding_api.runners import PreparedInput
 
 from .test_operating import scrape, value
 from .test_robustness import assert_envelope
-from .util import API_KEY, ServerProcess, free_port, wait_for
+from .util import API_KEY, ServerProcess, free_port, model_processes, wait_for
 
-MODEL_PROCESS_MODULE = "embedding_api.engine.model_process"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GUARD = 240  # seconds: a hang guard, never a speed requirement
 BOOT_GUARD = 900  # three servers boot at once on a busy machine
-
-
-def model_processes(pid: int) -> list[int]:
-    """The server's model processes, oldest first (models load in order)."""
-    pids = [c for c in children(pid) if MODEL_PROCESS_MODULE in Path(f"/proc/{c}/cmdline").read_text()]
-    return sorted(pids, key=lambda c: int(Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[19]))
 
 
 def embed(server, inputs, timeout: float = GUARD) -> httpx.Response:

@@ -193,3 +193,14 @@ def child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = (), p
     if pythonpath:
         env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+MODEL_PROCESS_MODULE = "embedding_api.engine.model_process"
+
+
+def model_processes(pid: int) -> list[int]:
+    """The model processes of the server `pid`, oldest first (models load in order)."""
+    from benchmarks.server import children
+
+    pids = [c for c in children(pid) if MODEL_PROCESS_MODULE in Path(f"/proc/{c}/cmdline").read_text()]
+    return sorted(pids, key=lambda c: int(Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[19]))
