@@ -175,7 +175,7 @@ def test_bfloat16_copy_matches_loading_in_bfloat16(tiny_vl, float32_runner):
     assert loaded.info().dtype_reason == "setting"
     # Checked in bfloat16, where packed and padded round differently (~1e-5) but stay within its line.
     assert loaded.packing is True
-    assert packed.HALF_AGREEMENT <= packed.agreement(loaded) < packed.AGREEMENT[torch.float32]
+    assert packed.HALF_AGREEMENT <= packed.agreement(loaded) < packed.FLOAT32_AGREEMENT
     copied = dtype_tier.bfloat16_copy(float32_runner.model)
     ours = dict(copied.named_parameters())
     for name, p in loaded.model.named_parameters():

@@ -235,7 +235,7 @@ PROBES = ("a", "Paris is the capital of France.",
 # (2 to 28 layers, 64 to 1,024 wide; float16 0.999998); the line is half the distance the bfloat16
 # tier may keep from float32 (0.999). A forward that computes something else (a position, a mask, a
 # norm wrong) falls far below either line. DTYPE=auto and int8 check in float32, before their choice.
-AGREEMENT = {torch.float32: 0.99999}
+FLOAT32_AGREEMENT = 0.99999
 HALF_AGREEMENT = 0.9995
 
 
@@ -256,7 +256,8 @@ def agreement(runner) -> float:
 
 def check(runner) -> bool:
     """Whether a packed forward gives this model copy's padded vectors on a few probe texts, within
-    the line of the dtype it runs in (`AGREEMENT`); logs and returns False where it does not or cannot run."""
+    the line of the dtype it runs in (`FLOAT32_AGREEMENT`, else `HALF_AGREEMENT`); logs and returns
+    False where it does not or cannot run."""
     if runner.device.type != "cpu" or runner.family not in ("qwen3", "qwen3_vl"):
         return False
     why = unsupported(text_model(runner))
@@ -268,7 +269,7 @@ def check(runner) -> bool:
     except Exception as exc:  # another transformers' layer interface: keep the padded path
         log.info("packed forward off: it did not run on this model (%s: %s)", exc.__class__.__name__, exc)
         return False
-    line = AGREEMENT.get(runner.dtype, HALF_AGREEMENT)
+    line = FLOAT32_AGREEMENT if runner.dtype == torch.float32 else HALF_AGREEMENT
     if not cosine >= line:
         log.info("packed forward off: its vectors differ from the padded forward's (min cosine %.6f, "
                  "the line in %s %s)", cosine, str(runner.dtype).replace("torch.", ""), line)
