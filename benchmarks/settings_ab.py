@@ -1,6 +1,6 @@
 """Servers that differ only in settings, side by side in turns on the same checkpoint and load.
 
-    python -m benchmarks.settings_ab --family qwen3 --size wide CPU_ALLOCATOR=system CPU_ALLOCATOR=auto
+    python -m benchmarks.settings_ab --family qwen3 --size wide CPU_ALLOCATOR=system CPU_ALLOCATOR=tcmalloc
     python -m benchmarks.settings_ab --size cpu DTYPE=float32 DTYPE=auto --rounds 5
     python -m benchmarks.settings_ab --family qwen3 --size wide "DTYPE=bfloat16 CPU_ALLOCATOR=system" "DTYPE=bfloat16"
 

@@ -14,10 +14,11 @@ Four contenders stay loaded and take turns, one at a time, for `--rounds` rounds
 - `limit@ref` and `limit@HEAD`: each revision's own batched forward (`runner.forward`, batch
   MAX_BATCH_SIZE) on the same texts prepared by that revision, in-process, no HTTP.
 Prints the means and the paired ratios of each round: HEAD's server against the revision's server and
-against the revision's limit (what was the ceiling then). The revision runs in float32; `--dtype` is HEAD's
-DTYPE (server and limit alike; default float32, `auto` for its fastest tier on this host). `--kind` takes any load of
-benchmarks/workload.py (`realistic`: queries, passages, a batch of passages and images of four
-sizes); the limits time short texts only, so for another kind they are left out. Writes benchmarks/results/versus-<time>.json.
+against the revision's limit (what was the ceiling then). The revision runs in float32; `--dtype` is
+HEAD's DTYPE (default float32; `auto` for its fastest tier on this host), and its limit runs in the
+dtype its server chose. `--kind` takes any load of benchmarks/workload.py (`realistic`: queries,
+passages, a batch of passages and images of four sizes); the limits time short texts only, so for
+another kind they are left out. Writes benchmarks/results/versus-<time>.json.
 """
 
 from __future__ import annotations
@@ -86,15 +87,16 @@ def main(argv=None) -> int:
         f"{args.clients} clients, {load}, {args.rounds} rounds x {args.duration:.0f} s")
     servers = {"server@ref": Server(settings, run_dir, "ref", first=old_root).start(),
                "server@HEAD": Server({**settings, "DTYPE": args.dtype}, run_dir, "head").start()}
-    limits = {"limit@ref": LimitProcess(model, args.threads, args.batch_size, first=old_root, dtype="float32"),
-              "limit@HEAD": LimitProcess(model, args.threads, args.batch_size, dtype=args.dtype)
-              } if args.kind == "text" else {}
+    limits: dict[str, LimitProcess] = {}
     rounds: list[dict] = []
     try:
         for server in servers.values():
             server.wait_ready()
         health = servers["server@HEAD"].health()
         head_dtype = f"{health.get('dtype')} ({health.get('dtype_reason')})"
+        if args.kind == "text":  # each limit in the dtype its server runs in (DTYPE=auto decided by a probe)
+            limits["limit@ref"] = LimitProcess(model, args.threads, args.batch_size, first=old_root, dtype="float32")
+            limits["limit@HEAD"] = LimitProcess(model, args.threads, args.batch_size, dtype=health["dtype"])
         log(f"  server@HEAD runs in {head_dtype}"
             + "".join(f", {name} in {limit.dtype}" for name, limit in limits.items()))
         names = list(servers) + list(limits)
