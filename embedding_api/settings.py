@@ -86,6 +86,9 @@ class Settings(BaseSettings):
                        "to float32; never chosen by auto)")
     dtype_probe: bool = Field(True, description="with DTYPE=auto on a CPU with native bf16: time float32 against "
                               "bfloat16 at start-up and keep the faster (false: float32, no probe)")
+    cpu_prepack: str = Field("auto", description="the decoder's projection weights in oneDNN's blocked layout on a "
+                             "CPU: auto (a start-up probe times one layer both ways and keeps the faster), true, "
+                             "or false")
     embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
                                             "empty = the model's size")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")
@@ -252,6 +255,16 @@ class Settings(BaseSettings):
         if value in ("auto", "float32", "bfloat16", "float16", "int8"):
             return value
         raise ValueError("DTYPE must be auto, float32, bfloat16, float16 or int8")
+
+    @field_validator("cpu_prepack")
+    @classmethod
+    def _check_cpu_prepack(cls, value: str) -> str:
+        value = value.strip().lower()
+        aliases = {"auto": "auto", "true": "true", "1": "true", "yes": "true", "on": "true",
+                   "false": "false", "0": "false", "no": "false", "off": "false"}
+        if value in aliases:
+            return aliases[value]
+        raise ValueError("CPU_PREPACK must be auto, true or false")
 
     @field_validator("cpu_allocator")
     @classmethod

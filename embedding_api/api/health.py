@@ -51,6 +51,8 @@ async def health(request: Request) -> Response:
         dtype=info.dtype,
         dtype_reason=info.dtype_reason,
         dtype_probe_ms=info.dtype_probe_ms,
+        prepacked=info.prepacked,
+        prepack_reason=info.prepack_reason,
         family=info.family,
         takes_images=info.takes_images,
         modalities=state.service.modalities,

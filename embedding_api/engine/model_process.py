@@ -10,7 +10,8 @@ its calls. With the model in a child process each side has its own interpreter a
 Protocol, over a socket pair (multiprocessing.connection framing, pickle protocol 5):
   parent -> child   the Settings, the device, the torch thread count; then one batch
                     (list[PreparedInput]) per message
-  child -> parent   ("ready", pid, (dtype, reason, probe ms)) or ("failed", message) once; then per batch
+  child -> parent   ("ready", pid, (dtype, reason, probe ms), (prepacked, reason, probe ms)) or
+                    ("failed", message) once; then per batch
                     ("ok", rows, prefix cache entries) or ("error", message)
 A second pipe, never written, tells the child that its parent has gone: its read returns at
 once when the parent exits for any reason, and the child ends itself.
@@ -63,6 +64,7 @@ class ModelProcess:
         self._ended: str | None = None
         self.prefix_cache_entries = 0  # as the child last said (runners/prefix.py)
         self.dtype_choice = None  # the dtype the child runs in and why, as it said when ready (runners/dtype_tier.py)
+        self.prepack_choice = None  # whether its decoder weights are prepacked and why (runners/prepack.py)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -103,12 +105,16 @@ class ModelProcess:
             raise ModelLoadError(value)
         if extra and self.dtype_choice is None:
             from ..runners.dtype_tier import DtypeChoice
+            from ..runners.prepack import PrepackChoice
 
-            name, reason, times = extra[0]
+            (name, reason, times), (on, prepack_reason, prepack_times) = extra
             self.dtype_choice = DtypeChoice.named(name, reason, times)
+            self.prepack_choice = PrepackChoice(on, prepack_reason, prepack_times)
+            # A restarted child runs in the dtype and weight layout chosen now, with no second probe.
             settings, device, threads = self._args
-            if settings.dtype != name:  # a restarted child runs in the dtype chosen now, with no second probe
-                self._args = (settings.model_copy(update={"dtype": name}), device, threads)
+            pinned = {"dtype": name, "cpu_prepack": "true" if on else "false"}
+            if any(getattr(settings, k) != v for k, v in pinned.items()):
+                self._args = (settings.model_copy(update=pinned), device, threads)
 
     def forward(self, batch: list) -> np.ndarray:
         with self._lock:
@@ -204,8 +210,9 @@ def load_for_serving(settings) -> list:
         for runner, process in zip(runners, processes):
             process.wait_ready()
             runner.serve_from(process)
-            if process.dtype_choice is not None:  # DTYPE=auto on a CPU: what the child's probe chose
+            if process.dtype_choice is not None:  # DTYPE=auto and CPU_PREPACK=auto: what the child's probes chose
                 runner.dtype_choice, runner.dtype = process.dtype_choice, process.dtype_choice.dtype
+                runner.prepack_choice = process.prepack_choice
     except BaseException:
         for process in processes:
             process.close()
@@ -243,7 +250,9 @@ def _serve(conn: Connection) -> None:
     if runner.device.type == "cpu":
         log.info("model process %d on %s: memory allocator %s (CPU_ALLOCATOR=%s)", os.getpid(), device,
                  allocator.in_use(), settings.cpu_allocator)
-    conn.send_bytes(pickle.dumps(("ready", os.getpid(), (choice.name, choice.reason, choice.times_ms))))
+    prepacked = runner.prepack_choice
+    conn.send_bytes(pickle.dumps(("ready", os.getpid(), (choice.name, choice.reason, choice.times_ms),
+                                  (prepacked.on, prepacked.reason, prepacked.times_ms))))
     cuda = runner.device.type == "cuda"
     while True:
         try:

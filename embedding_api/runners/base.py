@@ -18,6 +18,7 @@ from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer
 from . import dtype_tier, packed, prefix as prefix_reuse
+from .prepack import PrepackChoice
 from .split import groups as length_groups, overhead_tokens
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -57,6 +58,8 @@ class ModelInfo:
     kind: str = "embedding"
     dtype_reason: str = ""  # why this dtype: "setting", "cuda", "probe", "no native bf16", "probe off"
     dtype_probe_ms: dict | None = None  # the start-up probe's median forward per dtype, when it ran
+    prepacked: bool = False  # CPU_PREPACK: the decoder's projections in oneDNN's blocked layout
+    prepack_reason: str = ""  # why or why not: "setting", "probe", "not a CPU", "packed forward off", ...
 
 
 class Runner:
@@ -79,6 +82,7 @@ class Runner:
         self.dtype = dtype
         choice = dtype_tier.initial_choice(settings.dtype, device)
         self.dtype_choice = choice if choice.dtype == dtype else dtype_tier.DtypeChoice(dtype, "setting")
+        self.prepack_choice = PrepackChoice(False, "pending")  # CPU_PREPACK, once settled (runners/prepack.py)
         self.max_tokens = settings.max_input_tokens
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
@@ -123,6 +127,8 @@ class Runner:
             kind=self.kind,
             dtype_reason=self.dtype_choice.reason,
             dtype_probe_ms=dict(self.dtype_choice.times_ms) or None,
+            prepacked=self.prepack_choice.on,
+            prepack_reason=self.prepack_choice.reason,
         )
 
     def reserved_strings(self) -> tuple[str, ...]:

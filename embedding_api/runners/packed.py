@@ -197,9 +197,10 @@ def is_text(p) -> bool:
     return p.pixel_values is None and p.video_pixel_values is None
 
 
-@torch.inference_mode()
-def run(runner, batch) -> np.ndarray:
-    """The pooled last hidden state of each row of a text batch, from one packed forward."""
+def layer_inputs(runner, batch) -> tuple:
+    """What the decoder layers of a packed forward of a text batch take: the packed hidden states
+    (T, hidden), the rotary cos and signed sin per position, the attention segments; and the rows'
+    own lengths (after their cached prefixes)."""
     device = runner.device
     reuse = runner.prefix_cache is not None
     cuts = [p.prefix if reuse else 0 for p in batch]
@@ -216,10 +217,22 @@ def run(runner, batch) -> np.ndarray:
     cos, sin = decoder.rotary_emb(hidden, rope_positions)  # (1, T, dim), the model's own
     half = sin.shape[-1] // 2
     cos, sin = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), -1)
-    segments = Segments(lengths, cuts, prefix_kv, device)
-    hidden = hidden[0]
-    for layer in decoder.layers:
-        hidden = _layer(layer, hidden, cos, sin, segments)
+    return hidden[0], cos, sin, Segments(lengths, cuts, prefix_kv, device), lengths
+
+
+def layer(decoder_layer, inputs: tuple) -> torch.Tensor:
+    """One decoder layer on what `layer_inputs` gave (the hidden states it took are left as they were)."""
+    hidden, cos, sin, segments, _ = inputs
+    return _layer(decoder_layer, hidden, cos, sin, segments)
+
+
+@torch.inference_mode()
+def run(runner, batch) -> np.ndarray:
+    """The pooled last hidden state of each row of a text batch, from one packed forward."""
+    hidden, cos, sin, segments, lengths = layer_inputs(runner, batch)
+    decoder = text_model(runner)
+    for decoder_layer in decoder.layers:
+        hidden = _layer(decoder_layer, hidden, cos, sin, segments)
     hidden = _norm(hidden, decoder.norm)
     last = torch.tensor(np.cumsum(lengths) - 1, device=hidden.device)
     return hidden[last].float().cpu().numpy()
