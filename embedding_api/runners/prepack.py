@@ -78,22 +78,23 @@ class PrepackChoice:
     times_ms: dict[str, float] = field(default_factory=dict)  # the probe's medians, when it ran
 
 
-def _projections(module: torch.nn.Module, layer: bool = False) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
-    """(parent, attribute, linear) of each decoder-layer nn.Linear of a model (or of one decoder `layer`)."""
-    out = []
+def _projections(module: torch.nn.Module, layer: bool = False):
+    """(parent, attribute, linear) of each decoder-layer nn.Linear of a model (or of one decoder `layer`),
+    found as it goes: a caller that replaces each one holds no reference to the plain ones it has done."""
     for name, parent in module.named_modules():
-        for child_name, child in parent.named_children():
+        for child_name, child in list(parent.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is torch.nn.Linear and (layer or quantizable(full)):
-                out.append((parent, child_name, child))
-    return out
+                yield parent, child_name, child
 
 
 def apply(model: torch.nn.Module) -> int:
-    """Prepack the decoder layers' projections of `model` in place; returns how many."""
+    """Prepack the decoder layers' projections of `model` in place, one at a time (each plain weight is
+    freed once its replacement is made, unless something else holds it); returns how many."""
     done = 0
     for parent, name, linear in _projections(model):
         setattr(parent, name, PrepackedLinear(linear))
+        del linear
         done += 1
     return done
 
@@ -149,7 +150,7 @@ def _times(choice: PrepackChoice) -> str:
 @torch.inference_mode()
 def _probe(runner) -> PrepackChoice:
     first = packed.text_model(runner).layers[0]
-    plain = _projections(first, layer=True)
+    plain = list(_projections(first, layer=True))
     try:
         prepacked = [PrepackedLinear(linear) for _, _, linear in plain]
         inputs = packed.layer_inputs(runner, probe_batch(runner))
