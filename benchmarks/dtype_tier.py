@@ -9,7 +9,8 @@ bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives), int8 (wha
 runners/int8.py, the decoder's projections with weights per output channel and activations per
 row) and int8-tensor (torch's own `quantize_dynamic` of every nn.Linear: weights per tensor, one
 activation range per call, so a row's vector depends on the other rows of its batch; not offered,
-for comparison). Each tier has its own prefix cache.
+for comparison); float32+prepack and bfloat16+prepack: those dtypes with the decoder's projections
+prepacked for oneDNN (what CPU_PREPACK=true runs, runners/prepack.py). Each tier has its own prefix cache.
 
 Per tier: inputs/s of `runner.forward` on a batch of 32 short texts and on a batch of 32 small
 images (Qwen3-VL), the tiers timed in turns (the order rotates each round), median of the rounds;
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedding_api.runners import PreparedInput, Runner, int8, load_runner
+from embedding_api.runners import PreparedInput, Runner, int8, load_runner, prepack
 from embedding_api.runners.dtype_tier import bfloat16_copy, native_bf16
 from embedding_api.runners.prefix import PrefixCache
 from embedding_api.settings import Settings
@@ -78,6 +79,13 @@ def int8_tensor_copy(model: torch.nn.Module) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def prepacked_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """What CPU_PREPACK=true runs: the decoder's projections prepacked for oneDNN (runners/prepack.py)."""
+    out = copy.deepcopy(model)
+    prepack.apply(out)
+    return out
+
+
 def int8_row_copy(model: torch.nn.Module) -> torch.nn.Module:
     """What DTYPE=int8 runs: the decoder's projections as runners/int8.py's RowInt8Linear."""
     out = copy.deepcopy(model)
@@ -91,9 +99,10 @@ class Tiers:
     def __init__(self, runner: Runner, names: list[str]):
         self.runner = runner
         make = {"float32": lambda m: m, "bfloat16": bfloat16_copy, "int8": int8_row_copy,
-                "int8-tensor": int8_tensor_copy}
+                "int8-tensor": int8_tensor_copy, "float32+prepack": prepacked_copy,
+                "bfloat16+prepack": lambda m: prepacked_copy(bfloat16_copy(m))}
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32,
-                  "int8-tensor": torch.float32}
+                  "int8-tensor": torch.float32, "float32+prepack": torch.float32, "bfloat16+prepack": torch.bfloat16}
         base = runner.model
         self.models = {n: (make[n](base), dtypes[n], PrefixCache(8)) for n in names}
 
@@ -198,9 +207,10 @@ def through_server(path: Path, dtypes: list[str], rounds: int, clients: int, sec
     own rate and share of the time."""
     from .settings_ab import describe, in_turns
 
-    got = in_turns(path, {d: {"DTYPE": d} for d in dtypes}, rounds, clients, seconds, threads,
-                   HERE / "results" / "dtype_tier")
-    return [describe(f"server DTYPE={d:<9}", got[d]) for d in dtypes]
+    configs = {d: {"DTYPE": d.split("+")[0], "CPU_PREPACK": "true" if d.endswith("+prepack") else "false"}
+               for d in dtypes}
+    got = in_turns(path, configs, rounds, clients, seconds, threads, HERE / "results" / "dtype_tier")
+    return [describe(f"server {d:<16}", got[d]) for d in dtypes]
 
 
 def denormal(tiers: Tiers, batch: list[PreparedInput], rounds: int) -> list[str]:
@@ -287,12 +297,12 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16() or 'no'}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; batch {BATCH}, {args.rounds} rounds in turns")
-    header = (f"{'checkpoint':<14} {'tier':<11} {'threads':>7} {'texts/s':>9} {'images/s':>9} {'min cos':>9} "
+    header = (f"{'checkpoint':<14} {'tier':<16} {'threads':>7} {'texts/s':>9} {'images/s':>9} {'min cos':>9} "
               f"{'mean cos':>9} {'alone':>9}")
     for size in args.sizes.split(","):
         path = checkpoint(HERE / ".cache", args.family, size)
         runner = load_runner(Settings(_env_file=None, model_path=str(path), dtype="float32", device="cpu",
-                                      log_level="WARNING"))
+                                      cpu_prepack="false", log_level="WARNING"))
         if args.outliers:
             add_outliers(runner.model, args.outliers)
         tiers = Tiers(runner, tiers_wanted)
@@ -304,7 +314,7 @@ def main(argv=None) -> int:
         for n in threads:
             for name in tiers.models:
                 images = f"{rates['images'][name, n]:9.1f}" if "images" in rates else f"{'-':>9}"
-                print(f"{args.family + '/' + size:<14} {name:<11} {n:>7} "
+                print(f"{args.family + '/' + size:<14} {name:<16} {n:>7} "
                       f"{rates['texts'][name, n]:9.1f} {images} {fid[name][0]:9.5f} {fid[name][1]:9.5f} "
                       f"{fid[name][2]:9.6f}")
         torch.set_num_threads(os.cpu_count() or 1)

@@ -102,7 +102,7 @@ def serve() -> None:
                         max_batch_size=int(spec["batch_size"]))
     runner = load_runner(settings)
     inputs: dict[str, list[PreparedInput]] = {}
-    print(json.dumps({"ready": True, "dtype": runner.info().dtype}), flush=True)
+    print(json.dumps({"ready": True, "dtype": runner.info().dtype, "prepacked": runner.info().prepacked}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
         kind = ask["kind"]

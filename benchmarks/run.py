@@ -184,15 +184,18 @@ class LimitProcess:
     """`python -m benchmarks.limit --serve`: the model loaded once, forward passes timed on request."""
 
     def __init__(self, model: Path, threads: int, batch_size: int, first: Path | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, prepacked: bool | None = None):
         # `first`: another revision's package directory (benchmarks/versus.py); the working directory
         # comes first on the path, so the process starts there and finds this tree's benchmarks after it.
-        # `dtype`: the DTYPE it loads the model in, as its server's (None: the default, `auto`).
-        env = {"TORCH_THREADS": str(threads), **({"DTYPE": dtype} if dtype else {})}
+        # `dtype`, `prepacked`: the DTYPE and CPU_PREPACK it loads the model with, as its server chose
+        # them (None: the defaults, `auto`, each decided by its own probe).
+        env = {"TORCH_THREADS": str(threads), **({"DTYPE": dtype} if dtype else {}),
+               **({"CPU_PREPACK": str(prepacked).lower()} if prepacked is not None else {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.limit", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      cwd=str(first or HERE.parent), env=clean_env(env, first))
-        self.dtype = self.ask({"model_path": str(model), "threads": threads, "batch_size": batch_size}).get("dtype")
+        ready = self.ask({"model_path": str(model), "threads": threads, "batch_size": batch_size})
+        self.dtype, self.prepacked = ready.get("dtype"), ready.get("prepacked")
 
     def ask(self, message: dict) -> dict:
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -221,7 +224,8 @@ def main_model(model: Path, threads: int, batch_size: int, plan: Plan, encoding:
         batched.wait_ready()
         unbatched.wait_ready()
         # In the dtype the server runs in (DTYPE=auto on a CPU with native bf16 decides by a probe).
-        limit = LimitProcess(model, threads, batch_size, dtype=batched.health()["dtype"])
+        health = batched.health()
+        limit = LimitProcess(model, threads, batch_size, dtype=health["dtype"], prepacked=health.get("prepacked"))
         for label, server, scenarios in (("batched", batched, plan.scenarios),
                                          ("no-batching", unbatched, plan.no_batching)):
             for kind, clients in scenarios:
@@ -274,7 +278,8 @@ def tiny_server(model: Path, threads: int, batch_size: int, plan: Plan, encoding
             _log_scenario("tiny", "text", clients, r)
         # The target, in turns with the tiny model's limit (its forward is short, so this machine's
         # drift moves the limit by 10-30% between the runs before and after the servers).
-        limit = LimitProcess(model, threads, batch_size, dtype=server.health()["dtype"])
+        health = server.health()
+        limit = LimitProcess(model, threads, batch_size, dtype=health["dtype"], prepacked=health.get("prepacked"))
         try:
             rounds = []
             for i in range(plan.rounds):

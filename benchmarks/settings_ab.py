@@ -62,7 +62,8 @@ def in_turns(path: Path, configs: dict[str, dict[str, str]], rounds: int, client
 def describe(label: str, got: dict) -> str:
     runs, health = got["runs"], got["health"]
     rates = [g[0] for g in runs]
-    return (f"  {label} ({health['dtype']}, {health['dtype_reason']}): "
+    layout = {True: ", prepacked", False: ", plain weights"}.get(health.get("prepacked"), "")
+    return (f"  {label} ({health['dtype']}, {health['dtype_reason']}{layout}): "
             f"{statistics.median(rates):7.1f} inputs/s (runs {', '.join(f'{x:.0f}' for x in rates)}), "
             f"p50 {statistics.median(g[1] for g in runs):.0f} ms, "
             f"mean batch {statistics.median(g[2] for g in runs):.1f}; the forwards alone "

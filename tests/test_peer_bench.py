@@ -262,11 +262,11 @@ def test_settings_ab_takes_one_server_per_argument():
 
 
 def test_a_limit_process_loads_in_the_dtype_it_is_given(tiny_text: Path):
-    # Its server's DTYPE: left to `auto`, a CPU with native bf16 would probe and might choose otherwise.
-    for dtype in ("bfloat16", "float32"):
-        limit = LimitProcess(tiny_text, 1, 8, dtype=dtype)
+    # Its server's DTYPE and CPU_PREPACK: left to `auto`, each is decided by a probe that might choose otherwise.
+    for dtype, prepacked in (("bfloat16", True), ("float32", False)):
+        limit = LimitProcess(tiny_text, 1, 8, dtype=dtype, prepacked=prepacked)
         try:
-            assert limit.dtype == dtype
+            assert (limit.dtype, limit.prepacked) == (dtype, prepacked)
             assert limit.ask({"kind": "text", "batch_size": 8, "seconds": 0.2})["inputs_per_s"] > 0
         finally:
             limit.close()
