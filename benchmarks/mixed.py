@@ -82,13 +82,15 @@ def run_together(server: Server, loads: dict[str, dict], seconds: float) -> dict
     return results
 
 
-def forward_times(model: Path, threads: int) -> dict:
-    """In-process forward time (ms, median) of one short text, one video and a batch of 4 videos."""
+def forward_times(model: Path, threads: int) -> tuple[dict, dict]:
+    """In-process forward time (ms, median) of one short text, one video and a batch of 4 videos; and
+    the settings that pin a server to what this model copy chose by its probes (DTYPE, CPU_PREPACK)."""
     from .run import LimitProcess
 
     limit = LimitProcess(model, threads, 32)
+    pinned = {"DTYPE": limit.dtype, "CPU_PREPACK": str(limit.prepacked).lower()}
     try:
-        return {"text_1": limit.ask({"kind": "text", "batch_size": 1, "seconds": 1.5})["p50_ms"],
+        return pinned, {"text_1": limit.ask({"kind": "text", "batch_size": 1, "seconds": 1.5})["p50_ms"],
                 "video_1": limit.ask({"kind": "video", "batch_size": 1, "seconds": 3.0})["p50_ms"],
                 "video_4": limit.ask({"kind": "video", "batch_size": 4, "seconds": 3.0})["p50_ms"],
                 "image_16": limit.ask({"kind": "image", "batch_size": 16, "seconds": 2.0})["p50_ms"]}
@@ -99,12 +101,12 @@ def forward_times(model: Path, threads: int) -> dict:
 def measure(model: Path, threads: int, rounds: int, seconds: float, run_dir: Path, settings: dict | None = None) -> dict:
     from .run import server_settings
 
-    forwards = forward_times(model, threads)
+    pinned, forwards = forward_times(model, threads)
     text = request_bodies("text")
     heavy = {kind: heavy_bodies(kind) for kind in ("video", "images16")}
     rows: dict[str, list] = {"text": [], **{f"{k} alone": [] for k in heavy}, **{f"{k} + text": [] for k in heavy}}
     load = []
-    env = {**server_settings(model, threads, 32), **(settings or {})}
+    env = {**server_settings(model, threads, 32), **pinned, **(settings or {})}
     with Server(env, run_dir, "mixed") as server:
         run_together(server, {"text": (*text, 1)}, 2.0)  # warm-up
         for _ in range(rounds):
