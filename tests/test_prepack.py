@@ -175,6 +175,14 @@ def test_where_the_weights_stay_plain(tiny_text, monkeypatch, settings, reason):
     assert "PrepackedLinear" not in _types(runner)["decoder"]
 
 
+def test_bfloat16_without_onednn_bfloat16_kernels_stays_plain(tiny_text, monkeypatch):
+    monkeypatch.setattr(prepack, "bfloat16_kernels", lambda: False)  # a CPU with AVX2 only
+    runner = _runner(tiny_text, dtype="bfloat16", cpu_prepack="true")
+    assert (runner.prepack_choice.on, runner.prepack_choice.reason) == (False, "no oneDNN bfloat16 kernels on this CPU")
+    monkeypatch.undo()
+    assert isinstance(prepack.bfloat16_kernels(), bool)
+
+
 def test_auto_without_the_packed_forward_stays_plain(tiny_text, monkeypatch):
     monkeypatch.setattr(packed, "check", lambda runner: False)
     monkeypatch.setattr(prepack, "_probe", lambda *a: pytest.fail("the probe times the packed forward's layer"))

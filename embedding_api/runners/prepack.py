@@ -4,8 +4,8 @@ A CPU matmul (`F.linear`) on plain row-major weights goes to the BLAS (MKL in to
 or, in bfloat16, to oneDNN, which first copies the weights into the blocked layout its kernels
 read, on every call. Made once, that layout saves the copy, and in float32 it moves the work from
 MKL to oneDNN's kernels, which on some CPUs run closer to their peak (on an AMD EPYC with AVX-512:
-1.09-1.32x MKL on the projections' shapes, the decoder's forward 1.08-1.16x; on an Intel CPU with
-AVX2, slower than MKL), while on narrow layers (64 wide) the forward is slower (0.9x). Hence a
+1.09-1.32x MKL on the projections' shapes, the decoder's forward 1.08-1.16x; on a CPU with AVX2
+only, slower than MKL), while on narrow layers (64 wide) the forward is slower (0.9x). Hence a
 choice per host and model, by measurement:
 
 - `auto` (default): on a CPU copy whose packed forward is on (runners/packed.py), in float32 or
@@ -109,7 +109,17 @@ def why_not(runner) -> str | None:
         return f"{str(runner.dtype).replace('torch.', '')} (float32 and bfloat16 only)"
     if not torch.backends.mkldnn.is_available():
         return "this torch has no oneDNN"
+    if runner.dtype == torch.bfloat16 and not bfloat16_kernels():
+        return "no oneDNN bfloat16 kernels on this CPU"
     return None
+
+
+def bfloat16_kernels() -> bool:
+    """Whether oneDNN has bfloat16 kernels on this CPU (AVX-512 at least; it refuses to prepack otherwise)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def settle(runner) -> PrepackChoice:
