@@ -18,7 +18,7 @@ import torch
 from embedding_api.runners import dtype_tier, load_runner, packed
 from embedding_api.settings import Settings
 
-from .util import API_KEY, png_bytes, sample_image
+from .util import API_KEY, png_bytes, restart_model_process, sample_image
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
 AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
@@ -266,12 +266,15 @@ def _vectors(c: httpx.Client, body: dict) -> np.ndarray:
     return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
 
 
-def test_the_auto_server_says_its_dtype_and_why(start_server, tiny_text):
+def test_the_auto_server_says_its_dtype_and_weight_layout_and_why(start_server, tiny_text):
+    """DTYPE=auto and CPU_PREPACK=auto (runners/prepack.py) on one server: each choice shown with its
+    reason, one log line each, and both kept by a restarted model process with no second probe."""
     server = start_server({"MODEL_PATH": str(tiny_text), "DTYPE": "auto", "DTYPE_PROBE": "true",
-                           "TORCH_THREADS": "1"})
+                           "CPU_PREPACK": "auto", "TORCH_THREADS": "1"})
     with httpx.Client(base_url=server.base_url, timeout=60) as c:
         card = c.get("/v1/models").json()["data"][0]
         health = c.get("/health").json()
+        before = c.post("/v1/embeddings", json={"input": "the same text twice"}).json()["data"][0]["embedding"]
     assert card["dtype"] == health["dtype"]
     assert card["dtype_reason"] == health["dtype_reason"] in ("probe", "no native bf16")
     if health["dtype_reason"] == "no native bf16":  # this host's CPU: no probe, float32
@@ -280,22 +283,18 @@ def test_the_auto_server_says_its_dtype_and_why(start_server, tiny_text):
     else:  # either answer is right; the figures it went by are shown
         assert health["dtype"] in ("float32", "bfloat16")
         assert set(health["dtype_probe_ms"]) == {"float32", "bfloat16"}
-    assert server.output().count("(DTYPE=auto") == 1  # the one line that says why
-    # A model process that dies is restarted in the dtype chosen at start-up, with no second decision.
-    import os
-    import signal
-
-    from .test_model_faults import model_processes
-
-    [child] = model_processes(server.proc.pid)
-    os.kill(child, signal.SIGKILL)
-    with httpx.Client(base_url=server.base_url, timeout=120) as c:
-        r = c.post("/v1/embeddings", json={"input": "after the restart"})
-        assert r.status_code == 200, r.text
-        again = c.get("/health").json()
-    assert model_processes(server.proc.pid) != [child]
+    # The weights: prepacked or not as the probe measured (either is right), in the dtype chosen.
+    assert card["prepacked"] is health["prepacked"] and health["prepack_reason"] == "probe"
+    log = server.output()
+    assert log.count("(DTYPE=auto") == 1  # the one line that says why
+    assert log.count("(CPU_PREPACK=auto") == 1 and "first layer" in log  # one line, with the probe's figures
+    # A model process that dies is restarted as chosen at start-up, with no second decision.
+    body, again = restart_model_process(server, "the same text twice")
     assert (again["dtype"], again["dtype_reason"]) == (health["dtype"], health["dtype_reason"])
-    assert server.output().count("(DTYPE=auto") == 1
+    assert (again["prepacked"], again["prepack_reason"]) == (health["prepacked"], "probe")
+    log = server.output()
+    assert log.count("(DTYPE=auto") == 1 and log.count("(CPU_PREPACK=auto") == 1
+    assert _cos(np.array(body["data"][0]["embedding"]), np.array(before)) >= 0.99999
 
 
 def test_the_test_servers_run_auto_in_float32(client):

@@ -9,11 +9,8 @@ tested on given timings."""
 from __future__ import annotations
 
 import copy
-import os
-import signal
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -23,7 +20,7 @@ from pydantic import ValidationError
 from embedding_api.runners import load_runner, packed, prepack
 from embedding_api.settings import Settings
 
-from .util import model_processes, sample_image
+from .util import sample_image
 
 
 def _runner(path, **settings):
@@ -197,29 +194,5 @@ def test_the_setting_takes_auto_true_false():
         Settings(_env_file=None, cpu_prepack="sometimes")
 
 
-# ------------------------------------------------------------------ what the servers report
-
-
-def test_the_server_says_whether_its_weights_are_prepacked(start_server, tiny_text):
-    server = start_server({"MODEL_PATH": str(tiny_text), "DTYPE": "float32", "CPU_PREPACK": "auto",
-                           "TORCH_THREADS": "1"})
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
-        card = c.get("/v1/models").json()["data"][0]
-        health = c.get("/health").json()
-        before = c.post("/v1/embeddings", json={"input": "the same text twice"}).json()["data"][0]["embedding"]
-    assert card["prepacked"] is health["prepacked"] and health["prepack_reason"] == "probe"
-    log = server.output()
-    assert log.count("(CPU_PREPACK=auto") == 1 and "first layer" in log  # one line, with the probe's figures
-    # A model process that dies is restarted with the weights as chosen at start-up, with no second probe.
-    [child] = model_processes(server.proc.pid)
-    os.kill(child, signal.SIGKILL)
-    with httpx.Client(base_url=server.base_url, timeout=120) as c:
-        r = c.post("/v1/embeddings", json={"input": "the same text twice"})
-        assert r.status_code == 200, r.text
-        again = c.get("/health").json()
-    assert model_processes(server.proc.pid) != [child]
-    assert (again["prepacked"], again["prepack_reason"]) == (health["prepacked"], "probe")
-    assert server.output().count("(CPU_PREPACK=auto") == 1
-    assert server.output().count(f"(CPU_PREPACK={'true' if health['prepacked'] else 'false'}") <= 1
-    after = r.json()["data"][0]["embedding"]
-    assert _cos(np.array(after), np.array(before)) >= 0.99999
+# What the servers report (/health, /v1/models, the log line, a restarted model process keeping the
+# choice): tests/test_dtype_tier.py's test of the auto server, with DTYPE=auto and CPU_PREPACK=auto.

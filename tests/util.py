@@ -204,3 +204,16 @@ def model_processes(pid: int) -> list[int]:
 
     pids = [c for c in children(pid) if MODEL_PROCESS_MODULE in Path(f"/proc/{c}/cmdline").read_text()]
     return sorted(pids, key=lambda c: int(Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[19]))
+
+
+def restart_model_process(server, text: str) -> tuple[dict, dict]:
+    """Kill the server's (only) model process, then embed `text`, which waits for its restart; returns
+    that response's body and /health after it (asserting the model process is a new one)."""
+    [child] = model_processes(server.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+        r = c.post("/v1/embeddings", json={"input": text})
+        assert r.status_code == 200, r.text
+        health = c.get("/health").json()
+    assert model_processes(server.proc.pid) != [child]
+    return r.json(), health
