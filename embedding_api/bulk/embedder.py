@@ -22,12 +22,11 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ..errors import APIError
 from ..engine.service import input_rules, load_video, media_policy, video_limits
 from ..inputs import InputError, parse_item
 from ..media import ImageLoader, MediaError, decode_image_bytes
 from ..media.video import VideoLoader
-from ..media.encoded import _SCHEME_RE
+from ..media.encoded import uri_scheme
 from ..normalize import finalize
 from ..runners import InputTooLong, PreparedInput, load_runner
 from ..settings import Settings
@@ -86,8 +85,8 @@ def _local_path(ref: str, base_dir: str) -> Path | None:
     """
     if ref.startswith("file://"):
         return Path(unquote(urlparse(ref).path))
-    match = _SCHEME_RE.match(ref)
-    if match and len(match.group(1)) > 1:  # a URL (the loader refuses the schemes it does not take)
+    scheme = uri_scheme(ref)
+    if scheme and len(scheme) > 1:  # a URL (the loader refuses the schemes it does not take)
         return None
     if len(ref) > 4096 or not ("." in ref or "\\" in ref or os.path.isfile(ref)):
         return None

@@ -15,6 +15,12 @@ _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]{0,31}):")  # bounded: never s
 _URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
+def uri_scheme(ref: str) -> str | None:
+    """The scheme `ref` starts with, lowercase ("http", "data", or one letter: a Windows drive), or None."""
+    match = _SCHEME_RE.match(ref)
+    return match.group(1).lower() if match else None
+
+
 def _max_encoded_chars(policy: MediaPolicy) -> int:
     return 4 * -(-policy.max_image_bytes // 3)
 

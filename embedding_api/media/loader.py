@@ -19,7 +19,7 @@ import ssl
 
 from PIL import Image
 
-from .encoded import _SCHEME_RE, _data_uri_payload_start, _max_encoded_chars, _quick_base64_length_check
+from .encoded import uri_scheme, _data_uri_payload_start, _max_encoded_chars, _quick_base64_length_check
 from .addresses import Resolver
 from .fetch import Fetcher
 from .images import _decode_base64_image, decode_image_bytes
@@ -73,9 +73,8 @@ class ImageLoader:
         self._bind_loop()
         policy = self.policy
 
-        match = _SCHEME_RE.match(ref)
-        if match:
-            scheme = match.group(1).lower()
+        scheme = uri_scheme(ref)
+        if scheme:
             if scheme in ("http", "https"):
                 if not policy.allow_urls:
                     raise MediaError(URLS_DISABLED)

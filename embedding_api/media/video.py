@@ -24,7 +24,7 @@ from fractions import Fraction
 
 from PIL import Image
 
-from .encoded import _SCHEME_RE, _decode_base64
+from .encoded import uri_scheme, _decode_base64
 from .addresses import Resolver
 from .fetch import Fetcher
 from .policy import MediaError, MediaPolicy
@@ -108,9 +108,8 @@ class VideoLoader:
         ref = ref.strip()
         if not ref:
             raise MediaError("video reference is empty")
-        match = _SCHEME_RE.match(ref)
-        if match:
-            scheme = match.group(1).lower()
+        scheme = uri_scheme(ref)
+        if scheme:
             if scheme in ("http", "https"):
                 if not self.policy.allow_urls:
                     raise MediaError("video URLs are disabled on this server (ALLOW_IMAGE_URLS=false covers videos "
