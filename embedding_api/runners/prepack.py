@@ -4,9 +4,10 @@ A CPU matmul (`F.linear`) on plain row-major weights goes to the BLAS (MKL in to
 or, in bfloat16, to oneDNN, which first copies the weights into the blocked layout its kernels
 read, on every call. Made once, that layout saves the copy, and in float32 it moves the work from
 MKL to oneDNN's kernels, which on some CPUs run closer to their peak (on an AMD EPYC with AVX-512:
-1.09-1.32x MKL on the projections' shapes, the decoder's forward 1.08-1.16x; on a CPU with AVX2
-only, slower than MKL), while on narrow layers (64 wide) the forward is slower (0.9x). Hence a
-choice per host and model, by measurement:
+1.09-1.32x MKL on the projections' shapes, the decoder's forward 1.08-1.16x; with both libraries
+held to AVX2 there, 1.05x; on an AVX2 host measured earlier oneDNN's unpacked linear was slower than
+MKL), while on narrow layers (64 wide) the forward is slower (0.9x). Hence a choice per host and
+model, by measurement:
 
 - `auto` (default): on a CPU copy whose packed forward is on (runners/packed.py), in float32 or
   bfloat16, a start-up probe times the first decoder layer on the probe batch of DTYPE=auto's probe,
