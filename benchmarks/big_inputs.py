@@ -108,47 +108,44 @@ def main() -> None:
     }
     with Server(settings, root / "run", "big") as server:
         port = server.port
-        before = rss_mb(server.pid)
         if not args.frames_only:
             texts(port, server, text, query, args)
         frames(port, server, args)
 
 
 def texts(port, server, text, query, args) -> None:
-    if True:
-        before = rss_mb(server.pid)
-        (status, took, _), slowest, polls = with_health(
-            port, lambda: post(port, "/v1/embeddings", {"input": text, "model": "embedder"}))
-        print(f"embedding {args.mb:g} MB text: {status} in {took:.2f} s; /health slowest {slowest * 1e3:.0f} ms "
-              f"({polls} polls); server RSS {before:.0f} -> {rss_mb(server.pid):.0f} MB")
-        (status, took, _), slowest, polls = with_health(
-            port, lambda: post(port, "/v1/rerank", {"model": "reranker", "query": "q", "documents": [text, "d"]}))
-        print(f"rerank {args.mb:g} MB document: {status} in {took:.2f} s; /health slowest {slowest * 1e3:.0f} ms "
-              f"({polls} polls)")
-        (status, took, _), slowest, polls = with_health(
-            port, lambda: post(port, "/v1/rerank", {"model": "reranker", "query": query,
-                                                    "documents": [f"doc{i}" for i in range(8)]}))
-        print(f"rerank {args.query_mb:g} MB query x 8 documents: {status} in {took:.2f} s; "
-              f"/health slowest {slowest * 1e3:.0f} ms ({polls} polls)")
+    before = rss_mb(server.pid)
+    (status, took, _), slowest, polls = with_health(
+        port, lambda: post(port, "/v1/embeddings", {"input": text, "model": "embedder"}))
+    print(f"embedding {args.mb:g} MB text: {status} in {took:.2f} s; /health slowest {slowest * 1e3:.0f} ms "
+          f"({polls} polls); server RSS {before:.0f} -> {rss_mb(server.pid):.0f} MB")
+    (status, took, _), slowest, polls = with_health(
+        port, lambda: post(port, "/v1/rerank", {"model": "reranker", "query": "q", "documents": [text, "d"]}))
+    print(f"rerank {args.mb:g} MB document: {status} in {took:.2f} s; /health slowest {slowest * 1e3:.0f} ms "
+          f"({polls} polls)")
+    (status, took, _), slowest, polls = with_health(
+        port, lambda: post(port, "/v1/rerank", {"model": "reranker", "query": query,
+                                                "documents": [f"doc{i}" for i in range(8)]}))
+    print(f"rerank {args.query_mb:g} MB query x 8 documents: {status} in {took:.2f} s; "
+          f"/health slowest {slowest * 1e3:.0f} ms ({polls} polls)")
 
 
 def frames(port, server, args) -> None:
-    if True:
-        frames = [frame_uri(i) for i in range(8)]
-        body = {"model": "embedder", "input": [{"video": {"frames": [frames[i % 8] for i in range(args.frames)],
-                                                          "max_frames": min(args.frames, 768)}}]}
-        before = rss_mb(server.pid)
-        statuses, peak, after_first = set(), before, None
-        for k in range(args.repeat):
-            status, _, _ = post(port, "/v1/embeddings", body)
-            statuses.add(status)
-            peak = max(peak, server.take_peak_rss())
-            if k == 2:
-                after_first = rss_mb(server.pid)
-        time.sleep(1)
-        print(f"{args.repeat} refused requests of {args.frames} frames: statuses {sorted(statuses)}; server RSS "
-              f"{before:.0f} -> {after_first:.0f} after 3 -> {rss_mb(server.pid):.0f} MB after all "
-              f"(peak of the server and its model process {peak:.0f} MB)")
+    frames = [frame_uri(i) for i in range(8)]
+    body = {"model": "embedder", "input": [{"video": {"frames": [frames[i % 8] for i in range(args.frames)],
+                                                      "max_frames": min(args.frames, 768)}}]}
+    before = rss_mb(server.pid)
+    statuses, peak, after_first = set(), before, None
+    for k in range(args.repeat):
+        status, _, _ = post(port, "/v1/embeddings", body)
+        statuses.add(status)
+        peak = max(peak, server.take_peak_rss())
+        if k == 2:
+            after_first = rss_mb(server.pid)
+    time.sleep(1)
+    print(f"{args.repeat} refused requests of {args.frames} frames: statuses {sorted(statuses)}; server RSS "
+          f"{before:.0f} -> {after_first:.0f} after 3 -> {rss_mb(server.pid):.0f} MB after all "
+          f"(peak of the server and its model process {peak:.0f} MB)")
 
 
 if __name__ == "__main__":
