@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     limits, jobs, rays, ray_limits = [], [], [], []
     limit = LimitProcess(model, args.threads, args.batch_size)
     # Every job loads as the limit chose by its probes (DTYPE=auto, CPU_PREPACK=auto), not by its own.
-    env.update(DTYPE=limit.dtype, CPU_PREPACK=str(limit.prepacked).lower())
+    env.update(limit.settings())
 
     def limit_turn() -> float:
         return limit.ask({"kind": "text", "batch_size": args.batch_size, "seconds": args.limit_seconds})["inputs_per_s"]

@@ -94,8 +94,7 @@ def null_turns(model: Path, threads: int, batch_size: int, rounds: int, seconds:
     try:
         for s in (server, null, bare):
             s.wait_ready()
-        health = server.health()  # the limit loads as the server chose: dtype, prepacked weights
-        limit = LimitProcess(model, threads, batch_size, dtype=health["dtype"], prepacked=health.get("prepacked"))
+        limit = LimitProcess.like(server.health(), model, threads, batch_size)
         for i in range(rounds):
             b = _load(bare, "text", clients, 1.0, seconds)
             n = _load(null, "text", clients, 1.0, seconds)

@@ -180,6 +180,12 @@ def _log_scenario(label: str, kind: str, clients: int, r: dict) -> None:
         f"mean {r['mean_ms']:.1f} ms, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
 
 
+def pinned(dtype: str | None, prepacked: bool | None) -> dict[str, str]:
+    """The DTYPE and CPU_PREPACK settings that load a model as a probe chose them (None: left to `auto`)."""
+    return {**({"DTYPE": dtype} if dtype else {}),
+            **({"CPU_PREPACK": str(prepacked).lower()} if prepacked is not None else {})}
+
+
 class LimitProcess:
     """`python -m benchmarks.limit --serve`: the model loaded once, forward passes timed on request."""
 
@@ -189,13 +195,21 @@ class LimitProcess:
         # comes first on the path, so the process starts there and finds this tree's benchmarks after it.
         # `dtype`, `prepacked`: the DTYPE and CPU_PREPACK it loads the model with, as its server chose
         # them (None: the defaults, `auto`, each decided by its own probe).
-        env = {"TORCH_THREADS": str(threads), **({"DTYPE": dtype} if dtype else {}),
-               **({"CPU_PREPACK": str(prepacked).lower()} if prepacked is not None else {})}
+        env = {"TORCH_THREADS": str(threads), **pinned(dtype, prepacked)}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.limit", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      cwd=str(first or HERE.parent), env=clean_env(env, first))
         ready = self.ask({"model_path": str(model), "threads": threads, "batch_size": batch_size})
         self.dtype, self.prepacked = ready.get("dtype"), ready.get("prepacked")
+
+    @classmethod
+    def like(cls, health: dict, model: Path, threads: int, batch_size: int) -> "LimitProcess":
+        """A limit that loads the model as the server whose /health this is chose: dtype, prepacked weights."""
+        return cls(model, threads, batch_size, dtype=health["dtype"], prepacked=health.get("prepacked"))
+
+    def settings(self) -> dict[str, str]:
+        """The settings that pin a server or job to what this limit's probes chose."""
+        return pinned(self.dtype, self.prepacked)
 
     def ask(self, message: dict) -> dict:
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -223,9 +237,8 @@ def main_model(model: Path, threads: int, batch_size: int, plan: Plan, encoding:
     try:
         batched.wait_ready()
         unbatched.wait_ready()
-        # In the dtype the server runs in (DTYPE=auto on a CPU with native bf16 decides by a probe).
-        health = batched.health()
-        limit = LimitProcess(model, threads, batch_size, dtype=health["dtype"], prepacked=health.get("prepacked"))
+        # As the server runs (DTYPE=auto and CPU_PREPACK=auto decide by probes).
+        limit = LimitProcess.like(batched.health(), model, threads, batch_size)
         for label, server, scenarios in (("batched", batched, plan.scenarios),
                                          ("no-batching", unbatched, plan.no_batching)):
             for kind, clients in scenarios:
@@ -278,8 +291,7 @@ def tiny_server(model: Path, threads: int, batch_size: int, plan: Plan, encoding
             _log_scenario("tiny", "text", clients, r)
         # The target, in turns with the tiny model's limit (its forward is short, so this machine's
         # drift moves the limit by 10-30% between the runs before and after the servers).
-        health = server.health()
-        limit = LimitProcess(model, threads, batch_size, dtype=health["dtype"], prepacked=health.get("prepacked"))
+        limit = LimitProcess.like(server.health(), model, threads, batch_size)
         try:
             rounds = []
             for i in range(plan.rounds):

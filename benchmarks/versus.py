@@ -96,8 +96,7 @@ def main(argv=None) -> int:
         head_dtype = f"{health.get('dtype')} ({health.get('dtype_reason')})"
         if args.kind == "text":  # each limit in the dtype its server runs in (DTYPE=auto decided by a probe)
             limits["limit@ref"] = LimitProcess(model, args.threads, args.batch_size, first=old_root, dtype="float32")
-            limits["limit@HEAD"] = LimitProcess(model, args.threads, args.batch_size, dtype=health["dtype"],
-                                                prepacked=health.get("prepacked"))
+            limits["limit@HEAD"] = LimitProcess.like(health, model, args.threads, args.batch_size)
         log(f"  server@HEAD runs in {head_dtype}"
             + "".join(f", {name} in {limit.dtype}" for name, limit in limits.items()))
         names = list(servers) + list(limits)

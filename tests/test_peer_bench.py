@@ -264,9 +264,11 @@ def test_settings_ab_takes_one_server_per_argument():
 def test_a_limit_process_loads_in_the_dtype_it_is_given(tiny_text: Path):
     # Its server's DTYPE and CPU_PREPACK: left to `auto`, each is decided by a probe that might choose otherwise.
     for dtype, prepacked in (("bfloat16", True), ("float32", False)):
-        limit = LimitProcess(tiny_text, 1, 8, dtype=dtype, prepacked=prepacked)
+        limit = LimitProcess.like({"dtype": dtype, "prepacked": prepacked}, tiny_text, 1, 8)  # a server's /health
         try:
             assert (limit.dtype, limit.prepacked) == (dtype, prepacked)
+            # What pins a bulk job or a server to this limit's choices (benchmarks.bulk, benchmarks.mixed).
+            assert limit.settings() == {"DTYPE": dtype, "CPU_PREPACK": str(prepacked).lower()}
             assert limit.ask({"kind": "text", "batch_size": 8, "seconds": 0.2})["inputs_per_s"] > 0
         finally:
             limit.close()
