@@ -160,6 +160,26 @@ def test_a_failing_probe_keeps_the_plain_weights(tiny_text, monkeypatch, caplog)
     assert "CPU_PREPACK probe failed (RuntimeError: no kernel for this)" in caplog.text
 
 
+def test_a_refusal_part_of_the_way_leaves_every_weight_plain(tiny_text, monkeypatch, caplog):
+    plain = _runner(tiny_text, dtype="float32", cpu_prepack="false")
+    real, made = prepack.PrepackedLinear.__init__, []
+
+    def third_refused(self, linear):
+        if len(made) == 2:
+            raise RuntimeError("could not allocate the blocked layout")
+        real(self, linear)
+        made.append(self)
+
+    monkeypatch.setattr(prepack.PrepackedLinear, "__init__", third_refused)
+    runner = _runner(tiny_text, dtype="float32", cpu_prepack="true")
+    assert len(made) == 2  # two projections were prepacked before the refusal, then put back
+    assert (runner.prepack_choice.on, runner.prepack_choice.reason) == (False, "oneDNN refused")
+    assert _types(runner)["decoder"] == {"Linear"}
+    assert "oneDNN could not prepack (could not allocate the blocked layout)" in caplog.text
+    batch = lambda r: [r.prepare([f"text {i} " * (i + 1)], [], None, None) for i in range(4)]  # noqa: E731
+    assert np.array_equal(runner.forward(batch(runner)), plain.forward(batch(plain)))
+
+
 @pytest.mark.parametrize("settings,reason", [
     ({"dtype": "float32", "cpu_prepack": "false"}, "setting"),
     ({"dtype": "int8", "cpu_prepack": "true"}, "int8"),

@@ -57,14 +57,18 @@ class PrepackedLinear(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         return self.packed.to_dense()
 
-    def __deepcopy__(self, memo):  # an opaque tensor has no storage to copy: rebuilt from the plain one
-        plain = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                                dtype=self.packed.dtype)
+    def plain(self) -> torch.nn.Linear:
+        """The nn.Linear this was made from (its weights copied back out of the blocked layout)."""
+        linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                 dtype=self.packed.dtype)
         with torch.no_grad():
-            plain.weight.copy_(self.weight)
+            linear.weight.copy_(self.weight)
             if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return PrepackedLinear(plain)
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def __deepcopy__(self, memo):  # an opaque tensor has no storage to copy: rebuilt from the plain one
+        return PrepackedLinear(self.plain())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked (oneDNN)"
@@ -97,6 +101,17 @@ def apply(model: torch.nn.Module) -> int:
         setattr(parent, name, PrepackedLinear(linear))
         del linear
         done += 1
+    return done
+
+
+def unpack(model: torch.nn.Module) -> int:
+    """Undo `apply` on whatever it had replaced (a failure part of the way through); returns how many."""
+    done = 0
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, PrepackedLinear):
+                setattr(parent, child_name, child.plain())
+                done += 1
     return done
 
 
@@ -139,7 +154,8 @@ def settle(runner) -> PrepackChoice:
     if choice.on:
         try:
             count = apply(runner.model)
-        except RuntimeError as exc:  # a oneDNN without this dtype's kernels: plain weights
+        except RuntimeError as exc:  # oneDNN refused (or ran out of memory) part of the way: all plain again
+            unpack(runner.model)
             log.warning("CPU_PREPACK: oneDNN could not prepack (%s); plain weights kept", str(exc)[:200])
             choice = PrepackChoice(False, "oneDNN refused")
         else:
