@@ -106,16 +106,23 @@ def quantizable(name: str) -> bool:
     return ".layers." in f".{name}" and "visual" not in name
 
 
+def projections(module: torch.nn.Module, prefix: str = ""):
+    """(parent, attribute, linear) of each decoder-layer nn.Linear under `module` (`prefix`: its own
+    qualified name, e.g. "layers.0" for one decoder layer), found as it goes: a caller that replaces
+    each one holds no reference to those it has done (runners/prepack.py frees them one by one)."""
+    for name, parent in module.named_modules(prefix=prefix):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and quantizable(f"{name}.{child_name}" if name else child_name):
+                yield parent, child_name, child
+
+
 def quantize(model: torch.nn.Module) -> int:
     """Replace the decoder layers' nn.Linear modules of `model` (float32, on a CPU) in place; returns
     how many. Raises RuntimeError where this torch has no int8 CPU kernel."""
     done = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is torch.nn.Linear and quantizable(full):
-                setattr(module, child_name, RowInt8Linear(child, outliers=child_name not in PLAIN))
-                done += 1
+    for parent, name, linear in projections(model):
+        setattr(parent, name, RowInt8Linear(linear, outliers=name not in PLAIN))
+        done += 1
     return done
 
 

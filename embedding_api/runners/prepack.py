@@ -32,7 +32,7 @@ import torch
 
 from . import packed
 from .dtype_tier import measure, probe_batch
-from .int8 import quantizable
+from .int8 import projections
 
 log = logging.getLogger("embedding_api")
 
@@ -83,23 +83,12 @@ class PrepackChoice:
     times_ms: dict[str, float] = field(default_factory=dict)  # the probe's medians, when it ran
 
 
-def _projections(module: torch.nn.Module, layer: bool = False):
-    """(parent, attribute, linear) of each decoder-layer nn.Linear of a model (or of one decoder `layer`),
-    found as it goes: a caller that replaces each one holds no reference to the plain ones it has done."""
-    for name, parent in module.named_modules():
-        for child_name, child in list(parent.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is torch.nn.Linear and (layer or quantizable(full)):
-                yield parent, child_name, child
-
-
 def apply(model: torch.nn.Module) -> int:
     """Prepack the decoder layers' projections of `model` in place, one at a time (each plain weight is
     freed once its replacement is made, unless something else holds it); returns how many."""
     done = 0
-    for parent, name, linear in _projections(model):
+    for parent, name, linear in projections(model):
         setattr(parent, name, PrepackedLinear(linear))
-        del linear
         done += 1
     return done
 
@@ -177,7 +166,7 @@ def _times(choice: PrepackChoice) -> str:
 @torch.inference_mode()
 def _probe(runner) -> PrepackChoice:
     first = packed.text_model(runner).layers[0]
-    plain = list(_projections(first, layer=True))
+    plain = list(projections(first, prefix="layers.0"))
     try:
         prepacked = [PrepackedLinear(linear) for _, _, linear in plain]
         inputs = packed.layer_inputs(runner, probe_batch(runner))
