@@ -4,6 +4,7 @@
     python -m benchmarks.length_groups --families qwen3 --batches 32 --rounds 6
     python -m benchmarks.length_groups --texts passages --batches 16   # 100-400 words each
     python -m benchmarks.length_groups --kind reranker --families qwen3 --texts passages   # query/passage pairs
+    python -m benchmarks.length_groups --images --dtypes bfloat16,float32   # Qwen3-VL image batches
 
 In-process, no HTTP, one runner per checkpoint: `runner._forward_padded` (the whole batch right-padded
 to its longest input, as before length groups), `runner.forward` with packing off (length groups,
@@ -14,6 +15,11 @@ prefix reuse is on; Qwen3-Embedding documents; `--kind reranker`: the family's r
 size, each text a document of a short query, its scores compared), in turns, several rounds; the median
 inputs/s of each, the paired ratios, the groups a batch was cut into, the largest difference between
 the vectors, and the load average before and after.
+
+`--images`: Qwen3-VL batches of images of several sizes (the server benchmark's PNGs), which run
+padded: one padded forward, length groups cut at the shape's estimate of one more forward's cost,
+and at the cost the runner settled on at start-up (runners/split.py `settle`: measured, and at
+least the estimate), in turns; the ratios are to the estimate's cut (the server before that probe).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ import numpy as np
 import torch
 
 from embedding_api.runners import load_runner
+from embedding_api.engine.service import media_policy
+from embedding_api.media import decode_image_bytes
 from embedding_api.runners.split import groups, overhead_tokens
 from embedding_api.settings import Settings
 
 from .rerank import reranker_checkpoint
 from .run import checkpoint
-from .workload import passages, queries, short_texts
+from .workload import passages, png_images, queries, short_texts
 
 HERE = Path(__file__).resolve().parent
 BATCHES_TIMED = 4  # consecutive batches per timed turn
@@ -109,6 +117,48 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int, kind:
             f"{len(lengths) * max(lengths)}, in groups {sum(len(g) * max(lengths[i] for i in g) for g in cut)}, "
             f"packed {sum(lengths)}; overhead {overhead:.0f} tokens/forward); largest vector difference {diff:.1e}")
 
+def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str) -> str:
+    path = checkpoint(HERE / ".cache", "qwen3_vl", size)
+    runner = load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=threads, dtype=dtype,
+                                  device="cpu", log_level="WARNING"))
+    policy = media_policy(runner.settings)
+    prepared = [runner.prepare([], [decode_image_bytes(png, policy)], None, None)
+                for png in png_images(batch * BATCHES_TIMED, seed=5)]
+    work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES_TIMED)]
+    costs = {"padded": 1e12, "estimate": overhead_tokens(runner.config, runner.dtype),
+             "measured": runner.split_overhead}
+
+    def forward_at(cost: float):
+        def call(b):
+            before, runner.split_overhead = runner.split_overhead, cost
+            try:
+                return runner.forward(b)
+            finally:
+                runner.split_overhead = before
+        return call
+
+    calls = {name: forward_at(cost) for name, cost in costs.items()}
+    with torch.inference_mode():
+        vectors = {name: call(work[0]) for name, call in calls.items()}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for r in range(rounds):
+            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                started = time.perf_counter()
+                for b in work:
+                    calls[name](b)
+                times[name].append(time.perf_counter() - started)
+    rate = {name: batch * BATCHES_TIMED / statistics.median(t) for name, t in times.items()}
+    paired = {name: statistics.median([x / y for x, y in zip(times["estimate"], t)]) for name, t in times.items()}
+    lengths = [p.n_tokens - p.prefix for p in work[0]]
+    cuts = {name: [len(g) for g in groups(lengths, cost)] for name, cost in costs.items() if name != "padded"}
+    diff = max(np.abs(vectors["padded"] - vectors[k]).max() for k in ("estimate", "measured"))
+    return (f"qwen3_vl/{size} {dtype} batch of {batch} images: one padded forward {rate['padded']:.1f} images/s "
+            f"({paired['padded']:.2f}x), groups at the estimate ({costs['estimate']:.0f} tokens a forward) "
+            f"{rate['estimate']:.1f}, at the start-up's cost ({costs['measured']:.0f} tokens) {rate['measured']:.1f} "
+            f"({paired['measured']:.2f}x); groups {cuts['estimate']} and {cuts['measured']} (own lengths "
+            f"{min(lengths)}-{max(lengths)}); largest vector difference {diff:.1e}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="qwen3,qwen3_vl")
@@ -118,10 +168,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--texts", choices=("short", "passages", "mixed"), default="short")
     p.add_argument("--kind", choices=("embedding", "reranker"), default="embedding")
+    p.add_argument("--images", action="store_true", help="Qwen3-VL image batches, cut at the estimated and the measured cost")
+    p.add_argument("--dtypes", default="float32", help="with --images: comma-separated")
     args = p.parse_args(argv)
     print(f"length groups, torch threads {args.threads}, {args.rounds} rounds in turns; "
           f"load average before {os.getloadavg()[0]:.2f}", flush=True)
-    for family in args.families.split(","):
+    for dtype in args.dtypes.split(",") if args.images else ():
+        for batch in (int(b) for b in args.batches.split(",")):
+            print(measure_images(args.size, batch, args.rounds, args.threads, dtype), flush=True)
+    for family in args.families.split(",") if not args.images else ():
         for batch in (int(b) for b in args.batches.split(",")):
             print(measure(family, args.size, batch, args.rounds, args.threads, args.texts, args.kind), flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")

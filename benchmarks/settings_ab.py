@@ -37,9 +37,8 @@ def in_turns(path: Path, configs: dict[str, dict[str, str]], rounds: int, client
     out: dict[str, dict] = {label: {"runs": []} for label in configs}
     labels = list(configs)
     try:
-        for server in servers.values():
+        for server in servers.values():  # one at a time: each start-up probe measures on a host of its own
             server.start()
-        for server in servers.values():
             server.wait_ready()
         for r in range(rounds):
             for label in (labels if r % 2 == 0 else labels[::-1]):

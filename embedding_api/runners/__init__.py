@@ -9,6 +9,7 @@ import torch
 from ..settings import Settings
 from .dtype_tier import settle as settle_dtype
 from .prepack import settle as settle_prepack
+from .split import settle as settle_split
 from .base import VISION_TOKENS, InputTooLong, ModelInfo, PreparedInput, Runner
 from .kinds import EMBEDDING, RERANKER, detect_kind
 from .loading import ModelLoadError, check_startup, hidden_size, read_config, resolve_devices, resolve_dtype
@@ -60,10 +61,12 @@ def _settle(runner: "Runner") -> None:
     in the dtype chosen: runners/prepack.py). The check runs in the dtype the weights were loaded in:
     for auto and int8 that is float32, where the two forwards agree to ~1e-7 (in int8 a rounding that
     flips between them moves the vectors by ~1e-5), and auto's probe then times the packed forward
-    that requests will run."""
+    that requests will run. Last, on the settled weights, what one more forward costs is measured
+    for length groups (runners/split.py)."""
     runner.check_packing()
     settle_dtype(runner)
     settle_prepack(runner)
+    settle_split(runner)
 
 
 def torch_threads(settings: Settings, devices: list[torch.device]) -> int:

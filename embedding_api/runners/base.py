@@ -105,6 +105,7 @@ class Runner:
             if weights and settings.prefix_cache else None
         self._prefix_ids: dict = {}  # what `shared_prefix` compares against, per instruction
         self.packing = False  # text batches in one packed forward (runners/packed.py): set by `check_packing`
+        self.split_overhead: float | None = None  # one more forward's cost in tokens (runners/split.py `settle`)
         # Where small tensors the runner keeps (e.g. a reranker's score rows) live: never a GPU in a
         # process without the model, so that it creates no CUDA context.
         self.home = device if weights else torch.device("cpu")
@@ -239,7 +240,8 @@ class Runner:
                     parts.append(([texts[j] for j in rows], lambda rows: packed.run(self, rows)))
                 rest = [i for i in rest if not packed.is_text(batch[i])]
         if rest:
-            for group in length_groups([own[i] for i in rest], overhead_tokens(self.config, self.dtype)):
+            overhead = self.split_overhead or overhead_tokens(self.config, self.dtype)
+            for group in length_groups([own[i] for i in rest], overhead):
                 parts.append(([rest[j] for j in group], self._forward_padded))
         if len(parts) == 1 and len(parts[0][0]) == len(batch):
             return parts[0][1](batch)  # one forward of the batch as it came
@@ -251,9 +253,11 @@ class Runner:
             out[rows] = pooled
         return out
 
-    def probe_inputs(self, texts) -> list[PreparedInput]:
-        """Inputs for start-up checks (runners/packed.py): the texts, without instruction."""
-        return [self.prepare([text], [], None, None) for text in texts]
+    def probe_inputs(self, texts, images=()) -> list[PreparedInput]:
+        """Inputs for start-up checks and probes (runners/packed.py, split.py): each text, then each
+        image, alone, without instruction."""
+        return [self.prepare([text], [], None, None) for text in texts] + \
+            [self.prepare([], [image], None, None) for image in images]
 
     def check_packing(self) -> bool:
         """Turn the packed forward on where it gives this model copy's padded vectors (on a CPU);

@@ -114,10 +114,12 @@ class ScoringMixin:
         )
         return out.last_hidden_state[:, -1].float().cpu().numpy()
 
-    def probe_inputs(self, texts) -> list[PreparedInput]:
-        """Pairs for start-up checks (runners/packed.py): each text as a document of the first."""
-        side = lambda text: SimpleNamespace(texts=[text], images=[])  # noqa: E731
-        return [self.prepare_pair(side(texts[0]), side(text), None) for text in texts]
+    def probe_inputs(self, texts, images=()) -> list[PreparedInput]:
+        """Pairs for start-up checks and probes (runners/packed.py, split.py): each text, then each
+        image, as a document of the first text."""
+        side = lambda texts, images=(): SimpleNamespace(texts=list(texts), images=list(images))  # noqa: E731
+        return [self.prepare_pair(side(texts[:1]), side([text]), None) for text in texts] + \
+            [self.prepare_pair(side(texts[:1]), side([], [image]), None) for image in images]
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedInput]) -> np.ndarray:

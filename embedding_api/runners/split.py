@@ -7,9 +7,20 @@ batch runs far fewer padded positions; each extra forward costs a fixed amount (
 once more, the per-layer operations launched once more), which is worth paying only where the
 padding it saves costs more.
 
-`overhead_tokens` puts that fixed cost in tokens, from the model's shape: reading the weights and
-launching each layer's operations against computing one token through every layer. `groups` cuts
-the length-sorted batch where the padded positions plus that overhead per forward are fewest
+`overhead_tokens` estimates that cost from the model's shape: reading the weights and launching each
+layer's operations against computing one token through every layer, at a CPU core's order of
+magnitude. On a fast CPU it falls short: bfloat16 matmuls on an AVX-512 core run at 4x the
+estimate's rate, and an image forward runs the vision encoder once more too. So it is also
+measured at start-up (`settle`): the padded forward of one probe input of the kind that runs padded
+(an image where the model takes images: texts run packed, runners/packed.py) is timed with 2 and
+with 8 copies, in turns, and a line through the fastest of each gives the fixed cost and a token's
+cost at the sizes of the small groups a cut weighs. On the 512-wide Qwen3-VL checkpoint, one torch
+thread: 37-50 tokens in bfloat16 and 24-25 in float32, against an estimate of 9 and 16. The larger of
+the two is taken: on narrow layers (64 wide) a token costs more in a small forward than in a large
+one, the line undercounts the fixed cost (110-120 tokens against the estimate's 216), and cut there
+a batch of 32 images ran 0.92x. The estimate stands alone where nothing runs padded, the probe
+fails, or the times make no line. `groups`
+cuts the length-sorted batch where the padded positions plus that overhead per forward are fewest
 (dynamic programming over the cut points). Each row's vector does not depend on the other rows of
 its forward (the attention mask keeps rows apart), so the vectors are the same as in one forward.
 
@@ -18,7 +29,15 @@ Only on a CPU: a GPU runs the padded positions in parallel and pays per launch i
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
+from PIL import Image
+
+from .dtype_tier import PROBE_TEXT, measure
+
+log = logging.getLogger("embedding_api")
 
 # A CPU core's order of magnitude: float32 matmul throughput, memory bandwidth, and the eager cost of
 # one decoder layer's few dozen operations. Only their ratios matter, and only roughly: the cost of a
@@ -68,3 +87,59 @@ def groups(lengths: list[int], overhead: float) -> list[list[int]]:
         out.append(order[cut[j]:j])
         j = cut[j]
     return out[::-1]
+
+
+PROBE_ROWS = (2, 8)  # copies of the probe input in the two timed forwards
+
+
+def fitted_overhead(small_s: float, large_s: float, tokens: int, rows: tuple[int, int] = PROBE_ROWS) -> float | None:
+    """The fixed cost of a forward in tokens' worth, from the times of forwards of rows[0] and rows[1]
+    copies of one input of `tokens` tokens (a line through the two); None where they make no line
+    with a positive cost on both sides (noise on a busy host)."""
+    per_token = (large_s - small_s) / ((rows[1] - rows[0]) * tokens)
+    fixed = small_s - rows[0] * tokens * per_token
+    if not (per_token > 0 and fixed > 0):
+        return None
+    return fixed / per_token
+
+
+def probe_image() -> Image.Image:
+    """A small image (64 x 64, a colour gradient) for the probe: the fixed cost hardly depends on its size."""
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    return Image.fromarray(np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1, None]), -1), "RGB")
+
+
+def settle(runner) -> float:
+    """Measure, on a CPU model copy whose settled weights run some inputs padded, what one more forward
+    costs in tokens' worth (see the module's text); keeps it as `runner.split_overhead` (the estimate
+    where nothing was measured, and at least the estimate where something was), logs it on one line,
+    and returns it."""
+    estimate = overhead_tokens(runner.config, runner.dtype)
+    runner.split_overhead = estimate
+    if runner.device.type != "cpu" or not (runner.takes_images or not runner.packing):
+        return estimate
+    kind = "image" if runner.takes_images else "text"
+    try:
+        probe = runner.probe_inputs([PROBE_TEXT], [probe_image()] if runner.takes_images else [])[-1]
+        tokens = probe.n_tokens - (probe.prefix if runner.prefix_cache is not None else 0)
+        with torch.inference_mode():
+            small, large = measure(lambda: runner._forward_padded([probe] * PROBE_ROWS[0]),
+                                   lambda: runner._forward_padded([probe] * PROBE_ROWS[1]))
+    except Exception as exc:  # noqa: BLE001 - only speed depends on it: the estimate stands
+        log.warning("length groups: the cost probe failed (%s: %s); the estimate of %.0f tokens a forward kept",
+                    exc.__class__.__name__, exc, estimate)
+        return estimate
+    finally:
+        if runner.prefix_cache is not None:
+            runner.prefix_cache.clear()  # the probe's prefix: requests fill the cache, and count in /metrics
+    small_s, large_s = min(small), min(large)  # the least disturbed of each: other work only adds time
+    fitted = fitted_overhead(small_s, large_s, tokens)
+    if fitted is None:
+        log.info("length groups: one more forward costs ~%.0f tokens' worth (estimate; the probe's %s forwards "
+                 "of %d and %d took %.1f and %.1f ms, no line)", estimate, kind, *PROBE_ROWS, small_s * 1e3, large_s * 1e3)
+        return estimate
+    runner.split_overhead = max(fitted, estimate)
+    log.info("length groups: one more forward costs %.0f tokens' worth (measured %.0f on %s forwards of %d and %d x %d "
+             "tokens: %.1f and %.1f ms; the shape's estimate %.0f is the least taken)", runner.split_overhead, fitted,
+             kind, *PROBE_ROWS, tokens, small_s * 1e3, large_s * 1e3, estimate)
+    return runner.split_overhead
