@@ -49,7 +49,8 @@ class Segments:
     similar length (split.py), each group laid out padded (rows x its longest) for one attention
     call, with its rows' prefix keys and values and the mask over prefix and own tokens."""
 
-    def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device):
+    def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         alone = {i for i, n in enumerate(lengths) if n >= CAUSAL_ALONE_TOKENS}
         rest = [i for i in range(len(lengths)) if i not in alone]
@@ -58,21 +59,22 @@ class Segments:
             calls += [[rest[j] for j in rows]
                       for rows in length_groups([lengths[i] for i in rest], ATTENTION_CALL_TOKENS)]
         self.groups = [_Group([lengths[i] for i in rows], [int(starts[i]) for i in rows],
-                              [prefix_lengths[i] for i in rows], rows, prefix_kv, device)
+                              [prefix_lengths[i] for i in rows], rows, prefix_kv, device, dtype)
                        for rows in calls]
 
 
 class _Group:
     def __init__(self, lengths: list[int], starts: list[int], prefix_lengths: list[int], rows: list[int],
-                 prefix_kv: list | None, device: torch.device):
+                 prefix_kv: list | None, device: torch.device, dtype: torch.dtype):
         longest = max(lengths)
         n = torch.tensor(lengths, device=device)[:, None]
         cols = torch.arange(longest, device=device)[None, :]
-        self.valid = cols < n  # (rows, longest)
+        self.valid = valid = cols < n  # (rows, longest)
+        self.places = valid.nonzero(as_tuple=True)  # the real places as (row, column) indices, found once
         # A padded place reads its row's last token; the real places, in order, are the rows' tokens.
         self.index = torch.tensor(starts, device=device)[:, None] + torch.minimum(cols, n - 1)
-        self.positions = self.index[self.valid]
-        own = (cols <= cols.T) & self.valid[:, None, :]  # (rows, query, key): causal, real keys only
+        self.positions = self.index[self.places]
+        own = (cols <= cols.T) & valid[:, None, :]  # (rows, query, key): causal, real keys only
         self.prefix_kv = None
         if prefix_kv is not None and any(prefix_lengths):
             width = max(prefix_lengths)
@@ -85,7 +87,10 @@ class _Group:
         # each query rather than masking them (1.5x faster at 1,000 tokens on a CPU). Its diagonal
         # starts at the first key, so `lead` empty queries stand in for the prefix's own and are dropped.
         same = min(lengths) == longest and min(prefix_lengths) == max(prefix_lengths)
-        self.mask = None if same else own[:, None]
+        # The mask as the kernel adds it (0 where a key is seen, -inf where not), made once for every
+        # layer rather than converted from booleans at each call.
+        self.mask = None if same else \
+            torch.zeros(own.shape, dtype=dtype, device=device).masked_fill_(~own, float("-inf"))[:, None]
         self.lead = prefix_lengths[0] if same and self.prefix_kv is not None else 0
 
 
@@ -107,7 +112,7 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
                                            scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
         if group.lead:
             o = o[:, :, group.lead:]
-        out[group.positions] = o.transpose(1, 2)[group.valid]
+        out[group.positions] = o.transpose(1, 2)[group.places]
     return out
 
 
@@ -217,7 +222,7 @@ def layer_inputs(runner, batch) -> tuple:
     cos, sin = decoder.rotary_emb(hidden, rope_positions)  # (1, T, dim), the model's own
     half = sin.shape[-1] // 2
     cos, sin = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), -1)
-    return hidden[0], cos, sin, Segments(lengths, cuts, prefix_kv, device), lengths
+    return hidden[0], cos, sin, Segments(lengths, cuts, prefix_kv, device, hidden.dtype), lengths
 
 
 def layer(decoder_layer, inputs: tuple) -> torch.Tensor:
