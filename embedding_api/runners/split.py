@@ -16,13 +16,16 @@ measured at start-up (`settle`): the padded forward of one probe input of the ki
 with 8 copies, in turns, and a line through the fastest of each gives the fixed cost and a token's
 cost at the sizes of the small groups a cut weighs. On the 512-wide Qwen3-VL checkpoint, one torch
 thread: 37-50 tokens in bfloat16 and 24-25 in float32, against an estimate of 9 and 16. The larger of
-the two is taken: on narrow layers (64 wide) a token costs more in a small forward than in a large
-one, the line undercounts the fixed cost (110-120 tokens against the estimate's 216), and cut there
-a batch of 32 images ran 0.92x. The estimate stands alone where nothing runs padded, the probe
-fails, or the times make no line. `groups`
-cuts the length-sorted batch where the padded positions plus that overhead per forward are fewest
-(dynamic programming over the cut points). Each row's vector does not depend on the other rows of
-its forward (the attention mask keeps rows apart), so the vectors are the same as in one forward.
+the two is taken: the line depends on where it is drawn (through larger forwards it comes out
+lower: a token costs more in them), and on narrow layers (64 wide) it came out below the estimate
+(110-120 tokens against 216) and below what a cut costs there: a batch of 32 images cut at it ran
+0.92x the estimate's single forward. The estimate stands alone where nothing runs padded, the probe
+fails, or the times make no line.
+
+`groups` cuts the length-sorted batch where the padded positions plus that overhead per forward are
+fewest (dynamic programming over the cut points). Each row's vector does not depend on the other
+rows of its forward (the attention mask keeps rows apart), so the vectors are the same as in one
+forward.
 
 Only on a CPU: a GPU runs the padded positions in parallel and pays per launch instead.
 """
