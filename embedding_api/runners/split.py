@@ -93,6 +93,11 @@ def groups(lengths: list[int], overhead: float) -> list[list[int]]:
 
 
 PROBE_ROWS = (2, 8)  # copies of the probe input in the two timed forwards
+# A warm-up round (a first forward of each shape sets up its kernels: without it the 2B shape's line
+# came out 3-5x higher), then at least one round, more (up to 4) only while the probe has taken under
+# a second: on the 2B shape on 2 cores a round takes ~1.8 s in bfloat16, on the wide checkpoint 40 ms.
+PROBE_ROUNDS = (1, 4)
+PROBE_SECONDS = 1.0
 
 
 def fitted_overhead(small_s: float, large_s: float, tokens: int, rows: tuple[int, int] = PROBE_ROWS) -> float | None:
@@ -127,7 +132,8 @@ def settle(runner) -> float:
         tokens = probe.n_tokens - (probe.prefix if runner.prefix_cache is not None else 0)
         with torch.inference_mode():
             small, large = measure(lambda: runner._forward_padded([probe] * PROBE_ROWS[0]),
-                                   lambda: runner._forward_padded([probe] * PROBE_ROWS[1]))
+                                   lambda: runner._forward_padded([probe] * PROBE_ROWS[1]),
+                                   seconds=PROBE_SECONDS, rounds=PROBE_ROUNDS)
     except Exception as exc:  # noqa: BLE001 - only speed depends on it: the estimate stands
         log.warning("length groups: the cost probe failed (%s: %s); the estimate of %.0f tokens a forward kept",
                     exc.__class__.__name__, exc, estimate)
