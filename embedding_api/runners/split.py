@@ -15,7 +15,7 @@ measured at start-up (`settle`): the padded forward of one probe input of the ki
 (an image where the model takes images: texts run packed, runners/packed.py) is timed with 2 and
 with 8 copies, in turns, and a line through the fastest of each gives the fixed cost and a token's
 cost at the sizes of the small groups a cut weighs. On the 512-wide Qwen3-VL checkpoint, one torch
-thread: 37-50 tokens in bfloat16 and 24-25 in float32, against an estimate of 9 and 16. The larger of
+thread: 35-50 tokens in bfloat16 and 21-25 in float32, against an estimate of 9 and 16. The larger of
 the two is taken: the line depends on where it is drawn (through larger forwards it comes out
 lower: a token costs more in them), and on narrow layers (64 wide) it came out below the estimate
 (110-120 tokens against 216) and below what a cut costs there: a batch of 32 images cut at it ran
