@@ -57,6 +57,32 @@ def texts(kind: str, n: int) -> list[str]:
     return short_texts(n, seed=0)
 
 
+def forward_with(runner, attribute: str, value):
+    """The runner's forward with one of its attributes set to `value` for the call."""
+    def call(b):
+        before = getattr(runner, attribute)
+        setattr(runner, attribute, value)
+        try:
+            return runner.forward(b)
+        finally:
+            setattr(runner, attribute, before)
+    return call
+
+
+def in_turns(calls: dict, work: list, rounds: int) -> tuple[dict, dict[str, list[float]]]:
+    """Each call's vectors of the first batch, then its times over all the batches, in turns."""
+    with torch.inference_mode():
+        vectors = {name: call(work[0]) for name, call in calls.items()}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for r in range(rounds):
+            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                started = time.perf_counter()
+                for b in work:
+                    calls[name](b)
+                times[name].append(time.perf_counter() - started)
+    return vectors, times
+
+
 def measure(family: str, size: str, batch: int, rounds: int, threads: int, kind: str = "short",
             model: str = "embedding") -> str:
     if model == "reranker":
@@ -77,31 +103,13 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int, kind:
     lengths = [p.n_tokens - p.prefix for p in work[0]]
     cut = groups(lengths, overhead)
 
-    def forward_with(packing: bool):
-        def call(b):
-            before, runner.packing = runner.packing, packing
-            try:
-                return runner.forward(b)
-            finally:
-                runner.packing = before
-        return call
-
-    grouped, packed = forward_with(False), forward_with(True)
-
     padded = runner._forward_padded
     if model == "reranker":  # the last hidden states, then the scoring head, as `forward` does
         padded = lambda b: runner._scores(torch.from_numpy(runner._forward_padded(b))).numpy()  # noqa: E731
 
-    with torch.inference_mode():
-        calls = {"padded": padded, "groups": grouped, "packed": packed}
-        vectors = {name: call(work[0]) for name, call in calls.items()}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for r in range(rounds):
-            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                started = time.perf_counter()
-                for b in work:
-                    calls[name](b)
-                times[name].append(time.perf_counter() - started)
+    calls = {"padded": padded, "groups": forward_with(runner, "packing", False),
+             "packed": forward_with(runner, "packing", True)}
+    vectors, times = in_turns(calls, work, rounds)
     n = batch * BATCHES_TIMED
     rate = {name: n / statistics.median(t) for name, t in times.items()}
 
@@ -128,25 +136,8 @@ def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str)
     costs = {"padded": 1e12, "estimate": overhead_tokens(runner.config, runner.dtype),
              "measured": runner.split_overhead}
 
-    def forward_at(cost: float):
-        def call(b):
-            before, runner.split_overhead = runner.split_overhead, cost
-            try:
-                return runner.forward(b)
-            finally:
-                runner.split_overhead = before
-        return call
-
-    calls = {name: forward_at(cost) for name, cost in costs.items()}
-    with torch.inference_mode():
-        vectors = {name: call(work[0]) for name, call in calls.items()}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for r in range(rounds):
-            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                started = time.perf_counter()
-                for b in work:
-                    calls[name](b)
-                times[name].append(time.perf_counter() - started)
+    calls = {name: forward_with(runner, "split_overhead", cost) for name, cost in costs.items()}
+    vectors, times = in_turns(calls, work, rounds)
     rate = {name: batch * BATCHES_TIMED / statistics.median(t) for name, t in times.items()}
     paired = {name: statistics.median([x / y for x, y in zip(times["estimate"], t)]) for name, t in times.items()}
     lengths = [p.n_tokens - p.prefix for p in work[0]]
