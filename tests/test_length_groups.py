@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from embedding_api.runners import load_runner, split
 from embedding_api.runners.split import fitted_overhead, groups, overhead_tokens
@@ -155,8 +156,6 @@ def test_a_failing_or_noisy_probe_keeps_the_estimate(tiny_vl, monkeypatch, caplo
 
 def test_the_measured_cost_is_what_cuts_an_image_batch(tiny_vl):
     runner = load_runner(Settings(_env_file=None, model_path=str(tiny_vl), torch_threads=1))
-    from PIL import Image
-
     images = [Image.new("RGB", (side, side), (40, 90, 160)) for side in (32, 32, 96, 96, 224, 224)]
     batch = [runner.prepare([], [image], None, None) for image in images]
     runner.forward(batch[:1])  # the prefix's keys and values, computed once, before counting forwards
