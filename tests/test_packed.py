@@ -93,8 +93,8 @@ def test_a_long_text_beside_short_ones_gets_its_own_attention_call(runners):
     # Attention is laid out padded per group of similar lengths: one 2,000-token row beside short ones
     # must not pad them all to 2,000 (memory and time quadratic in the longest).
     segments = packed.Segments([12] * 8 + [2000] + [15] * 4, [0] * 13, None, torch.device("cpu"))
-    assert max(len(g.valid) for g in segments.groups if g.valid.shape[1] == 2000) == 1
-    assert sum(int(g.valid.sum()) for g in segments.groups) == 12 * 8 + 2000 + 15 * 4
+    assert max(len(g.index) for g in segments.groups if g.index.shape[1] == 2000) == 1
+    assert sum(len(g.positions) for g in segments.groups) == 12 * 8 + 2000 + 15 * 4
     runner = runners["text"]
     long_text = " ".join(f"word{i} and more words" for i in range(200))
     batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(6) + [long_text])]
@@ -135,7 +135,7 @@ def test_a_text_alone_runs_packed_too(runners, family):
 def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     cpu = torch.device("cpu")
     segments = packed.Segments([300, 290, 20, 22], [0] * 4, None, cpu)
-    shapes = sorted((tuple(g.valid.shape), g.mask is None) for g in segments.groups)
+    shapes = sorted((tuple(g.index.shape), g.mask is None) for g in segments.groups)
     assert shapes == [((1, 290), True), ((1, 300), True), ((2, 22), False)]
     # A row with a cached prefix too: empty queries in the prefix's places put the causal diagonal
     # where the row's own keys start; the same attention as the mask gives.
@@ -143,7 +143,7 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     lengths, prefixes = [300, 20, 22], [7, 7, 0]
     prefix_kv = [(torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8))]
     segments = packed.Segments(lengths, prefixes, prefix_kv, cpu)
-    found = sorted((tuple(g.valid.shape), g.mask is None, g.lead) for g in segments.groups)
+    found = sorted((tuple(g.index.shape), g.mask is None, g.lead) for g in segments.groups)
     assert found == [((1, 300), True, 7), ((2, 22), False, 0)]
     query, key, value = torch.randn(342, 4, 8), torch.randn(342, 2, 8), torch.randn(342, 2, 8)
     out = packed.attention(query, key, value, segments, 0, 0.3)

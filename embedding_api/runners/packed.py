@@ -69,9 +69,10 @@ class _Group:
         longest = max(lengths)
         n = torch.tensor(lengths, device=device)[:, None]
         cols = torch.arange(longest, device=device)[None, :]
-        self.valid = valid = cols < n  # (rows, longest)
+        valid = cols < n  # (rows, longest)
         self.places = valid.nonzero(as_tuple=True)  # the real places as (row, column) indices, found once
-        # A padded place reads its row's last token; the real places, in order, are the rows' tokens.
+        # (rows, longest): a padded place reads its row's last token; the real places, in order, are the
+        # rows' tokens.
         self.index = torch.tensor(starts, device=device)[:, None] + torch.minimum(cols, n - 1)
         self.positions = self.index[self.places]
         own = (cols <= cols.T) & valid[:, None, :]  # (rows, query, key): causal, real keys only
