@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedding_api.runners import load_runner, split
+from embedding_api.runners import load_runner, packed, split
 from embedding_api.runners.split import fitted_overhead, groups, overhead_tokens
 from embedding_api.settings import Settings
 from embedding_api.tools.checkpoint_sizes import SPECS
@@ -44,7 +44,8 @@ def test_overhead_is_small_where_compute_dominates():
 @pytest.fixture(scope="module")
 def runners(tiny_text, tiny_vl):
     """Runners with the packed forward off: texts are what length groups are checked on here; with
-    packing on they take the packed forward (tests/test_packed.py) and groups serve images and videos."""
+    packing on they take the packed forward (tests/test_packed.py), with images where those pack, and
+    groups serve videos (and images where they do not pack)."""
     out = {name: load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1))
            for name, path in (("text", tiny_text), ("vl", tiny_vl))}
     for runner in out.values():
@@ -97,8 +98,14 @@ def _given(small_s, large_s, seen):
     return measure
 
 
+def _images_padded(monkeypatch):
+    """Models loaded next keep their images padded (as where their packed check fails): the probe's case."""
+    monkeypatch.setattr(packed, "check_images", lambda runner: False)
+
+
 @pytest.mark.parametrize("kind", ["embedding", "reranker"])
 def test_a_vl_model_measures_the_cost_on_image_forwards(tiny_vl, tiny_vl_reranker, monkeypatch, caplog, kind):
+    _images_padded(monkeypatch)
     caplog.set_level("INFO", logger="embedding_api")
     seen, widths = [], []
     monkeypatch.setattr(split, "measure", _given(0.030, 0.031, seen))  # a dear forward: far above the estimate
@@ -128,7 +135,17 @@ def test_a_text_model_with_every_text_packed_measures_nothing(tiny_text, monkeyp
     assert runner.split_overhead == overhead_tokens(runner.config, runner.dtype)
 
 
+@pytest.mark.parametrize("kind", ["embedding", "reranker"])
+def test_a_vl_model_whose_images_pack_measures_nothing(tiny_vl, tiny_vl_reranker, monkeypatch, kind):
+    monkeypatch.setattr(split, "measure", lambda *a, **k: pytest.fail("only a video runs padded"))
+    runner = load_runner(Settings(_env_file=None, model_path=str(tiny_vl if kind == "embedding" else tiny_vl_reranker),
+                                  torch_threads=1))
+    assert runner.packing_images
+    assert runner.split_overhead == overhead_tokens(runner.config, runner.dtype)
+
+
 def test_a_measured_cost_below_the_estimate_leaves_the_estimate(tiny_vl, monkeypatch, caplog):
+    _images_padded(monkeypatch)
     caplog.set_level("INFO", logger="embedding_api")
     monkeypatch.setattr(split, "measure", _given(0.0128, 0.0212, []))  # 10 ms fixed, 0.1 ms a token at 14 tokens
     runner = load_runner(Settings(_env_file=None, model_path=str(tiny_vl), torch_threads=1))
@@ -140,6 +157,7 @@ def test_a_measured_cost_below_the_estimate_leaves_the_estimate(tiny_vl, monkeyp
 
 @pytest.mark.parametrize("times", [None, (0.0212, 0.0128)])
 def test_a_failing_or_noisy_probe_keeps_the_estimate(tiny_vl, monkeypatch, caplog, times):
+    _images_padded(monkeypatch)
     caplog.set_level("INFO", logger="embedding_api")
 
     def broken(*a, **k):
@@ -156,6 +174,7 @@ def test_a_failing_or_noisy_probe_keeps_the_estimate(tiny_vl, monkeypatch, caplo
 
 def test_the_measured_cost_is_what_cuts_an_image_batch(tiny_vl):
     runner = load_runner(Settings(_env_file=None, model_path=str(tiny_vl), torch_threads=1))
+    runner.packing_images = False  # images padded, in length groups (as where their packed check fails)
     images = [Image.new("RGB", (side, side), (40, 90, 160)) for side in (32, 32, 96, 96, 224, 224)]
     batch = [runner.prepare([], [image], None, None) for image in images]
     runner.forward(batch[:1])  # the prefix's keys and values, computed once, before counting forwards

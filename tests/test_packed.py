@@ -1,7 +1,7 @@
-"""The packed forward (runners/packed.py): a CPU batch of texts runs as one sequence without
-padding, each row attending only to its own tokens and its own cached prefix, with the vectors of
-each input alone; images and videos keep the padded forward; a model whose packed forward would
-differ keeps it off."""
+"""The packed forward (runners/packed.py, packed_vision.py): a CPU batch of texts and images runs as
+one sequence without padding, each row attending only to its own tokens and its own cached prefix,
+with the vectors of each input alone; videos keep the padded forward; a model whose packed forward
+would differ keeps it off (for images alone where only theirs would)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from embedding_api.runners import load_runner, packed
+from embedding_api.runners import load_runner, packed, packed_vision
 from embedding_api.settings import Settings
 
 INSTRUCTIONS = (None, "Find the product this review is about", None, "Given a question, retrieve passages that answer it")
@@ -67,14 +67,84 @@ def test_a_text_batch_runs_as_one_packed_sequence_with_each_input_alone(runners,
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
-def test_a_batch_with_an_image_packs_its_texts_and_pads_the_image(runners):
+def _watched(runner):
+    """Counts of the calls of the model's own decoder layers (the padded forward), of its vision encoder,
+    and the packed sequences' (rows, tokens) at the token embedding, while the block runs."""
+    seen = {"layers": 0, "vision": 0, "embedded": []}
+    decoder = packed.text_model(runner)
+    hooks = [decoder.layers[0].register_forward_hook(lambda *a: seen.__setitem__("layers", seen["layers"] + 1)),
+             runner.model.visual.register_forward_hook(lambda *a: seen.__setitem__("vision", seen["vision"] + 1)),
+             decoder.embed_tokens.register_forward_hook(lambda m, a, out: seen["embedded"].append(tuple(out.shape[:2])))]
+    return seen, hooks
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+            for w, h in ((64, 48), (32, 96), (224, 160), (64, 64))]
+
+
+def test_images_pack_with_the_texts_with_each_input_alone(runners):
     runner = runners["vl"]
-    image = Image.new("RGB", (64, 48), (200, 40, 90))
-    batch = [runner.prepare([t], [], None, None) for t in _texts(5)]
-    batch.insert(2, runner.prepare([], [image], None, None))
-    together = runner.forward(batch)
+    assert runner.packing_images is True
+    images = _images()
+    batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(5))]
+    batch[1:1] = [runner.prepare([], [image], None, None) for image in images[:3]]  # grids of three shapes
+    batch.append(runner.prepare(["a caption after the picture"], [images[3]], None, "Find the picture"))  # fused
+    runner.forward(batch)  # the prefixes' keys and values, computed once, before the forward is watched
+    seen, hooks = _watched(runner)
+    try:
+        together = runner.forward(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    own = sum(p.n_tokens - p.prefix for p in batch)
+    # One packed sequence of exactly the rows' own tokens; the vision encoder once for all four images;
+    # the model's own (padded) layers never.
+    assert (seen["layers"], seen["vision"], seen["embedded"]) == (0, 1, [(1, own)])
     alone = np.concatenate([_padded(runner, p) for p in batch])  # each input padded, alone
     assert _cosines(together, alone).min() >= 0.99999
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_a_video_keeps_the_padded_forward_beside_packed_rows(runners):
+    runner = runners["vl"]
+    frames = [Image.new("RGB", (64, 48), (30 * i, 90, 160)) for i in range(4)]
+    batch = [runner.prepare([t], [], None, None) for t in _texts(3)]
+    batch.insert(1, runner.prepare([], [], None, None, videos=[runner.clip_from_frames(frames, 2.0)]))
+    batch.insert(3, runner.prepare([], _images()[:1], None, None))
+    runner.forward(batch)
+    seen, hooks = _watched(runner)
+    try:
+        together = runner.forward(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["layers"] == 1 and len(seen["embedded"]) == 2  # the video padded; the rest in one packed forward
+    alone = np.concatenate([_padded(runner, p) for p in batch])
+    assert _cosines(together, alone).min() >= 0.99999
+
+
+def test_images_stay_padded_where_their_packed_vectors_would_differ(runners, monkeypatch, caplog):
+    runner = runners["vl"]
+    real = packed_vision.Visual.add
+    # Deepstack features added twice (as another transformers' vision interface might need otherwise).
+    monkeypatch.setattr(packed_vision.Visual, "add", lambda self, hidden, layer: real(self, real(self, hidden, layer), layer))
+    with caplog.at_level(logging.INFO, logger="embedding_api"):
+        assert packed.check_images(runner) is False
+    assert "packed images off: their vectors differ from the padded forward's" in caplog.text
+    monkeypatch.setattr(packed_vision.Visual, "add", real)
+
+    def missing(*a, **k):
+        raise AttributeError("'Qwen3VLModel' object has no attribute 'get_image_features'")
+
+    monkeypatch.setattr(runner.model, "get_image_features", missing)
+    with caplog.at_level(logging.INFO, logger="embedding_api"):
+        assert packed.check_images(runner) is False
+    assert "packed images off: they did not run packed on this model (AttributeError" in caplog.text
+    monkeypatch.undo()
+    assert packed.check_images(runner) is True
+    assert packed.check_images(runners["text"]) is False  # a text model has none to pack
 
 
 def test_packing_stays_off_where_its_vectors_would_differ(runners, monkeypatch, caplog):
@@ -205,8 +275,9 @@ def test_rerankers_run_their_text_pairs_packed_with_the_padded_scores(rerankers,
     documents = _texts(6) + [" ".join(f"word{i} and more words" for i in range(120))]
     batch = [runner.prepare_pair(query, side(d), instruction)
              for d, instruction in zip(documents, (None, "Find the answer") * 4)]
-    if family == "vl":  # a pair with an image runs padded beside the packed ones
+    if family == "vl":  # a pair with an image packs with them
         batch.insert(3, runner.prepare_pair(query, side("", [Image.new("RGB", (64, 48), (20, 140, 90))]), None))
+    assert runner.packing_images is (family == "vl")
     runner.forward(batch)  # the judge prompts' keys and values, computed once
     calls = []
     hook = packed.text_model(runner).layers[0].register_forward_hook(lambda *args: calls.append(1))
@@ -214,7 +285,7 @@ def test_rerankers_run_their_text_pairs_packed_with_the_padded_scores(rerankers,
         together = runner.forward(batch)
     finally:
         hook.remove()
-    assert len(calls) == (1 if family == "vl" else 0)  # the modules ran for the image pair only
+    assert len(calls) == 0  # the model's own (padded) layers never ran
     with torch.inference_mode():
         alone = np.array([runner._scores(torch.from_numpy(runner._forward_padded([p])))[0].item() for p in batch])
     np.testing.assert_allclose(together, alone, atol=1e-4)

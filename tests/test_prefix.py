@@ -68,7 +68,7 @@ def test_vl_image_positions_are_those_of_the_whole_prompt(vl_pair):
     on, _ = vl_pair
     batch = _vl_batch(on)[2:4]
     vision = on._vision_inputs(batch, torch.tensor([[0]]))
-    positions = prefix_reuse._vision_positions(on, batch, vision, max(p.n_tokens - p.prefix for p in batch),
+    positions = prefix_reuse.vision_positions(on, batch, vision, max(p.n_tokens - p.prefix for p in batch),
                                                [p.prefix for p in batch])
     from embedding_api.runners.base import _padded
 

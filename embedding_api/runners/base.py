@@ -105,6 +105,7 @@ class Runner:
             if weights and settings.prefix_cache else None
         self._prefix_ids: dict = {}  # what `shared_prefix` compares against, per instruction
         self.packing = False  # text batches in one packed forward (runners/packed.py): set by `check_packing`
+        self.packing_images = False  # image inputs in it too (runners/packed_vision.py): the same
         self.split_overhead: float | None = None  # one more forward's cost in tokens (runners/split.py `settle`)
         # Where small tensors the runner keeps (e.g. a reranker's score rows) live: never a GPU in a
         # process without the model, so that it creates no CUDA context.
@@ -234,11 +235,11 @@ class Runner:
         own = [p.n_tokens - (p.prefix if reuse else 0) for p in batch]  # the tokens each input computes
         parts: list[tuple[list[int], Any]] = []
         if self.packing:
-            texts = [i for i in rest if packed.is_text(batch[i])]
-            if texts:
-                for rows in packed.forwards([own[i] for i in texts]):
-                    parts.append(([texts[j] for j in rows], lambda rows: packed.run(self, rows)))
-                rest = [i for i in rest if not packed.is_text(batch[i])]
+            takes = [i for i in rest if packed.takes(self, batch[i])]
+            if takes:
+                for rows in packed.forwards([own[i] for i in takes]):
+                    parts.append(([takes[j] for j in rows], lambda rows: packed.run(self, rows)))
+                rest = [i for i in rest if not packed.takes(self, batch[i])]
         if rest:
             overhead = self.split_overhead or overhead_tokens(self.config, self.dtype)
             for group in length_groups([own[i] for i in rest], overhead):
@@ -260,9 +261,10 @@ class Runner:
             [self.prepare([], [image], None, None) for image in images]
 
     def check_packing(self) -> bool:
-        """Turn the packed forward on where it gives this model copy's padded vectors (on a CPU);
-        called once the weights are loaded."""
+        """Turn the packed forward on where it gives this model copy's padded vectors (on a CPU), for
+        image inputs too where they do; called once the weights are loaded."""
         self.packing = packed.check(self)
+        self.packing_images = self.packing and packed.check_images(self)
         return self.packing
 
     def _forward_padded(self, batch: list[PreparedInput]) -> np.ndarray:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import packed_vision
 from . import prefix as prefix_reuse
-from .split import groups as length_groups
+from .split import groups as length_groups, probe_image
 
 log = logging.getLogger("embedding_api")
 
@@ -199,14 +200,20 @@ def forwards(lengths: list[int]) -> list[list[int]]:
 
 
 def is_text(p) -> bool:
-    """Whether an input is text only (what a packed forward takes)."""
+    """Whether an input is text only."""
     return p.pixel_values is None and p.video_pixel_values is None
 
 
+def takes(runner, p) -> bool:
+    """Whether this model copy's packed forward takes an input: a text; an image input too where its
+    start-up check passed them (packed_vision.py)."""
+    return is_text(p) or (runner.packing_images and packed_vision.takes(p))
+
+
 def layer_inputs(runner, batch) -> tuple:
-    """What the decoder layers of a packed forward of a text batch take: the packed hidden states
-    (T, hidden), the rotary cos and signed sin per position, the attention segments; and the rows'
-    own lengths (after their cached prefixes)."""
+    """What the decoder layers of a packed forward take: the packed hidden states (T, hidden), the
+    rotary cos and signed sin per position, the attention segments; the rows' own lengths (after their
+    cached prefixes), and the image tokens' places and deepstack features (None without images)."""
     device = runner.device
     reuse = runner.prefix_cache is not None
     cuts = [p.prefix if reuse else 0 for p in batch]
@@ -219,26 +226,32 @@ def layer_inputs(runner, batch) -> tuple:
 
     decoder = text_model(runner)
     hidden = decoder.embed_tokens(ids)
-    rope_positions = positions[None].expand(3, -1, -1) if runner.family == "qwen3_vl" else positions
+    visual = packed_vision.embed(runner, batch, ids[0], hidden[0]) if runner.family == "qwen3_vl" else None
+    if visual is not None:
+        rope_positions = packed_vision.positions(runner, batch, cuts, lengths)[:, None]
+    else:
+        rope_positions = positions[None].expand(3, -1, -1) if runner.family == "qwen3_vl" else positions
     cos, sin = decoder.rotary_emb(hidden, rope_positions)  # (1, T, dim), the model's own
     half = sin.shape[-1] // 2
     cos, sin = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), -1)
-    return hidden[0], cos, sin, Segments(lengths, cuts, prefix_kv, device, hidden.dtype), lengths
+    return hidden[0], cos, sin, Segments(lengths, cuts, prefix_kv, device, hidden.dtype), lengths, visual
 
 
 def layer(decoder_layer, inputs: tuple) -> torch.Tensor:
     """One decoder layer on what `layer_inputs` gave (the hidden states it took are left as they were)."""
-    hidden, cos, sin, segments, _ = inputs
+    hidden, cos, sin, segments = inputs[:4]
     return _layer(decoder_layer, hidden, cos, sin, segments)
 
 
 @torch.inference_mode()
 def run(runner, batch) -> np.ndarray:
-    """The pooled last hidden state of each row of a text batch, from one packed forward."""
-    hidden, cos, sin, segments, lengths = layer_inputs(runner, batch)
+    """The pooled last hidden state of each row of a batch, from one packed forward."""
+    hidden, cos, sin, segments, lengths, visual = layer_inputs(runner, batch)
     decoder = text_model(runner)
-    for decoder_layer in decoder.layers:
+    for i, decoder_layer in enumerate(decoder.layers):
         hidden = _layer(decoder_layer, hidden, cos, sin, segments)
+        if visual is not None:
+            hidden = visual.add(hidden, i)
     hidden = _norm(hidden, decoder.norm)
     last = torch.tensor(np.cumsum(lengths) - 1, device=hidden.device)
     return hidden[last].float().cpu().numpy()
@@ -259,11 +272,11 @@ HALF_AGREEMENT = 0.9995
 
 
 @torch.inference_mode()
-def agreement(runner) -> float:
-    """The lowest cosine between a packed and the padded forward's vectors of the probe texts (a
-    reranker: pairs of them, its last hidden states), in the runner's dtype."""
+def agreement(runner, images=()) -> float:
+    """The lowest cosine between a packed and the padded forward's vectors of the probe texts and
+    `images` in one batch (a reranker: pairs of them, its last hidden states), in the runner's dtype."""
     try:
-        batch = runner.probe_inputs(PROBES)
+        batch = runner.probe_inputs(PROBES, images)
         padded = np.stack([runner._forward_padded([p])[0] for p in batch])
         packed = run(runner, batch)
     finally:
@@ -291,6 +304,31 @@ def check(runner) -> bool:
     line = FLOAT32_AGREEMENT if runner.dtype == torch.float32 else HALF_AGREEMENT
     if not cosine >= line:
         log.info("packed forward off: its vectors differ from the padded forward's (min cosine %.6f, "
+                 "the line in %s %s)", cosine, str(runner.dtype).replace("torch.", ""), line)
+        return False
+    return True
+
+
+def probe_images() -> list:
+    """Two small images for the image check, one square and one not (their grids' rows and columns
+    differ in M-RoPE)."""
+    square = probe_image()
+    return [square, square.resize((96, 64))]
+
+
+def check_images(runner) -> bool:
+    """Whether image inputs pack too (Qwen3-VL, once the texts' check passed): a packed forward of the
+    probe texts and two images gives the padded vectors within the same line; logs where it does not."""
+    if not runner.takes_images:
+        return False
+    try:
+        cosine = agreement(runner, probe_images())
+    except Exception as exc:  # noqa: BLE001 - another transformers' vision interface: images stay padded
+        log.info("packed images off: they did not run packed on this model (%s: %s)", exc.__class__.__name__, exc)
+        return False
+    line = FLOAT32_AGREEMENT if runner.dtype == torch.float32 else HALF_AGREEMENT
+    if not cosine >= line:
+        log.info("packed images off: their vectors differ from the padded forward's (min cosine %.6f, "
                  "the line in %s %s)", cosine, str(runner.dtype).replace("torch.", ""), line)
         return False
     return True

@@ -159,7 +159,7 @@ def run(runner, batch) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.cat([prefix_mask, own_mask], dim=1)
     vision = runner._vision_inputs(batch, ids)
     if vision.get("image_grid_thw") is not None or vision.get("video_grid_thw") is not None:
-        positions = _vision_positions(runner, batch, vision, ids.shape[1], lengths)
+        positions = vision_positions(runner, batch, vision, ids.shape[1], lengths)
     else:
         positions = _positions(runner, lengths, ids.shape[1], device)
     cache = DynamicCache(cached_kv(runner, keys))
@@ -187,7 +187,7 @@ class _Own:
         return len(self.input_ids)
 
 
-def _vision_positions(runner, batch, vision: dict, width: int, lengths: list[int]) -> torch.Tensor:
+def vision_positions(runner, batch, vision: dict, width: int, lengths: list[int]) -> torch.Tensor:
     """M-RoPE positions of each row's own tokens, as the model computes them for the whole prompt:
     `get_rope_index` over the full, right-padded sequences, then each row's prefix columns dropped."""
     from .base import _padded
