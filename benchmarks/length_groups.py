@@ -16,10 +16,11 @@ size, each text a document of a short query, its scores compared), in turns, sev
 inputs/s of each, the paired ratios, the groups a batch was cut into, the largest difference between
 the vectors, and the load average before and after.
 
-`--images`: Qwen3-VL batches of images of several sizes (the server benchmark's PNGs), which run
-padded: one padded forward, length groups cut at the shape's estimate of one more forward's cost,
-and at the cost the runner settled on at start-up (runners/split.py `settle`: measured, and at
-least the estimate), in turns; the ratios are to the estimate's cut (the server before that probe).
+`--images`: Qwen3-VL batches of images of several sizes (the server benchmark's PNGs): one padded
+forward, length groups cut at the shape's estimate of one more forward's cost, and at the cost a
+model copy whose images run padded measures at start-up (runners/split.py `settle`: measured, and
+at least the estimate), and the packed forward (runners/packed_vision.py), in turns; the ratios are
+to the measured cut (the server before images packed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from embedding_api.runners import load_runner
+from embedding_api.runners import load_runner, split
 from embedding_api.engine.service import media_policy
 from embedding_api.media import decode_image_bytes
 from embedding_api.runners.split import groups, overhead_tokens
@@ -57,15 +58,17 @@ def texts(kind: str, n: int) -> list[str]:
     return short_texts(n, seed=0)
 
 
-def forward_with(runner, attribute: str, value):
-    """The runner's forward with one of its attributes set to `value` for the call."""
+def forward_with(runner, **values):
+    """The runner's forward with some of its attributes set to the given values for the call."""
     def call(b):
-        before = getattr(runner, attribute)
-        setattr(runner, attribute, value)
+        before = {name: getattr(runner, name) for name in values}
+        for name, value in values.items():
+            setattr(runner, name, value)
         try:
             return runner.forward(b)
         finally:
-            setattr(runner, attribute, before)
+            for name, value in before.items():
+                setattr(runner, name, value)
     return call
 
 
@@ -107,8 +110,8 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int, kind:
     if model == "reranker":  # the last hidden states, then the scoring head, as `forward` does
         padded = lambda b: runner._scores(torch.from_numpy(runner._forward_padded(b))).numpy()  # noqa: E731
 
-    calls = {"padded": padded, "groups": forward_with(runner, "packing", False),
-             "packed": forward_with(runner, "packing", True)}
+    calls = {"padded": padded, "groups": forward_with(runner, packing=False),
+             "packed": forward_with(runner, packing=True)}
     vectors, times = in_turns(calls, work, rounds)
     n = batch * BATCHES_TIMED
     rate = {name: n / statistics.median(t) for name, t in times.items()}
@@ -133,21 +136,27 @@ def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str)
     prepared = [runner.prepare([], [decode_image_bytes(png, policy)], None, None)
                 for png in png_images(batch * BATCHES_TIMED, seed=5)]
     work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES_TIMED)]
-    costs = {"padded": 1e12, "estimate": overhead_tokens(runner.config, runner.dtype),
-             "measured": runner.split_overhead}
+    packs, runner.packing_images = runner.packing_images, False
+    measured = split.settle(runner)  # what a model copy whose images run padded measures at start-up
+    runner.packing_images = packs
+    costs = {"padded": 1e12, "estimate": overhead_tokens(runner.config, runner.dtype), "measured": measured}
 
-    calls = {name: forward_with(runner, "split_overhead", cost) for name, cost in costs.items()}
+    calls = {name: forward_with(runner, split_overhead=cost, packing_images=False) for name, cost in costs.items()}
+    calls["packed"] = forward_with(runner, packing_images=True)
     vectors, times = in_turns(calls, work, rounds)
     rate = {name: batch * BATCHES_TIMED / statistics.median(t) for name, t in times.items()}
-    paired = {name: statistics.median([x / y for x, y in zip(times["estimate"], t)]) for name, t in times.items()}
+    paired = {name: statistics.median([x / y for x, y in zip(times["measured"], t)]) for name, t in times.items()}
     lengths = [p.n_tokens - p.prefix for p in work[0]]
     cuts = {name: [len(g) for g in groups(lengths, cost)] for name, cost in costs.items() if name != "padded"}
-    diff = max(np.abs(vectors["padded"] - vectors[k]).max() for k in ("estimate", "measured"))
+    diff = max(np.abs(vectors["padded"] - vectors[k]).max() for k in ("estimate", "measured", "packed"))
     return (f"qwen3_vl/{size} {dtype} batch of {batch} images: one padded forward {rate['padded']:.1f} images/s "
             f"({paired['padded']:.2f}x), groups at the estimate ({costs['estimate']:.0f} tokens a forward) "
-            f"{rate['estimate']:.1f}, at the start-up's cost ({costs['measured']:.0f} tokens) {rate['measured']:.1f} "
-            f"({paired['measured']:.2f}x); groups {cuts['estimate']} and {cuts['measured']} (own lengths "
-            f"{min(lengths)}-{max(lengths)}); largest vector difference {diff:.1e}")
+            f"{rate['estimate']:.1f} ({paired['estimate']:.2f}x), at the start-up's measured cost "
+            f"({costs['measured']:.0f} tokens) {rate['measured']:.1f}, packed {rate['packed']:.1f} "
+            f"({paired['packed']:.2f}x); groups {cuts['estimate']} and {cuts['measured']} (own lengths "
+            f"{min(lengths)}-{max(lengths)}, positions in groups "
+            f"{sum(len(g) * max(lengths[i] for i in g) for g in groups(lengths, costs['measured']))}, packed "
+            f"{sum(lengths)}); largest vector difference to one padded forward {diff:.1e}")
 
 
 def main(argv=None) -> int:
@@ -159,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--texts", choices=("short", "passages", "mixed"), default="short")
     p.add_argument("--kind", choices=("embedding", "reranker"), default="embedding")
-    p.add_argument("--images", action="store_true", help="Qwen3-VL image batches, cut at the estimated and the measured cost")
+    p.add_argument("--images", action="store_true", help="Qwen3-VL image batches: padded, cut at the estimated and the measured cost, packed")
     p.add_argument("--dtypes", default="float32", help="with --images: comma-separated")
     args = p.parse_args(argv)
     print(f"length groups, torch threads {args.threads}, {args.rounds} rounds in turns; "
