@@ -1,4 +1,4 @@
-"""Packed forward on a CPU: the rows of a text batch as one sequence, no padding at all.
+"""Packed forward on a CPU: the rows of a batch (texts, and Qwen3-VL images) as one sequence, no padding.
 
 A padded batch computes every row up to its longest; on a CPU each padded position costs as much
 as a real one (the matmuls are compute-bound from a few rows on). Length groups (split.py) cut
@@ -12,11 +12,11 @@ each row is pooled.
 
 The decoder layers run on the model's own weights and its own rotary embedding, with the
 operations of their forward written out (`_layer`): on a small model the module calls and
-wrappers around each operation cost more than the operations. Only text rows are packed (images
-and videos take the padded path: their M-RoPE positions and visual embeddings are placed by the
-model's own forward). Each model copy checks at start-up
-that a packed forward gives the padded forward's vectors on a few probe texts (`check`); where it
-does not (another transformers version, another layer interface) packing stays off.
+wrappers around each operation cost more than the operations. Qwen3-VL's image rows pack too, their
+visual embeddings and M-RoPE positions placed by packed_vision.py; videos take the padded path.
+Each model copy checks at start-up that a packed forward gives the padded forward's vectors on a few
+probe texts (`check`), then with two images among them (`check_images`); where it does not (another
+transformers version, another layer interface) packing stays off, or for images alone.
 """
 
 from __future__ import annotations
