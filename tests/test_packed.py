@@ -67,15 +67,19 @@ def test_a_text_batch_runs_as_one_packed_sequence_with_each_input_alone(runners,
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
-def _watched(runner):
-    """Counts of the calls of the model's own decoder layers (the padded forward), of its vision encoder,
-    and the packed sequences' (rows, tokens) at the token embedding, while the block runs."""
+def _watched(runner, batch) -> tuple[np.ndarray, dict]:
+    """The batch's vectors, and what its forward ran: the calls of the model's own decoder layers (the
+    padded forward), of its vision encoder, and the packed sequences' (rows, tokens) at the embedding."""
     seen = {"layers": 0, "vision": 0, "embedded": []}
     decoder = packed.text_model(runner)
     hooks = [decoder.layers[0].register_forward_hook(lambda *a: seen.__setitem__("layers", seen["layers"] + 1)),
              runner.model.visual.register_forward_hook(lambda *a: seen.__setitem__("vision", seen["vision"] + 1)),
              decoder.embed_tokens.register_forward_hook(lambda m, a, out: seen["embedded"].append(tuple(out.shape[:2])))]
-    return seen, hooks
+    try:
+        return runner.forward(batch), seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _images() -> list[Image.Image]:
@@ -92,12 +96,7 @@ def test_images_pack_with_the_texts_with_each_input_alone(runners):
     batch[1:1] = [runner.prepare([], [image], None, None) for image in images[:3]]  # grids of three shapes
     batch.append(runner.prepare(["a caption after the picture"], [images[3]], None, "Find the picture"))  # fused
     runner.forward(batch)  # the prefixes' keys and values, computed once, before the forward is watched
-    seen, hooks = _watched(runner)
-    try:
-        together = runner.forward(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    together, seen = _watched(runner, batch)
     own = sum(p.n_tokens - p.prefix for p in batch)
     # One packed sequence of exactly the rows' own tokens; the vision encoder once for all four images;
     # the model's own (padded) layers never.
@@ -114,12 +113,7 @@ def test_a_video_keeps_the_padded_forward_beside_packed_rows(runners):
     batch.insert(1, runner.prepare([], [], None, None, videos=[runner.clip_from_frames(frames, 2.0)]))
     batch.insert(3, runner.prepare([], _images()[:1], None, None))
     runner.forward(batch)
-    seen, hooks = _watched(runner)
-    try:
-        together = runner.forward(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    together, seen = _watched(runner, batch)
     assert seen["layers"] == 1 and len(seen["embedded"]) == 2  # the video padded; the rest in one packed forward
     alone = np.concatenate([_padded(runner, p) for p in batch])
     assert _cosines(together, alone).min() >= 0.99999

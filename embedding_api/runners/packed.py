@@ -296,17 +296,7 @@ def check(runner) -> bool:
     if why is not None:
         log.info("packed forward off: this model's layers have %s", why)
         return False
-    try:
-        cosine = agreement(runner)
-    except Exception as exc:  # another transformers' layer interface: keep the padded path
-        log.info("packed forward off: it did not run on this model (%s: %s)", exc.__class__.__name__, exc)
-        return False
-    line = FLOAT32_AGREEMENT if runner.dtype == torch.float32 else HALF_AGREEMENT
-    if not cosine >= line:
-        log.info("packed forward off: its vectors differ from the padded forward's (min cosine %.6f, "
-                 "the line in %s %s)", cosine, str(runner.dtype).replace("torch.", ""), line)
-        return False
-    return True
+    return _agrees(runner, (), "packed forward off: it", "packed forward off: its vectors differ")
 
 
 def probe_images() -> list:
@@ -321,14 +311,19 @@ def check_images(runner) -> bool:
     probe texts and two images gives the padded vectors within the same line; logs where it does not."""
     if not runner.takes_images:
         return False
+    return _agrees(runner, probe_images(), "packed images off: they", "packed images off: their vectors differ")
+
+
+def _agrees(runner, images, failed: str, differs: str) -> bool:
+    """`agreement` with these images within the line of the runner's dtype; logs why not where not."""
     try:
-        cosine = agreement(runner, probe_images())
-    except Exception as exc:  # noqa: BLE001 - another transformers' vision interface: images stay padded
-        log.info("packed images off: they did not run packed on this model (%s: %s)", exc.__class__.__name__, exc)
+        cosine = agreement(runner, images)
+    except Exception as exc:  # noqa: BLE001 - another transformers' interface: keep the padded path
+        log.info("%s did not run packed on this model (%s: %s)", failed, exc.__class__.__name__, exc)
         return False
     line = FLOAT32_AGREEMENT if runner.dtype == torch.float32 else HALF_AGREEMENT
     if not cosine >= line:
-        log.info("packed images off: their vectors differ from the padded forward's (min cosine %.6f, "
-                 "the line in %s %s)", cosine, str(runner.dtype).replace("torch.", ""), line)
+        log.info("%s from the padded forward's (min cosine %.6f, the line in %s %s)", differs, cosine,
+                 str(runner.dtype).replace("torch.", ""), line)
         return False
     return True
