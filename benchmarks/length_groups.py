@@ -5,6 +5,7 @@
     python -m benchmarks.length_groups --texts passages --batches 16   # 100-400 words each
     python -m benchmarks.length_groups --kind reranker --families qwen3 --texts passages   # query/passage pairs
     python -m benchmarks.length_groups --images --dtypes bfloat16,float32   # Qwen3-VL image batches
+    python -m benchmarks.length_groups --videos --dtypes bfloat16,float32   # Qwen3-VL video batches
 
 In-process, no HTTP, one runner per checkpoint: `runner._forward_padded` (the whole batch right-padded
 to its longest input, as before length groups), `runner.forward` with packing off (length groups,
@@ -20,7 +21,9 @@ the vectors, and the load average before and after.
 forward, length groups cut at the shape's estimate of one more forward's cost, and at the cost a
 model copy whose images run padded measures at start-up (runners/split.py `settle`: measured, and
 at least the estimate), and the packed forward (runners/packed_vision.py), in turns; the ratios are
-to the measured cut (the server before images packed).
+to the measured cut (the server before images packed). `--videos`: Qwen3-VL batches of four video
+clips, of equal lengths (the server benchmark's) and of 4 to 16 frames, in length groups at the
+measured cut and packed, in turns.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from embedding_api.runners import load_runner, split
 from embedding_api.engine.service import media_policy
@@ -41,6 +45,7 @@ from embedding_api.media import decode_image_bytes
 from embedding_api.runners.split import groups, overhead_tokens
 from embedding_api.settings import Settings
 
+from .limit import prepared_inputs
 from .rerank import reranker_checkpoint
 from .run import checkpoint
 from .workload import passages, png_images, queries, short_texts
@@ -136,13 +141,13 @@ def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str)
     prepared = [runner.prepare([], [decode_image_bytes(png, policy)], None, None)
                 for png in png_images(batch * BATCHES_TIMED, seed=5)]
     work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES_TIMED)]
-    packs, runner.packing_images = runner.packing_images, False
+    packs, runner.packing_vision = runner.packing_vision, False
     measured = split.settle(runner)  # what a model copy whose images run padded measures at start-up
-    runner.packing_images = packs
+    runner.packing_vision = packs
     costs = {"padded": 1e12, "estimate": overhead_tokens(runner.config, runner.dtype), "measured": measured}
 
-    calls = {name: forward_with(runner, split_overhead=cost, packing_images=False) for name, cost in costs.items()}
-    calls["packed"] = forward_with(runner, packing_images=True)
+    calls = {name: forward_with(runner, split_overhead=cost, packing_vision=False) for name, cost in costs.items()}
+    calls["packed"] = forward_with(runner, packing_vision=True)
     vectors, times = in_turns(calls, work, rounds)
     rate = {name: batch * BATCHES_TIMED / statistics.median(t) for name, t in times.items()}
     paired = {name: statistics.median([x / y for x, y in zip(times["measured"], t)]) for name, t in times.items()}
@@ -159,6 +164,39 @@ def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str)
             f"{sum(lengths)}); largest vector difference to one padded forward {diff:.1e}")
 
 
+def clips(runner, frames: list[int], seed: int = 0) -> list:
+    """Prepared video inputs of `frames` noise frames each (64-128 px), as clips given frame by frame."""
+    rng = np.random.default_rng(seed)
+    sizes = ((96, 64), (128, 96), (96, 64), (64, 64))
+    return [runner.prepare([], [], None, None, videos=[runner.clip_from_frames(
+        [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB") for _ in range(n)], 2.0)])
+        for n, (w, h) in zip(frames, sizes * len(frames))]
+
+
+def measure_videos(size: str, rounds: int, threads: int, dtype: str) -> str:
+    path = checkpoint(HERE / ".cache", "qwen3_vl", size)
+    runner = load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=threads, dtype=dtype,
+                                  device="cpu", log_level="WARNING"))
+    packs, runner.packing_vision = runner.packing_vision, False
+    measured = split.settle(runner)  # what a model copy whose videos run padded measures at start-up
+    runner.packing_vision = packs
+    calls = {"groups": forward_with(runner, packing_vision=False, split_overhead=measured),
+             "packed": forward_with(runner, packing_vision=True)}
+    out = []
+    for name, batch in (("the server benchmark's 4 clips", prepared_inputs(runner, runner.settings, "video")),
+                        ("4 clips of 4, 8, 12 and 16 frames", clips(runner, [4, 8, 12, 16]))):
+        vectors, times = in_turns(calls, [batch, batch[::-1]], rounds)
+        rate = {k: 2 * len(batch) / statistics.median(t) for k, t in times.items()}
+        ratio = statistics.median([g / p for g, p in zip(times["groups"], times["packed"])])
+        a, b = vectors["groups"], vectors["packed"]
+        cosine = ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()
+        lengths = [p.n_tokens - p.prefix for p in batch]
+        out.append(f"qwen3_vl/{size} {dtype} {name} (own lengths {lengths}): groups at the measured cost "
+                   f"({measured:.0f} tokens; {[len(g) for g in groups(lengths, measured)]}) {rate['groups']:.2f} "
+                   f"videos/s, packed {rate['packed']:.2f} ({ratio:.2f}x); min cosine {cosine:.6f}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="qwen3,qwen3_vl")
@@ -169,14 +207,17 @@ def main(argv=None) -> int:
     p.add_argument("--texts", choices=("short", "passages", "mixed"), default="short")
     p.add_argument("--kind", choices=("embedding", "reranker"), default="embedding")
     p.add_argument("--images", action="store_true", help="Qwen3-VL image batches: padded, cut at the estimated and the measured cost, packed")
-    p.add_argument("--dtypes", default="float32", help="with --images: comma-separated")
+    p.add_argument("--videos", action="store_true", help="Qwen3-VL video batches: padded at the measured cut, packed")
+    p.add_argument("--dtypes", default="float32", help="with --images or --videos: comma-separated")
     args = p.parse_args(argv)
     print(f"length groups, torch threads {args.threads}, {args.rounds} rounds in turns; "
           f"load average before {os.getloadavg()[0]:.2f}", flush=True)
     for dtype in args.dtypes.split(",") if args.images else ():
         for batch in (int(b) for b in args.batches.split(",")):
             print(measure_images(args.size, batch, args.rounds, args.threads, dtype), flush=True)
-    for family in args.families.split(",") if not args.images else ():
+    for dtype in args.dtypes.split(",") if args.videos else ():
+        print(measure_videos(args.size, args.rounds, args.threads, dtype), flush=True)
+    for family in args.families.split(",") if not (args.images or args.videos) else ():
         for batch in (int(b) for b in args.batches.split(",")):
             print(measure(family, args.size, batch, args.rounds, args.threads, args.texts, args.kind), flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")

@@ -154,7 +154,7 @@ def test_the_probe_keeps_the_copy_it_chose(tiny_vl, float32_runner, monkeypatch,
     assert len(timed["f32"]) == len(timed["bf16"]) >= dtype_tier.PROBE_ROUNDS[0]
     # The packed forward is checked in float32 before the probe, which then times it in both dtypes (a
     # check in bfloat16 against float32's line would have refused it, and the probe timed another forward).
-    assert runner.packing is runner.packing_images is True
+    assert runner.packing is runner.packing_vision is True
     assert packed_dtypes[:2] == [torch.float32, torch.float32]  # the checks: texts, then texts with images
     probed = packed_dtypes[2:]
     assert probed.count(torch.float32) == probed.count(torch.bfloat16) == len(timed["f32"]) + 1  # + a warm-up

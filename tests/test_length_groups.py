@@ -100,7 +100,7 @@ def _given(small_s, large_s, seen):
 
 def _images_padded(monkeypatch):
     """Models loaded next keep their images padded (as where their packed check fails): the probe's case."""
-    monkeypatch.setattr(packed, "check_images", lambda runner: False)
+    monkeypatch.setattr(packed, "check_vision", lambda runner: False)
 
 
 @pytest.mark.parametrize("kind", ["embedding", "reranker"])
@@ -140,7 +140,7 @@ def test_a_vl_model_whose_images_pack_measures_nothing(tiny_vl, tiny_vl_reranker
     monkeypatch.setattr(split, "measure", lambda *a, **k: pytest.fail("only a video runs padded"))
     runner = load_runner(Settings(_env_file=None, model_path=str(tiny_vl if kind == "embedding" else tiny_vl_reranker),
                                   torch_threads=1))
-    assert runner.packing_images
+    assert runner.packing_vision
     assert runner.split_overhead == overhead_tokens(runner.config, runner.dtype)
 
 
@@ -174,7 +174,7 @@ def test_a_failing_or_noisy_probe_keeps_the_estimate(tiny_vl, monkeypatch, caplo
 
 def test_the_measured_cost_is_what_cuts_an_image_batch(tiny_vl):
     runner = load_runner(Settings(_env_file=None, model_path=str(tiny_vl), torch_threads=1))
-    runner.packing_images = False  # images padded, in length groups (as where their packed check fails)
+    runner.packing_vision = False  # images padded, in length groups (as where their packed check fails)
     images = [Image.new("RGB", (side, side), (40, 90, 160)) for side in (32, 32, 96, 96, 224, 224)]
     batch = [runner.prepare([], [image], None, None) for image in images]
     runner.forward(batch[:1])  # the prefix's keys and values, computed once, before counting forwards

@@ -1,7 +1,7 @@
-"""The packed forward (runners/packed.py, packed_vision.py): a CPU batch of texts and images runs as
-one sequence without padding, each row attending only to its own tokens and its own cached prefix,
-with the vectors of each input alone; videos keep the padded forward; a model whose packed forward
-would differ keeps it off (for images alone where only theirs would)."""
+"""The packed forward (runners/packed.py, packed_vision.py): a CPU batch of texts, images and videos
+runs as one sequence without padding, each row attending only to its own tokens and its own cached
+prefix, with the vectors of each input alone; a model whose packed forward would differ keeps it off
+(for images and videos alone where only theirs would)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _images() -> list[Image.Image]:
 
 def test_images_pack_with_the_texts_with_each_input_alone(runners):
     runner = runners["vl"]
-    assert runner.packing_images is True
+    assert runner.packing_vision is True
     images = _images()
     batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(5))]
     batch[1:1] = [runner.prepare([], [image], None, None) for image in images[:3]]  # grids of three shapes
@@ -106,27 +106,31 @@ def test_images_pack_with_the_texts_with_each_input_alone(runners):
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
-def test_a_video_keeps_the_padded_forward_beside_packed_rows(runners):
+def test_videos_pack_with_images_and_texts(runners):
     runner = runners["vl"]
     frames = [Image.new("RGB", (64, 48), (30 * i, 90, 160)) for i in range(4)]
     batch = [runner.prepare([t], [], None, None) for t in _texts(3)]
     batch.insert(1, runner.prepare([], [], None, None, videos=[runner.clip_from_frames(frames, 2.0)]))
     batch.insert(3, runner.prepare([], _images()[:1], None, None))
+    batch.append(runner.prepare(["a clip of a gradient"], [], None, "Find the clip",
+                                videos=[runner.clip_from_frames(frames[:2] * 3, 1.0)]))  # longer, with text
     runner.forward(batch)
     together, seen = _watched(runner, batch)
-    assert seen["layers"] == 1 and len(seen["embedded"]) == 2  # the video padded; the rest in one packed forward
+    # One packed forward; the vision encoder once for the image and once for both videos.
+    assert (seen["layers"], seen["vision"], len(seen["embedded"])) == (0, 2, 1)
     alone = np.concatenate([_padded(runner, p) for p in batch])
     assert _cosines(together, alone).min() >= 0.99999
+    np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
-def test_images_stay_padded_where_their_packed_vectors_would_differ(runners, monkeypatch, caplog):
+def test_images_and_videos_stay_padded_where_their_packed_vectors_would_differ(runners, monkeypatch, caplog):
     runner = runners["vl"]
     real = packed_vision.Visual.add
     # Deepstack features added twice (as another transformers' vision interface might need otherwise).
     monkeypatch.setattr(packed_vision.Visual, "add", lambda self, hidden, layer: real(self, real(self, hidden, layer), layer))
     with caplog.at_level(logging.INFO, logger="embedding_api"):
-        assert packed.check_images(runner) is False
-    assert "packed images off: their vectors differ from the padded forward's" in caplog.text
+        assert packed.check_vision(runner) is False
+    assert "packed images and videos off: their vectors differ from the padded forward's" in caplog.text
     monkeypatch.setattr(packed_vision.Visual, "add", real)
 
     def missing(*a, **k):
@@ -134,11 +138,21 @@ def test_images_stay_padded_where_their_packed_vectors_would_differ(runners, mon
 
     monkeypatch.setattr(runner.model, "get_image_features", missing)
     with caplog.at_level(logging.INFO, logger="embedding_api"):
-        assert packed.check_images(runner) is False
-    assert "packed images off: they did not run packed on this model (AttributeError" in caplog.text
+        assert packed.check_vision(runner) is False
+    assert "packed images and videos off: they did not run packed on this model (AttributeError" in caplog.text
     monkeypatch.undo()
-    assert packed.check_images(runner) is True
-    assert packed.check_images(runners["text"]) is False  # a text model has none to pack
+    assert packed.check_vision(runner) is True
+    assert packed.check_vision(runners["text"]) is False  # a text model has none to pack
+
+
+def test_the_vision_check_takes_a_clip_where_the_model_embeds_videos(runners, rerankers, monkeypatch):
+    checked = []
+    real = packed.agreement
+    monkeypatch.setattr(packed, "agreement", lambda r, images=(), videos=(): checked.append(
+        (len(images), [len(v.frames) for v in videos])) or real(r, images, videos))
+    assert packed.check_vision(runners["vl"]) is True
+    assert packed.check_vision(rerankers["vl"]) is True  # a reranker takes no video: images alone
+    assert checked == [(2, [4]), (2, [])]
 
 
 def test_packing_stays_off_where_its_vectors_would_differ(runners, monkeypatch, caplog):
@@ -271,7 +285,7 @@ def test_rerankers_run_their_text_pairs_packed_with_the_padded_scores(rerankers,
              for d, instruction in zip(documents, (None, "Find the answer") * 4)]
     if family == "vl":  # a pair with an image packs with them
         batch.insert(3, runner.prepare_pair(query, side("", [Image.new("RGB", (64, 48), (20, 140, 90))]), None))
-    assert runner.packing_images is (family == "vl")
+    assert runner.packing_vision is (family == "vl")
     runner.forward(batch)  # the judge prompts' keys and values, computed once
     calls = []
     hook = packed.text_model(runner).layers[0].register_forward_hook(lambda *args: calls.append(1))

@@ -105,7 +105,7 @@ class Runner:
             if weights and settings.prefix_cache else None
         self._prefix_ids: dict = {}  # what `shared_prefix` compares against, per instruction
         self.packing = False  # text batches in one packed forward (runners/packed.py): set by `check_packing`
-        self.packing_images = False  # image inputs in it too (runners/packed_vision.py): the same
+        self.packing_vision = False  # inputs with images or videos too (runners/packed_vision.py): the same
         self.split_overhead: float | None = None  # one more forward's cost in tokens (runners/split.py `settle`)
         # Where small tensors the runner keeps (e.g. a reranker's score rows) live: never a GPU in a
         # process without the model, so that it creates no CUDA context.
@@ -262,9 +262,9 @@ class Runner:
 
     def check_packing(self) -> bool:
         """Turn the packed forward on where it gives this model copy's padded vectors (on a CPU), for
-        image inputs too where they do; called once the weights are loaded."""
+        inputs with images or videos too where they do; called once the weights are loaded."""
         self.packing = packed.check(self)
-        self.packing_images = self.packing and packed.check_images(self)
+        self.packing_vision = self.packing and packed.check_vision(self)
         return self.packing
 
     def _forward_padded(self, batch: list[PreparedInput]) -> np.ndarray:

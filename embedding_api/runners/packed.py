@@ -1,4 +1,4 @@
-"""Packed forward on a CPU: the rows of a batch (texts, and Qwen3-VL images) as one sequence, no padding.
+"""Packed forward on a CPU: the rows of a batch (texts, Qwen3-VL images, videos) as one sequence, no padding.
 
 A padded batch computes every row up to its longest; on a CPU each padded position costs as much
 as a real one (the matmuls are compute-bound from a few rows on). Length groups (split.py) cut
@@ -15,7 +15,7 @@ operations of their forward written out (`_layer`): on a small model the module 
 wrappers around each operation cost more than the operations. Qwen3-VL's image rows pack too, their
 visual embeddings and M-RoPE positions placed by packed_vision.py; videos take the padded path.
 Each model copy checks at start-up that a packed forward gives the padded forward's vectors on a few
-probe texts (`check`), then with two images among them (`check_images`); where it does not (another
+probe texts (`check`), then with two images among them (`check_vision`); where it does not (another
 transformers version, another layer interface) packing stays off, or for images alone.
 """
 
@@ -205,9 +205,9 @@ def is_text(p) -> bool:
 
 
 def takes(runner, p) -> bool:
-    """Whether this model copy's packed forward takes an input: a text; an image input too where its
-    start-up check passed them (packed_vision.py)."""
-    return is_text(p) or (runner.packing_images and packed_vision.takes(p))
+    """Whether this model copy's packed forward takes an input: a text; one with images or videos too
+    where its start-up check passed them (packed_vision.py)."""
+    return runner.packing_vision or is_text(p)
 
 
 def layer_inputs(runner, batch) -> tuple:
@@ -272,11 +272,12 @@ HALF_AGREEMENT = 0.9995
 
 
 @torch.inference_mode()
-def agreement(runner, images=()) -> float:
-    """The lowest cosine between a packed and the padded forward's vectors of the probe texts and
-    `images` in one batch (a reranker: pairs of them, its last hidden states), in the runner's dtype."""
+def agreement(runner, images=(), videos=()) -> float:
+    """The lowest cosine between a packed and the padded forward's vectors of the probe texts,
+    `images` and `videos` (clips) in one batch (a reranker: pairs of them, its last hidden states), in
+    the runner's dtype."""
     try:
-        batch = runner.probe_inputs(PROBES, images)
+        batch = runner.probe_inputs(PROBES, images) + [runner.prepare([], [], None, None, videos=[v]) for v in videos]
         padded = np.stack([runner._forward_padded([p])[0] for p in batch])
         packed = run(runner, batch)
     finally:
@@ -296,28 +297,45 @@ def check(runner) -> bool:
     if why is not None:
         log.info("packed forward off: this model's layers have %s", why)
         return False
-    return _agrees(runner, (), "packed forward off: it", "packed forward off: its vectors differ")
+    return _agrees(runner, (), (), "packed forward off: it", "packed forward off: its vectors differ")
 
 
 def probe_images() -> list:
-    """Two small images for the image check, one square and one not (their grids' rows and columns
+    """Two small images for the vision check, one square and one not (their grids' rows and columns
     differ in M-RoPE)."""
     square = probe_image()
     return [square, square.resize((96, 64))]
 
 
-def check_images(runner) -> bool:
-    """Whether image inputs pack too (Qwen3-VL, once the texts' check passed): a packed forward of the
-    probe texts and two images gives the padded vectors within the same line; logs where it does not."""
+def probe_videos(runner) -> list:
+    """A clip of four small frames (two temporal patches) for the vision check of a model that embeds
+    videos; none for one that does not (a reranker)."""
+    if runner.kind != "embedding" or not hasattr(runner, "clip_from_frames"):
+        return []
+    frame = probe_image()
+    return [runner.clip_from_frames([frame.rotate(90 * k) for k in range(4)], 2.0)]
+
+
+def check_vision(runner) -> bool:
+    """Whether inputs with images or videos pack too (Qwen3-VL, once the texts' check passed): a packed
+    forward of the probe texts, two images and a clip gives the padded vectors within the same line;
+    logs where it does not."""
     if not runner.takes_images:
         return False
-    return _agrees(runner, probe_images(), "packed images off: they", "packed images off: their vectors differ")
-
-
-def _agrees(runner, images, failed: str, differs: str) -> bool:
-    """`agreement` with these images within the line of the runner's dtype; logs why not where not."""
     try:
-        cosine = agreement(runner, images)
+        videos = probe_videos(runner)
+    except Exception as exc:  # noqa: BLE001 - videos are optional to the check; images are checked alone
+        log.info("the vision check runs without a video (%s: %s)", exc.__class__.__name__, exc)
+        videos = []
+    return _agrees(runner, probe_images(), videos, "packed images and videos off: they",
+                   "packed images and videos off: their vectors differ")
+
+
+def _agrees(runner, images, videos, failed: str, differs: str) -> bool:
+    """`agreement` with these images and videos within the line of the runner's dtype; logs why not
+    where not."""
+    try:
+        cosine = agreement(runner, images, videos)
     except Exception as exc:  # noqa: BLE001 - another transformers' interface: keep the padded path
         log.info("%s did not run packed on this model (%s: %s)", failed, exc.__class__.__name__, exc)
         return False

@@ -124,8 +124,8 @@ def settle(runner) -> float:
     and returns it."""
     estimate = overhead_tokens(runner.config, runner.dtype)
     runner.split_overhead = estimate
-    if runner.device.type != "cpu" or (runner.packing and (runner.packing_images or not runner.takes_images)):
-        return estimate  # a GPU, or every input of this model but a video runs packed
+    if runner.device.type != "cpu" or (runner.packing and (runner.packing_vision or not runner.takes_images)):
+        return estimate  # a GPU, or every input of this model runs packed
     kind = "image" if runner.takes_images else "text"
     try:
         probe = runner.probe_inputs([PROBE_TEXT], [probe_image()] if runner.takes_images else [])[-1]
