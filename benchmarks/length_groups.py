@@ -206,8 +206,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--texts", choices=("short", "passages", "mixed"), default="short")
     p.add_argument("--kind", choices=("embedding", "reranker"), default="embedding")
-    p.add_argument("--images", action="store_true", help="Qwen3-VL image batches: padded, cut at the estimated and the measured cost, packed")
-    p.add_argument("--videos", action="store_true", help="Qwen3-VL video batches: padded at the measured cut, packed")
+    p.add_argument("--images", action="store_true",
+                   help="Qwen3-VL image batches: padded, cut at the estimated and the measured cost, packed")
+    p.add_argument("--videos", action="store_true",
+                   help="Qwen3-VL video batches: padded at the measured cut, packed")
     p.add_argument("--dtypes", default="float32", help="with --images or --videos: comma-separated")
     args = p.parse_args(argv)
     print(f"length groups, torch threads {args.threads}, {args.rounds} rounds in turns; "

@@ -127,7 +127,8 @@ def test_images_and_videos_stay_padded_where_their_packed_vectors_would_differ(r
     runner = runners["vl"]
     real = packed_vision.Visual.add
     # Deepstack features added twice (as another transformers' vision interface might need otherwise).
-    monkeypatch.setattr(packed_vision.Visual, "add", lambda self, hidden, layer: real(self, real(self, hidden, layer), layer))
+    monkeypatch.setattr(packed_vision.Visual, "add",
+                        lambda self, hidden, layer: real(self, real(self, hidden, layer), layer))
     with caplog.at_level(logging.INFO, logger="embedding_api"):
         assert packed.check_vision(runner) is False
     assert "packed images and videos off: their vectors differ from the padded forward's" in caplog.text

@@ -12,11 +12,11 @@ each row is pooled.
 
 The decoder layers run on the model's own weights and its own rotary embedding, with the
 operations of their forward written out (`_layer`): on a small model the module calls and
-wrappers around each operation cost more than the operations. Qwen3-VL's image rows pack too, their
-visual embeddings and M-RoPE positions placed by packed_vision.py; videos take the padded path.
-Each model copy checks at start-up that a packed forward gives the padded forward's vectors on a few
-probe texts (`check`), then with two images among them (`check_vision`); where it does not (another
-transformers version, another layer interface) packing stays off, or for images alone.
+wrappers around each operation cost more than the operations. Qwen3-VL's rows with images or
+videos pack too, their visual embeddings and M-RoPE positions placed by packed_vision.py. Each
+model copy checks at start-up that a packed forward gives the padded forward's vectors on a few
+probe texts (`check`), then with two images and a clip among them (`check_vision`); where it does
+not (another transformers version, another layer interface) packing stays off, or for those alone.
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def takes(runner, p) -> bool:
 def layer_inputs(runner, batch) -> tuple:
     """What the decoder layers of a packed forward take: the packed hidden states (T, hidden), the
     rotary cos and signed sin per position, the attention segments; the rows' own lengths (after their
-    cached prefixes), and the image tokens' places and deepstack features (None without images)."""
+    cached prefixes), and the visual tokens' places and deepstack features (None without images or
+    videos)."""
     device = runner.device
     reuse = runner.prefix_cache is not None
     cuts = [p.prefix if reuse else 0 for p in batch]
@@ -277,7 +278,8 @@ def agreement(runner, images=(), videos=()) -> float:
     `images` and `videos` (clips) in one batch (a reranker: pairs of them, its last hidden states), in
     the runner's dtype."""
     try:
-        batch = runner.probe_inputs(PROBES, images) + [runner.prepare([], [], None, None, videos=[v]) for v in videos]
+        batch = runner.probe_inputs(PROBES, images) + \
+            [runner.prepare([], [], None, None, videos=[clip]) for clip in videos]
         padded = np.stack([runner._forward_padded([p])[0] for p in batch])
         packed = run(runner, batch)
     finally:

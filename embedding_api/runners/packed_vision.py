@@ -56,7 +56,8 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
         pixels = [getattr(p, pixels_of) for p in batch if getattr(p, pixels_of) is not None]
         if not pixels:
             continue
-        grid = torch.tensor([g for p in batch for g in getattr(p, grid_of)], dtype=torch.long, device=hidden.device)
+        grids = [g for p in batch for g in getattr(p, grid_of)]
+        grid = torch.tensor(grids, dtype=torch.long, device=hidden.device)
         out = getattr(runner.model, method)(runner._to_device(np.concatenate(pixels)), grid, return_dict=True)
         embeds = torch.cat(out.pooler_output, dim=0).to(hidden.dtype)
         index = (ids == getattr(runner, pad_id)).nonzero()[:, 0]
