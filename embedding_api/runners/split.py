@@ -11,8 +11,9 @@ padding it saves costs more.
 layer's operations against computing one token through every layer, at a CPU core's order of
 magnitude. On a fast CPU it falls short: bfloat16 matmuls on an AVX-512 core run at 4x the
 estimate's rate, and an image forward runs the vision encoder once more too. So it is also
-measured at start-up (`settle`): the padded forward of one probe input of the kind that runs padded
-(an image where the model takes images: texts run packed, runners/packed.py) is timed with 2 and
+measured at start-up (`settle`) where something runs padded (on a CPU texts, images and videos run
+packed, runners/packed.py, unless a model copy's start-up check refused it): the padded forward of
+one probe input of that kind (an image where the model takes images, else a text) is timed with 2 and
 with 8 copies, in turns, and a line through the fastest of each gives the fixed cost and a token's
 cost at the sizes of the small groups a cut weighs. On the 512-wide Qwen3-VL checkpoint, one torch
 thread: 35-50 tokens in bfloat16 and 21-25 in float32, against an estimate of 9 and 16. The larger of
