@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedding_api.engine import allocator
 from embedding_api.observability import Metrics
 from embedding_api.settings import Settings
 
@@ -174,6 +175,11 @@ def test_dockerfile_structure():
     assert by["EXPOSE"] == [env["PORT"]] and env["MODEL_PATH"].startswith("/models/")
     copied = " ".join(by["COPY"])
     assert "models" not in copied.split() and "embedding_api" in copied
+    # CPU_ALLOCATOR=tcmalloc works in the image: Debian's package of the library the server looks up first.
+    installed = " ".join(by["RUN"])
+    assert "apt-get install -y --no-install-recommends libtcmalloc-minimal4" in installed
+    assert "rm -rf /var/lib/apt/lists/*" in installed
+    assert allocator.TCMALLOC_NAMES[0] == "libtcmalloc_minimal.so.4"
     # The health check's own code runs as written.
     check = command[-1].replace("urllib.request.urlopen(", "(lambda *a, **k: None)(")
     subprocess.run([sys.executable, "-c", check], check=True)
