@@ -229,7 +229,7 @@ def layer_inputs(runner, batch) -> tuple:
     hidden = decoder.embed_tokens(ids)
     visual = packed_vision.embed(runner, batch, ids[0], hidden[0]) if runner.family == "qwen3_vl" else None
     if visual is not None:
-        rope_positions = packed_vision.positions(runner, batch, cuts, lengths)[:, None]
+        rope_positions = packed_vision.positions(runner, batch, visual, positions[0], cuts, lengths)[:, None]
     else:
         rope_positions = positions[None].expand(3, -1, -1) if runner.family == "qwen3_vl" else positions
     cos, sin = decoder.rotary_emb(hidden, rope_positions)  # (1, T, dim), the model's own

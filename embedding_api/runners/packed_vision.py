@@ -33,10 +33,12 @@ def visual(p) -> bool:
 class Visual:
     """Where a packed forward's image and video tokens are (index tensors into the packed sequence)
     and the vision encoder's deepstack features to add there, one (tokens, hidden) tensor per early
-    decoder layer, per kind."""
+    decoder layer, per kind; and the grids the encoder took (`image_grid_thw`, `video_grid_thw`:
+    the batch's, in row order, or None), which place the rows' M-RoPE positions too."""
 
-    def __init__(self, parts: list[tuple[torch.Tensor, list[torch.Tensor]]]):
+    def __init__(self, parts: list[tuple[torch.Tensor, list[torch.Tensor]]], grids: dict):
         self.parts = parts
+        self.grids = grids
 
     def add(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """After decoder layer `layer`: its deepstack features added at the visual tokens (as the
@@ -51,13 +53,14 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
     """The batch's images and videos through the vision encoder, their embeddings written into
     `hidden` (T, hidden) in place at the visual tokens of the packed `ids` (T,); None where the batch
     has neither."""
-    parts = []
+    parts, grids = [], {}
     for pixels_of, grid_of, method, pad_id in _KINDS:
         pixels = [getattr(p, pixels_of) for p in batch if getattr(p, pixels_of) is not None]
+        grids[grid_of] = None
         if not pixels:
             continue
-        grids = [g for p in batch for g in getattr(p, grid_of)]
-        grid = torch.tensor(grids, dtype=torch.long, device=hidden.device)
+        grid = grids[grid_of] = torch.tensor([g for p in batch for g in getattr(p, grid_of)], dtype=torch.long,
+                                             device=hidden.device)
         out = getattr(runner.model, method)(runner._to_device(np.concatenate(pixels)), grid, return_dict=True)
         embeds = torch.cat(out.pooler_output, dim=0).to(hidden.dtype)
         index = (ids == getattr(runner, pad_id)).nonzero()[:, 0]
@@ -65,26 +68,21 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
             raise ValueError(f"{index.shape[0]} placeholder tokens for {embeds.shape[0]} visual embeddings")
         hidden[index] = embeds
         parts.append((index, [torch.cat(feature, dim=0).to(hidden.dtype) for feature in out.deepstack_features]))
-    return Visual(parts) if parts else None
+    return Visual(parts, grids) if parts else None
 
 
-def positions(runner, batch, cuts: list[int], lengths: list[int]) -> torch.Tensor:
-    """(3, T) M-RoPE positions of a packed sequence: a text row's own tokens at prefix length + 0, 1,
-    2, ... in all three; a row with images or videos as the model's `get_rope_index` places its
-    whole prompt, the prefix's columns dropped."""
-    device = runner.device
-    flat = np.concatenate([np.arange(cut, cut + n) for cut, n in zip(cuts, lengths)])
-    out = torch.from_numpy(flat).to(device)[None].repeat(3, 1)
+def positions(runner, batch, found: Visual, flat: torch.Tensor, cuts: list[int],
+              lengths: list[int]) -> torch.Tensor:
+    """(3, T) M-RoPE positions of a packed sequence whose text positions (each row's own tokens at
+    prefix length + 0, 1, 2, ...) are `flat` (T,): those in all three for a text row; a row with
+    images or videos as the model's `get_rope_index` places its whole prompt, the prefix's columns
+    dropped (on the grids `embed` gave the encoder)."""
+    out = flat[None].repeat(3, 1)
     rows = [i for i, p in enumerate(batch) if visual(p)]
-    if rows:
-        grids = {}
-        for _, grid_of, _, _ in _KINDS:
-            found = [g for i in rows for g in getattr(batch[i], grid_of)]
-            grids[grid_of] = torch.tensor(found, dtype=torch.long, device=device) if found else None
-        width = max(lengths[i] for i in rows)
-        placed = prefix_reuse.vision_positions(runner, [batch[i] for i in rows], grids, width,
-                                               [cuts[i] for i in rows])  # (3, rows, width)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        for j, i in enumerate(rows):
-            out[:, starts[i]: starts[i] + lengths[i]] = placed[:, j, : lengths[i]]
+    width = max(lengths[i] for i in rows)
+    placed = prefix_reuse.vision_positions(runner, [batch[i] for i in rows], found.grids, width,
+                                           [cuts[i] for i in rows])  # (3, rows, width)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    for j, i in enumerate(rows):
+        out[:, starts[i]: starts[i] + lengths[i]] = placed[:, j, : lengths[i]]
     return out
