@@ -133,17 +133,24 @@ def measure(family: str, size: str, batch: int, rounds: int, threads: int, kind:
             f"{len(lengths) * max(lengths)}, in groups {sum(len(g) * max(lengths[i] for i in g) for g in cut)}, "
             f"packed {sum(lengths)}; overhead {overhead:.0f} tokens/forward); largest vector difference {diff:.1e}")
 
-def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str) -> str:
+def vl_runner(size: str, threads: int, dtype: str):
+    """A Qwen3-VL runner and the cost of one more forward that a model copy whose images and videos
+    run padded measures at start-up (runners/split.py `settle`)."""
     path = checkpoint(HERE / ".cache", "qwen3_vl", size)
     runner = load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=threads, dtype=dtype,
                                   device="cpu", log_level="WARNING"))
+    packs, runner.packing_vision = runner.packing_vision, False
+    measured = split.settle(runner)
+    runner.packing_vision = packs
+    return runner, measured
+
+
+def measure_images(size: str, batch: int, rounds: int, threads: int, dtype: str) -> str:
+    runner, measured = vl_runner(size, threads, dtype)
     policy = media_policy(runner.settings)
     prepared = [runner.prepare([], [decode_image_bytes(png, policy)], None, None)
                 for png in png_images(batch * BATCHES_TIMED, seed=5)]
     work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES_TIMED)]
-    packs, runner.packing_vision = runner.packing_vision, False
-    measured = split.settle(runner)  # what a model copy whose images run padded measures at start-up
-    runner.packing_vision = packs
     costs = {"padded": 1e12, "estimate": overhead_tokens(runner.config, runner.dtype), "measured": measured}
 
     calls = {name: forward_with(runner, split_overhead=cost, packing_vision=False) for name, cost in costs.items()}
@@ -174,12 +181,7 @@ def clips(runner, frames: list[int], seed: int = 0) -> list:
 
 
 def measure_videos(size: str, rounds: int, threads: int, dtype: str) -> str:
-    path = checkpoint(HERE / ".cache", "qwen3_vl", size)
-    runner = load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=threads, dtype=dtype,
-                                  device="cpu", log_level="WARNING"))
-    packs, runner.packing_vision = runner.packing_vision, False
-    measured = split.settle(runner)  # what a model copy whose videos run padded measures at start-up
-    runner.packing_vision = packs
+    runner, measured = vl_runner(size, threads, dtype)
     calls = {"groups": forward_with(runner, packing_vision=False, split_overhead=measured),
              "packed": forward_with(runner, packing_vision=True)}
     out = []
