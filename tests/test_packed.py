@@ -269,6 +269,68 @@ def test_a_batch_past_the_token_budget_runs_as_several_packed_forwards(runners, 
     assert _cosines(together, alone).min() >= 0.99999
 
 
+
+def _projections(runner, batch, monkeypatch) -> tuple[np.ndarray, dict]:
+    """The batch's vectors, and the rows each decoder projection of the packed forward took, by
+    (layer, projection)."""
+    seen: dict = {}
+    names = {module: (i, name) for i, layer in enumerate(packed.text_model(runner).layers)
+             for name, module in [*layer.self_attn.named_children(), *layer.mlp.named_children()]}
+    real = packed._linear
+
+    def linear(module, x):
+        seen.setdefault(names[module], []).append(x.shape[0])
+        return real(module, x)
+
+    monkeypatch.setattr(packed, "_linear", linear)
+    try:
+        return runner.forward(batch), seen
+    finally:
+        monkeypatch.setattr(packed, "_linear", real)
+
+
+@pytest.mark.parametrize("family", ["text", "vl"])
+def test_the_last_layer_runs_on_each_rows_last_token_alone(runners, family, monkeypatch):
+    runner = runners[family]
+    batch = [runner.prepare([t], [], None, INSTRUCTIONS[i % 4]) for i, t in enumerate(_texts(7))]
+    if family == "vl":
+        batch.insert(2, runner.prepare(["a caption"], _images()[:1], None, None))
+    runner.forward(batch)  # the prefixes' keys and values, computed once
+    together, seen = _projections(runner, batch, monkeypatch)
+    own = sum(p.n_tokens - p.prefix for p in batch)
+    last = len(packed.text_model(runner).layers) - 1
+    # Every layer's projections on every token, but the last layer's: keys and values for every
+    # token (the last tokens attend to them), the rest for the rows' last tokens.
+    for (layer, name), rows in seen.items():
+        assert rows == [len(batch) if layer == last and name not in ("k_proj", "v_proj") else own], (layer, name)
+    assert len(seen) == 7 * (last + 1)
+    alone = np.concatenate([_padded(runner, p) for p in batch])
+    assert _cosines(together, alone).min() >= 0.99999
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_a_last_layer_with_deepstack_features_after_it_runs_whole(runners, monkeypatch):
+    # A Qwen3-VL decoder no deeper than its vision encoder's deepstack outputs: features are still
+    # added after its last layer, which then runs on every token, as the model's own forward.
+    runner = runners["vl"]
+    decoder = packed.text_model(runner)
+    monkeypatch.setattr(decoder, "layers", torch.nn.ModuleList(decoder.layers[:1]))
+    runner.prefix_cache.clear()
+    try:
+        batch = [runner.prepare(["a caption"], _images()[:1], None, None),
+                 runner.prepare(["a text alone"], [], None, "Find the answer")]
+        runner.forward(batch)
+        together, seen = _projections(runner, batch, monkeypatch)
+        own = sum(p.n_tokens - p.prefix for p in batch)
+        assert set(seen) == {(0, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj")}
+        assert all(rows == [own] for rows in seen.values())
+        alone = np.concatenate([_padded(runner, p) for p in batch])
+        assert _cosines(together, alone).min() >= 0.99999
+    finally:
+        runner.prefix_cache.clear()
+
+
 @pytest.fixture(scope="module")
 def rerankers(tiny_text_reranker, tiny_vl_reranker):
     return {name: load_runner(Settings(_env_file=None, model_path=str(path), torch_threads=1))

@@ -8,7 +8,10 @@ any), and attention runs per row on its own tokens, causal, on top of that row's
 values (the rows laid out padded, in groups of similar length, one attention call per group and
 layer: attention is a small part of the work, the matmuls are where padding costs). Every matmul
 of the decoder (projections, MLP) then runs once on exactly the real tokens, and the last token of
-each row is pooled.
+each row is pooled. Only that token's output is pooled, so the last layer computes the keys and
+values of every token and the rest (queries, attention, output projection, MLP) for the rows' last
+tokens alone (`_last_layer`): the same vectors, a layer's matmuls less (1.16-1.20x on a 6-layer
+checkpoint, 1.05x on a 28-layer one).
 
 The decoder layers run on the model's own weights and its own rotary embedding, with the
 operations of their forward written out (`_layer`): on a small model the module calls and
@@ -62,6 +65,7 @@ class Segments:
         self.groups = [_Group([lengths[i] for i in rows], [int(starts[i]) for i in rows],
                               [prefix_lengths[i] for i in rows], rows, prefix_kv, device, dtype)
                        for rows in calls]
+        self.last = torch.tensor(np.cumsum(lengths) - 1, device=device)  # each row's last token
 
 
 class _Group:
@@ -94,6 +98,10 @@ class _Group:
         self.mask = None if same else \
             torch.zeros(own.shape, dtype=dtype, device=device).masked_fill_(~own, float("-inf"))[:, None]
         self.lead = prefix_lengths[0] if same and self.prefix_kv is not None else 0
+        self.rows = torch.tensor(rows, device=device)
+        # The mask of each row's last query alone (rows, 1, 1, keys): its row's keys and prefix.
+        self.last_mask = None if self.mask is None else \
+            self.mask[torch.arange(len(rows), device=device), :, n[:, 0] - 1][:, :, None]
 
 
 def attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
@@ -115,6 +123,23 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
         if group.lead:
             o = o[:, :, group.lead:]
         out[group.positions] = o.transpose(1, 2)[group.places]
+    return out
+
+
+def last_attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
+    """Attention of each row's last token alone (query (rows, heads, dim)) on its row's keys and
+    values in the packed sequence (T, kv heads, dim) and its prefix; returns (rows, heads, dim)."""
+    out = torch.empty_like(query)
+    for group in segments.groups:
+        q = query[group.rows][:, :, None]  # (rows, heads, 1, dim)
+        k = key[group.index].transpose(1, 2)
+        v = value[group.index].transpose(1, 2)
+        if group.prefix_kv is not None:
+            pk, pv = group.prefix_kv[layer]
+            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.last_mask, scale=scaling,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out[group.rows] = o[:, :, 0]
     return out
 
 
@@ -163,6 +188,26 @@ def _layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
     v = _linear(attn.v_proj, x).view(rows, -1, dim)
     o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
     hidden = hidden + _linear(attn.o_proj, o.view(rows, -1))
+    x = _norm(hidden, layer.post_attention_layernorm)
+    gate = _gated(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x))
+    return hidden.add_(_linear(mlp.down_proj, gate))
+
+
+def _last_layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                segments: Segments) -> torch.Tensor:
+    """The last decoder layer where only each row's last token is pooled: keys and values for every
+    token (the last tokens attend to them), everything else for the last tokens alone; returns
+    (rows, hidden). A causal model's last token does not depend on the other tokens' outputs of
+    this layer, so the vectors are the full layer's."""
+    attn, mlp = layer.self_attn, layer.mlp
+    rows, dim, last = hidden.shape[0], attn.head_dim, segments.last
+    x = _norm(hidden, layer.input_layernorm)
+    k = _normed_rotary(_linear(attn.k_proj, x).view(rows, -1, dim), attn.k_norm, cos, signed_sin)
+    v = _linear(attn.v_proj, x).view(rows, -1, dim)
+    x, hidden = x[last], hidden[last]
+    q = _normed_rotary(_linear(attn.q_proj, x).view(len(last), -1, dim), attn.q_norm, cos[last], signed_sin[last])
+    o = last_attention(q, k, v, segments, attn.layer_idx, attn.scaling)
+    hidden = hidden + _linear(attn.o_proj, o.view(len(last), -1))
     x = _norm(hidden, layer.post_attention_layernorm)
     gate = _gated(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x))
     return hidden.add_(_linear(mlp.down_proj, gate))
@@ -249,13 +294,16 @@ def run(runner, batch) -> np.ndarray:
     """The pooled last hidden state of each row of a batch, from one packed forward."""
     hidden, cos, sin, segments, lengths, visual = layer_inputs(runner, batch)
     decoder = text_model(runner)
-    for i, decoder_layer in enumerate(decoder.layers):
+    layers = decoder.layers
+    # The last layer on the last tokens alone, unless deepstack features are still added after it
+    # (a model with no more layers than the vision encoder's deepstack outputs).
+    whole = len(layers) if visual is not None and visual.reaches(len(layers) - 1) else len(layers) - 1
+    for i, decoder_layer in enumerate(layers[:whole]):
         hidden = _layer(decoder_layer, hidden, cos, sin, segments)
         if visual is not None:
             hidden = visual.add(hidden, i)
-    hidden = _norm(hidden, decoder.norm)
-    last = torch.tensor(np.cumsum(lengths) - 1, device=hidden.device)
-    return hidden[last].float().cpu().numpy()
+    hidden = _last_layer(layers[-1], hidden, cos, sin, segments) if whole < len(layers) else hidden[segments.last]
+    return _norm(hidden, decoder.norm).float().cpu().numpy()
 
 
 PROBES = ("a", "Paris is the capital of France.",

@@ -48,6 +48,10 @@ class Visual:
                 hidden[index] = hidden[index] + deepstack[layer]
         return hidden
 
+    def reaches(self, layer: int) -> bool:
+        """Whether deepstack features are added after decoder layer `layer`."""
+        return any(layer < len(deepstack) for _, deepstack in self.parts)
+
 
 def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | None:
     """The batch's images and videos through the vision encoder, their embeddings written into
