@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from embedding_api.runners import load_runner, packed, packed_vision
+from embedding_api.runners import load_runner, packed, packed_attention, packed_vision
 from embedding_api.settings import Settings
 
 INSTRUCTIONS = (None, "Find the product this review is about", None, "Given a question, retrieve passages that answer it")
@@ -171,7 +171,7 @@ def test_packing_stays_off_where_its_vectors_would_differ(runners, monkeypatch, 
 def test_a_long_text_beside_short_ones_gets_its_own_attention_call(runners):
     # Attention is laid out padded per group of similar lengths: one 2,000-token row beside short ones
     # must not pad them all to 2,000 (memory and time quadratic in the longest).
-    segments = packed.Segments([12] * 8 + [2000] + [15] * 4, [0] * 13, None, torch.device("cpu"))
+    segments = packed_attention.Segments([12] * 8 + [2000] + [15] * 4, [0] * 13, None, torch.device("cpu"))
     assert max(len(g.index) for g in segments.groups if g.index.shape[1] == 2000) == 1
     assert sum(len(g.positions) for g in segments.groups) == 12 * 8 + 2000 + 15 * 4
     runner = runners["text"]
@@ -213,7 +213,7 @@ def test_a_text_alone_runs_packed_too(runners, family):
 
 def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     cpu = torch.device("cpu")
-    segments = packed.Segments([300, 290, 20, 22], [0] * 4, None, cpu)
+    segments = packed_attention.Segments([300, 290, 20, 22], [0] * 4, None, cpu)
     shapes = sorted((tuple(g.index.shape), g.mask is None) for g in segments.groups)
     assert shapes == [((1, 290), True), ((1, 300), True), ((2, 22), False)]
     # A row with a cached prefix too: empty queries in the prefix's places put the causal diagonal
@@ -221,11 +221,11 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     torch.manual_seed(0)
     lengths, prefixes = [300, 20, 22], [7, 7, 0]
     prefix_kv = [(torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8))]
-    segments = packed.Segments(lengths, prefixes, prefix_kv, cpu)
+    segments = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
     found = sorted((tuple(g.index.shape), g.mask is None, g.lead) for g in segments.groups)
     assert found == [((1, 300), True, 7), ((2, 22), False, 0)]
     query, key, value = torch.randn(342, 4, 8), torch.randn(342, 2, 8), torch.randn(342, 2, 8)
-    out = packed.attention(query, key, value, segments, 0, 0.3)
+    out = packed_attention.attention(query, key, value, segments, 0, 0.3)
     for row, (start, n, p) in enumerate(zip((0, 300, 320), lengths, prefixes)):
         k = torch.cat((prefix_kv[0][0][row, :, :p], key[start:start + n].transpose(0, 1)), 1)
         v = torch.cat((prefix_kv[0][1][row, :, :p], value[start:start + n].transpose(0, 1)), 1)
@@ -239,7 +239,7 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
              ((" ".join(f"word{i} and more" for i in range(90)), None),
               (" ".join(f"term{i} and less" for i in range(80)), "Find the answer"),
               ("a short one", None), ("another short text", "Find the answer"))]
-    assert batch[0].n_tokens >= packed.CAUSAL_ALONE_TOKENS and batch[1].n_tokens - batch[1].prefix >= 256
+    assert batch[0].n_tokens >= packed_attention.CAUSAL_ALONE_TOKENS and batch[1].n_tokens - batch[1].prefix >= 256
     runner.forward(batch)  # the prefix's keys and values, computed once
     together = runner.forward(batch)
     alone = np.concatenate([_padded(runner, p) for p in batch])

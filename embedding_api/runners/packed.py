@@ -31,116 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from . import packed_vision
+from .packed_attention import Segments, attention, last_attention
 from . import prefix as prefix_reuse
-from .split import groups as length_groups, probe_image
+from .split import probe_image
 
 log = logging.getLogger("embedding_api")
 
-# One more attention call, in padded positions' worth: rows of very different lengths (a long
-# passage beside short queries) get calls of their own rather than one call padded to the longest.
-ATTENTION_CALL_TOKENS = 64
-# A row this long gets an attention call of its own: plain causal attention, which skips the keys
-# past each query where a mask only hides them (at 1,000 tokens 1.5x faster).
-CAUSAL_ALONE_TOKENS = 256
 # The texts of a batch run as packed forwards of at most this many tokens each (a longer text alone):
 # past a thousand rows or so the matmuls and the elementwise steps run out of the CPU's caches (on
 # the wide and `cpu` checkpoints 1.01-1.11x faster than forwards of 2,048, 1.08-1.35x than 4,096).
 PACKED_FORWARD_TOKENS = 1024
-
-
-class Segments:
-    """Where each row's tokens lie in the packed sequence, for attention: the rows in groups of
-    similar length (split.py), each group laid out padded (rows x its longest) for one attention
-    call, with its rows' prefix keys and values and the mask over prefix and own tokens."""
-
-    def __init__(self, lengths: list[int], prefix_lengths: list[int], prefix_kv: list | None, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        alone = {i for i, n in enumerate(lengths) if n >= CAUSAL_ALONE_TOKENS}
-        rest = [i for i in range(len(lengths)) if i not in alone]
-        calls = [[i] for i in sorted(alone)]
-        if rest:
-            calls += [[rest[j] for j in rows]
-                      for rows in length_groups([lengths[i] for i in rest], ATTENTION_CALL_TOKENS)]
-        self.groups = [_Group([lengths[i] for i in rows], [int(starts[i]) for i in rows],
-                              [prefix_lengths[i] for i in rows], rows, prefix_kv, device, dtype)
-                       for rows in calls]
-        self.last = torch.tensor(np.cumsum(lengths) - 1, device=device)  # each row's last token
-
-
-class _Group:
-    def __init__(self, lengths: list[int], starts: list[int], prefix_lengths: list[int], rows: list[int],
-                 prefix_kv: list | None, device: torch.device, dtype: torch.dtype):
-        longest = max(lengths)
-        n = torch.tensor(lengths, device=device)[:, None]
-        cols = torch.arange(longest, device=device)[None, :]
-        valid = cols < n  # (rows, longest)
-        self.places = valid.nonzero(as_tuple=True)  # the real places as (row, column) indices, found once
-        # (rows, longest): a padded place reads its row's last token; the real places, in order, are the
-        # rows' tokens.
-        self.index = torch.tensor(starts, device=device)[:, None] + torch.minimum(cols, n - 1)
-        self.positions = self.index[self.places]
-        own = (cols <= cols.T) & valid[:, None, :]  # (rows, query, key): causal, real keys only
-        self.prefix_kv = None
-        if prefix_kv is not None and any(prefix_lengths):
-            width = max(prefix_lengths)
-            picked = torch.tensor(rows, device=device)
-            self.prefix_kv = [(k.index_select(0, picked)[:, :, :width], v.index_select(0, picked)[:, :, :width])
-                              for k, v in prefix_kv]  # per layer (rows, kv heads, longest prefix, dim)
-            seen = torch.arange(width, device=device)[None, :] < torch.tensor(prefix_lengths, device=device)[:, None]
-            own = torch.cat((seen[:, None, :].expand(-1, longest, -1), own), dim=2)
-        # Rows of one length and one prefix length: plain causal attention, which skips the keys past
-        # each query rather than masking them (1.5x faster at 1,000 tokens on a CPU). Its diagonal
-        # starts at the first key, so `lead` empty queries stand in for the prefix's own and are dropped.
-        same = min(lengths) == longest and min(prefix_lengths) == max(prefix_lengths)
-        # The mask as the kernel adds it (0 where a key is seen, -inf where not), made once for every
-        # layer rather than converted from booleans at each call.
-        self.mask = None if same else \
-            torch.zeros(own.shape, dtype=dtype, device=device).masked_fill_(~own, float("-inf"))[:, None]
-        self.lead = prefix_lengths[0] if same and self.prefix_kv is not None else 0
-        self.rows = torch.tensor(rows, device=device)
-        # The mask of each row's last query alone (rows, 1, 1, keys): its row's keys and prefix.
-        self.last_mask = None if self.mask is None else \
-            self.mask[torch.arange(len(rows), device=device), :, n[:, 0] - 1][:, :, None]
-
-
-def attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
-    """Attention of a packed sequence (query (T, heads, dim), key/value (T, kv heads, dim)): each group
-    of rows laid out padded for one call, each row on its own tokens and prefix; returns (T, heads,
-    dim). The padding costs only here, where it is small."""
-    out = torch.empty_like(query)
-    for group in segments.groups:
-        q = query[group.index].transpose(1, 2)  # (rows, heads, longest, dim)
-        k = key[group.index].transpose(1, 2)
-        v = value[group.index].transpose(1, 2)
-        if group.prefix_kv is not None:
-            pk, pv = group.prefix_kv[layer]
-            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-        if group.lead:
-            q = torch.cat((q.new_zeros(*q.shape[:2], group.lead, q.shape[3]), q), 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.mask is None,
-                                           scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-        if group.lead:
-            o = o[:, :, group.lead:]
-        out[group.positions] = o.transpose(1, 2)[group.places]
-    return out
-
-
-def last_attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
-    """Attention of each row's last token alone (query (rows, heads, dim)) on its row's keys and
-    values in the packed sequence (T, kv heads, dim) and its prefix; returns (rows, heads, dim)."""
-    out = torch.empty_like(query)
-    for group in segments.groups:
-        q = query[group.rows][:, :, None]  # (rows, heads, 1, dim)
-        k = key[group.index].transpose(1, 2)
-        v = value[group.index].transpose(1, 2)
-        if group.prefix_kv is not None:
-            pk, pv = group.prefix_kv[layer]
-            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.last_mask, scale=scaling,
-                                           enable_gqa=q.shape[1] != k.shape[1])
-        out[group.rows] = o[:, :, 0]
-    return out
 
 
 def _norm(x: torch.Tensor, norm) -> torch.Tensor:
