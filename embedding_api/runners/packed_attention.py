@@ -29,6 +29,7 @@ CAUSAL_ALONE_TOKENS = 256
 # the wide checkpoints. Its float32 arithmetic keeps the kernel's error (both round only the output).
 SMALL_KEYS = 64
 
+
 class Segments:
     """Where each row's tokens lie in the packed sequence, for attention: the rows in groups of
     similar length (split.py), each group laid out padded (rows x its longest) for one attention
