@@ -41,6 +41,9 @@ log = logging.getLogger("embedding_api")
 # past a thousand rows or so the matmuls and the elementwise steps run out of the CPU's caches (on
 # the wide and `cpu` checkpoints 1.01-1.11x faster than forwards of 2,048, 1.08-1.35x than 4,096).
 PACKED_FORWARD_TOKENS = 1024
+# Only each row's last token is pooled, so the last layer runs on those tokens but for its keys and
+# values (`_last_layer`); False runs it on every token (benchmarks/packed_parts.py compares the two).
+LAST_LAYER_POOLED_ONLY = True
 
 
 def _norm(x: torch.Tensor, norm) -> torch.Tensor:
@@ -197,7 +200,8 @@ def run(runner, batch) -> np.ndarray:
     layers = decoder.layers
     # The last layer on the last tokens alone, unless deepstack features are still added after it
     # (a model with no more layers than the vision encoder's deepstack outputs).
-    whole = len(layers) if visual is not None and visual.reaches(len(layers) - 1) else len(layers) - 1
+    whole = len(layers) if not LAST_LAYER_POOLED_ONLY or visual is not None and visual.reaches(len(layers) - 1) \
+        else len(layers) - 1
     for i, decoder_layer in enumerate(layers[:whole]):
         hidden = _layer(decoder_layer, hidden, cos, sin, segments)
         if visual is not None:

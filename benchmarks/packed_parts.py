@@ -1,0 +1,121 @@
+"""Parts of the packed forward against what they replaced, in-process, in turns.
+
+    python -m benchmarks.packed_parts                                   # wide checkpoints, bfloat16 and float32
+    python -m benchmarks.packed_parts --sizes cpu --dtypes float32 --kinds documents
+    python -m benchmarks.packed_parts --parts small-attention --dtypes bfloat16
+
+- `last-layer`: the last decoder layer on each row's pooled last token (its keys and values on every
+  token), against the whole last layer (runners/packed.py `LAST_LAYER_POOLED_ONLY`).
+- `small-attention`: short bfloat16/float16 attention groups as two float32 matmuls and a softmax,
+  against the fused kernel (runners/packed_attention.py `SMALL_KEYS`; float32 groups always take
+  the kernel, so only half dtypes show a difference).
+
+Each on batches of the server benchmark's loads: `documents` (short texts without instruction),
+`queries` (the same with the default query instruction: a cached prefix) and, on Qwen3-VL, `images`
+(its 64-128 px PNGs). Per row: inputs/s with the part on and off (medians over the rounds), the
+paired ratio, and the lowest cosine between the two's vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from embedding_api.engine.service import media_policy
+from embedding_api.media import decode_image_bytes
+from embedding_api.runners import load_runner, packed, packed_attention
+from embedding_api.settings import Settings
+
+from .length_groups import in_turns
+from .run import checkpoint
+from .workload import png_images, short_texts
+
+HERE = Path(__file__).resolve().parent
+BATCHES = 2
+QUERY = "Given a web search query, retrieve relevant passages that answer the query"
+# Each part: the module and attribute it sets, and the values for on and off.
+PARTS = {"last-layer": (packed, "LAST_LAYER_POOLED_ONLY", True, False),
+         "small-attention": (packed_attention, "SMALL_KEYS", packed_attention.SMALL_KEYS, 0)}
+
+
+def inputs(runner, kind: str, n: int) -> list:
+    if kind == "images":
+        policy = media_policy(runner.settings)
+        return [runner.prepare([], [decode_image_bytes(png, policy)], None, None) for png in png_images(n, seed=5)]
+    instruction = QUERY if kind == "queries" else None
+    return [runner.prepare([text], [], None, instruction) for text in short_texts(n, seed=3)]
+
+
+def with_part(runner, module, name: str, value):
+    """The runner's packed forward with the module's attribute set to `value` for the call."""
+    def call(batch):
+        before = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return packed.run(runner, batch)
+        finally:
+            setattr(module, name, before)
+    return call
+
+
+def measure(runner, part: str, kind: str, batch: int, rounds: int) -> dict:
+    module, name, on, off = PARTS[part]
+    prepared = inputs(runner, kind, batch * BATCHES)
+    work = [prepared[i * batch:(i + 1) * batch] for i in range(BATCHES)]
+    runner.forward(work[0])  # the prefixes' keys and values, computed once
+    vectors, times = in_turns({"on": with_part(runner, module, name, on), "off": with_part(runner, module, name, off)},
+                              work, rounds)
+    a, b = vectors["on"], vectors["off"]
+    cosine = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    rate = {k: batch * BATCHES / statistics.median(t) for k, t in times.items()}
+    paired = statistics.median([off_t / on_t for on_t, off_t in zip(times["on"], times["off"])])
+    return {"on": rate["on"], "off": rate["off"], "paired": paired, "cosine": cosine}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.packed_parts", description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default="qwen3,qwen3_vl")
+    p.add_argument("--sizes", default="wide")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--parts", default="last-layer,small-attention")
+    p.add_argument("--kinds", default="documents,queries,images", help="images: Qwen3-VL only")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    for field in ("families", "sizes", "dtypes", "parts", "kinds"):
+        setattr(args, field, [v for v in getattr(args, field).split(",") if v])
+    unknown = [v for v in args.parts if v not in PARTS]
+    if unknown:
+        p.error(f"unknown part: {', '.join(unknown)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(f"load average {os.getloadavg()[0]:.2f}; torch threads {args.threads}, batches of {args.batch}, "
+          f"{args.rounds} rounds in turns")
+    print(f"{'checkpoint':16} {'dtype':9} {'part':16} {'kind':10} {'on in/s':>9} {'off in/s':>9} {'paired':>7}  min cosine")
+    for family in args.families:
+        for size in args.sizes:
+            for dtype in args.dtypes:
+                runner = load_runner(Settings(_env_file=None, model_path=str(checkpoint(HERE / ".cache", family, size)),
+                                              torch_threads=args.threads, dtype=dtype, device="cpu",
+                                              log_level="WARNING"))
+                for part in args.parts:
+                    for kind in args.kinds:
+                        if kind == "images" and family != "qwen3_vl":
+                            continue
+                        m = measure(runner, part, kind, args.batch, args.rounds)
+                        print(f"{family + '/' + size:16} {dtype:9} {part:16} {kind:10} {m['on']:9.1f} {m['off']:9.1f} "
+                              f"{m['paired']:6.3f}x  {m['cosine']:.7f}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
