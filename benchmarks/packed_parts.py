@@ -2,13 +2,9 @@
 
     python -m benchmarks.packed_parts                                   # wide checkpoints, bfloat16 and float32
     python -m benchmarks.packed_parts --sizes cpu --dtypes float32 --kinds documents
-    python -m benchmarks.packed_parts --parts small-attention --dtypes bfloat16
 
 - `last-layer`: the last decoder layer on each row's pooled last token (its keys and values on every
   token), against the whole last layer (runners/packed.py `LAST_LAYER_POOLED_ONLY`).
-- `small-attention`: short bfloat16/float16 attention groups as two float32 matmuls and a softmax,
-  against the fused kernel (runners/packed_attention.py `SMALL_KEYS`; float32 groups always take
-  the kernel, so only half dtypes show a difference).
 
 Each on batches of the server benchmark's loads: `documents` (short texts without instruction),
 `queries` (the same with the default query instruction: a cached prefix) and, on Qwen3-VL, `images`
@@ -27,7 +23,7 @@ import numpy as np
 
 from embedding_api.engine.service import media_policy
 from embedding_api.media import decode_image_bytes
-from embedding_api.runners import load_runner, packed, packed_attention
+from embedding_api.runners import load_runner, packed
 from embedding_api.settings import Settings
 
 from .length_groups import in_turns
@@ -38,8 +34,7 @@ HERE = Path(__file__).resolve().parent
 BATCHES = 2
 QUERY = "Given a web search query, retrieve relevant passages that answer the query"
 # Each part: the module and attribute it sets, and the values for on and off.
-PARTS = {"last-layer": (packed, "LAST_LAYER_POOLED_ONLY", True, False),
-         "small-attention": (packed_attention, "SMALL_KEYS", packed_attention.SMALL_KEYS, 0)}
+PARTS = {"last-layer": (packed, "LAST_LAYER_POOLED_ONLY", True, False)}
 
 
 def inputs(runner, kind: str, n: int) -> list:
@@ -81,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--families", default="qwen3,qwen3_vl")
     p.add_argument("--sizes", default="wide")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--parts", default="last-layer,small-attention")
+    p.add_argument("--parts", default="last-layer")
     p.add_argument("--kinds", default="documents,queries,images", help="images: Qwen3-VL only")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=7)

@@ -248,32 +248,25 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
 
 
 @pytest.mark.parametrize("lengths, prefixes", [([12, 20, 9], [7, 7, 0]), ([10, 10], [5, 5]), ([10, 10], [0, 0])])
-def test_short_half_precision_groups_attend_in_float32_products(lengths, prefixes, monkeypatch):
-    # Short bfloat16 groups (mixed lengths, one length after one prefix, one length alone) take two
-    # float32 matmuls and a softmax in place of the fused kernel: the same attention, within the
-    # output's rounding; float32 groups keep the kernel.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_last_tokens_attend_as_in_their_whole_rows(lengths, prefixes, dtype):
+    # The last layer's attention of each row's last token alone (mixed lengths, one length after one
+    # prefix, one length alone): what the whole rows' attention gives at those places, within the
+    # dtype's rounding.
     cpu = torch.device("cpu")
     torch.manual_seed(1)
     width, total = max(prefixes), sum(lengths)
     prefix_kv = [(torch.randn(len(lengths), 2, width, 16), torch.randn(len(lengths), 2, width, 16))] if width else None
     query, key, value = torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
-    full = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
-    assert not any(g.small for g in full.groups)
-    want = packed_attention.attention(query, key, value, full, 0, 0.25)
-    half = lambda t: t.to(torch.bfloat16)  # noqa: E731
-    half_kv = [(half(k), half(v)) for k, v in prefix_kv] if prefix_kv else None
-    segments = packed_attention.Segments(lengths, prefixes, half_kv, cpu, torch.bfloat16)
-    assert all(g.small and g.mask is not None for g in segments.groups)
-    got = packed_attention.attention(half(query), half(key), half(value), segments, 0, 0.25)
-    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
-    monkeypatch.setattr(packed_attention, "SMALL_KEYS", 0)  # the fused kernel on the same bfloat16 inputs
-    fused = packed_attention.Segments(lengths, prefixes, half_kv, cpu, torch.bfloat16)
-    kernel = packed_attention.attention(half(query), half(key), half(value), fused, 0, 0.25)
-    assert (got.float() - want).abs().max() <= (kernel.float() - want).abs().max() * 1.5
-    # The last tokens alone, against the whole rows' attention at those places.
-    last = full.last
-    torch.testing.assert_close(packed_attention.last_attention(query[last], key, value, full, 0, 0.25), want[last],
-                               atol=1e-5, rtol=1e-5)
+    segments = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
+    want = packed_attention.attention(query, key, value, segments, 0, 0.25)[segments.last]
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    kv = [(cast(k), cast(v)) for k, v in prefix_kv] if prefix_kv else None
+    got = packed_attention.last_attention(cast(query[segments.last]), cast(key), cast(value),
+                                          packed_attention.Segments(lengths, prefixes, kv, cpu, dtype), 0, 0.25)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
 
 
 def test_a_batch_past_the_token_budget_runs_as_several_packed_forwards(runners, monkeypatch):

@@ -21,13 +21,6 @@ ATTENTION_CALL_TOKENS = 64
 # A row this long gets an attention call of its own: plain causal attention, which skips the keys
 # past each query where a mask only hides them (at 1,000 tokens 1.5x faster).
 CAUSAL_ALONE_TOKENS = 256
-# A group of bfloat16 or float16 rows with at most this many keys (prefix and own) runs its attention
-# as two float32 matmuls and a softmax (`_small`) rather than the fused kernel, whose work per (row,
-# head) costs more than the product itself at these sizes: on this project's AVX-512 host 1.1-1.7x
-# faster at 12-26 queries on up to 50 keys, 3.6-6x for a last token alone (64- and 128-wide heads),
-# slower from ~60 queries on 128-wide heads; a packed forward of short texts or images 1.02-1.03x on
-# the wide checkpoints. Its float32 arithmetic keeps the kernel's error (both round only the output).
-SMALL_KEYS = 64
 
 
 class Segments:
@@ -74,9 +67,7 @@ class _Group:
         # Rows of one length and one prefix length: plain causal attention, which skips the keys past
         # each query rather than masking them (1.5x faster at 1,000 tokens on a CPU). Its diagonal
         # starts at the first key, so `lead` empty queries stand in for the prefix's own and are dropped.
-        width = max(prefix_lengths) if self.prefix_kv is not None else 0
-        self.small = dtype in (torch.bfloat16, torch.float16) and width + longest <= SMALL_KEYS
-        same = min(lengths) == longest and min(prefix_lengths) == max(prefix_lengths) and not self.small
+        same = min(lengths) == longest and min(prefix_lengths) == max(prefix_lengths)
         # The mask as the kernel adds it (0 where a key is seen, -inf where not), made once for every
         # layer rather than converted from booleans at each call.
         self.mask = None if same else \
@@ -100,15 +91,12 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
         if group.prefix_kv is not None:
             pk, pv = group.prefix_kv[layer]
             k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-        if group.small:
-            o = _small(q, k, v, group.mask, scaling)
-        else:
-            if group.lead:
-                q = torch.cat((q.new_zeros(*q.shape[:2], group.lead, q.shape[3]), q), 2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.mask is None,
-                                               scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-            if group.lead:
-                o = o[:, :, group.lead:]
+        if group.lead:
+            q = torch.cat((q.new_zeros(*q.shape[:2], group.lead, q.shape[3]), q), 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.mask is None,
+                                           scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        if group.lead:
+            o = o[:, :, group.lead:]
         out[group.positions] = o.transpose(1, 2)[group.places]
     return out
 
@@ -129,8 +117,9 @@ def _small(q, k, v, mask, scale: float) -> torch.Tensor:
 def last_attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
     """Attention of each row's last token alone (query (rows, heads, dim)) on its row's keys and
     values in the packed sequence (T, kv heads, dim) and its prefix; returns (rows, heads, dim). One
-    query a row: two matmuls (`_small`) in every dtype (in float32 as fast as the fused kernel, in
-    bfloat16 3.6-6x faster)."""
+    query a row: two float32 matmuls and a softmax (`_small`) in every dtype, where the fused kernel's
+    work per (row, head) costs more than the product (in float32 as fast; in bfloat16 3.6-6x faster
+    on 64- and 128-wide heads, well under 1% of a forward either way)."""
     out = torch.empty_like(query)
     for group in segments.groups:
         q = query[group.rows][:, :, None]  # (rows, heads, 1, dim)
