@@ -332,6 +332,20 @@ def test_the_last_layer_runs_on_each_rows_last_token_alone(runners, family, monk
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_projection_of_a_few_rows_rounds_as_in_a_larger_one(dtype):
+    # The BLAS takes another path for a matmul of very few rows (on an AVX-512 host float32 at 1-3),
+    # whose sums round differently: the last layer's one row per input would make a vector depend on
+    # how many inputs its forward had. A few rows give the bits they give among many.
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(64, 192).to(dtype)
+    x = torch.randn(40, 64).to(dtype)
+    with torch.inference_mode():
+        many = packed._linear(layer, x)
+        for rows in range(1, packed.MIN_MATMUL_ROWS + 2):
+            assert torch.equal(packed._linear(layer, x[:rows]), many[:rows]), rows
+
+
 def test_a_last_layer_with_deepstack_features_after_it_runs_whole(runners, monkeypatch):
     # A Qwen3-VL decoder no deeper than its vision encoder's deepstack outputs: features are still
     # added after its last layer, which then runs on every token, as the model's own forward.

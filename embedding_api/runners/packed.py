@@ -41,6 +41,11 @@ log = logging.getLogger("embedding_api")
 # past a thousand rows or so the matmuls and the elementwise steps run out of the CPU's caches (on
 # the wide and `cpu` checkpoints 1.01-1.11x faster than forwards of 2,048, 1.08-1.35x than 4,096).
 PACKED_FORWARD_TOKENS = 1024
+# A matmul of very few rows takes another path in the BLAS (on this project's AVX-512 host: float32
+# at 1-3 rows, bfloat16 at 1 on 2,048-wide weights) whose sums round differently from the many-row
+# kernel's; the last layer's matmuls run on one row per input, and a short text alone has a few
+# tokens. Such matmuls are padded to this many rows, which every batch then shares.
+MIN_MATMUL_ROWS = 8
 # Only each row's last token is pooled, so the last layer runs on those tokens but for its keys and
 # values (`_last_layer`); False runs it on every token (benchmarks/packed_parts.py compares the two).
 LAST_LAYER_POOLED_ONLY = True
@@ -72,10 +77,14 @@ def _gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """A projection: an nn.Linear's own weights in one call; any other module (DTYPE=int8's
-    runners/int8.py layers, a benchmark's quantized copy) through its own forward."""
-    if type(module) is torch.nn.Linear:
-        return F.linear(x, module.weight, module.bias)
-    return module(x)
+    runners/int8.py layers, a benchmark's quantized copy) through its own forward. Fewer than
+    MIN_MATMUL_ROWS rows are padded to that many with copies of the last, so that a row's vector
+    does not depend on how many rows its forward had."""
+    rows = x.shape[0]
+    if rows < MIN_MATMUL_ROWS:
+        x = torch.cat((x, x[-1:].expand(MIN_MATMUL_ROWS - rows, *x.shape[1:])))
+    out = F.linear(x, module.weight, module.bias) if type(module) is torch.nn.Linear else module(x)
+    return out if rows >= MIN_MATMUL_ROWS else out[:rows]
 
 
 def _layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
