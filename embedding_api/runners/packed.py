@@ -10,8 +10,8 @@ layer: attention is a small part of the work, the matmuls are where padding cost
 of the decoder (projections, MLP) then runs once on exactly the real tokens, and the last token of
 each row is pooled. Only that token's output is pooled, so the last layer computes the keys and
 values of every token and the rest (queries, attention, output projection, MLP) for the rows' last
-tokens alone (`_last_layer`): the same vectors, a layer's matmuls less (1.16-1.20x on a 6-layer
-checkpoint, 1.05x on a 28-layer one).
+tokens alone (`_last_layer`): the same vectors, most of a layer's matmuls less (1.06-1.20x a
+forward on 6-layer checkpoints, 1.00-1.05x on 28-layer ones).
 
 The decoder layers run on the model's own weights and its own rotary embedding, with the
 operations of their forward written out (`_layer`): on a small model the module calls and
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import packed_vision
-from .packed_attention import Segments, attention, last_attention
 from . import prefix as prefix_reuse
+from .packed_attention import Segments, attention, last_attention
 from .split import probe_image
 
 log = logging.getLogger("embedding_api")
@@ -204,7 +204,7 @@ def layer(decoder_layer, inputs: tuple) -> torch.Tensor:
 @torch.inference_mode()
 def run(runner, batch) -> np.ndarray:
     """The pooled last hidden state of each row of a batch, from one packed forward."""
-    hidden, cos, sin, segments, lengths, visual = layer_inputs(runner, batch)
+    hidden, cos, sin, segments, _, visual = layer_inputs(runner, batch)
     decoder = text_model(runner)
     layers = decoder.layers
     # The last layer on the last tokens alone, unless deepstack features are still added after it

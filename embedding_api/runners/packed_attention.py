@@ -4,7 +4,8 @@ cached prefix's keys and values.
 The packed sequence holds the batch's rows end to end; attention must not cross from one row into
 another. The rows are laid out padded for it, in groups of similar length (split.py), one attention
 call per group and layer: attention is a small part of a packed forward's work, so the padding
-costs little here, where in the matmuls it would cost as much as real tokens.
+costs little here, where in the matmuls it would cost as much as real tokens. The last layer needs
+each row's last token alone (`last_attention`: one query a row on the same layout).
 """
 
 from __future__ import annotations
