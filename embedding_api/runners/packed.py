@@ -209,13 +209,12 @@ def run(runner, batch) -> np.ndarray:
     layers = decoder.layers
     # The last layer on the last tokens alone, unless deepstack features are still added after it
     # (a model with no more layers than the vision encoder's deepstack outputs).
-    whole = len(layers) if not LAST_LAYER_POOLED_ONLY or visual is not None and visual.reaches(len(layers) - 1) \
-        else len(layers) - 1
-    for i, decoder_layer in enumerate(layers[:whole]):
+    pooled_only = LAST_LAYER_POOLED_ONLY and not (visual is not None and visual.reaches(len(layers) - 1))
+    for i, decoder_layer in enumerate(layers[:-1] if pooled_only else layers):
         hidden = _layer(decoder_layer, hidden, cos, sin, segments)
         if visual is not None:
             hidden = visual.add(hidden, i)
-    hidden = _last_layer(layers[-1], hidden, cos, sin, segments) if whole < len(layers) else hidden[segments.last]
+    hidden = _last_layer(layers[-1], hidden, cos, sin, segments) if pooled_only else hidden[segments.last]
     return _norm(hidden, decoder.norm).float().cpu().numpy()
 
 

@@ -87,11 +87,7 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
     out = torch.empty_like(query)
     for group in segments.groups:
         q = query[group.index].transpose(1, 2)  # (rows, heads, longest, dim)
-        k = key[group.index].transpose(1, 2)
-        v = value[group.index].transpose(1, 2)
-        if group.prefix_kv is not None:
-            pk, pv = group.prefix_kv[layer]
-            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        k, v = _keys_values(group, key, value, layer)
         if group.lead:
             q = torch.cat((q.new_zeros(*q.shape[:2], group.lead, q.shape[3]), q), 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.mask is None,
@@ -102,32 +98,30 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
     return out
 
 
-def _small(q, k, v, mask, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v in float32, q (rows, heads, queries, dim), k and v (rows, kv
-    heads, keys, dim), the additive mask (rows, 1, queries, keys) or None; the query heads that share
-    a key head in one product with it. Returns (rows, heads, queries, dim) in q's dtype."""
-    rows, heads, queries, dim = q.shape
-    kv, keys = k.shape[1], k.shape[2]
-    scores = torch.matmul(q.reshape(rows, kv, heads // kv * queries, dim).float(), k.float().transpose(-1, -2))
-    scores = scores.view(rows, kv, heads // kv, queries, keys)
-    scores = scores.mul_(scale) if mask is None else torch.add(mask[:, :, None], scores, alpha=scale)
-    out = torch.matmul(torch.softmax(scores, -1).view(rows, kv, -1, keys), v.float())
-    return out.view(rows, heads, queries, dim).to(q.dtype)
+def _keys_values(group: _Group, key, value, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's keys and values laid out padded, (rows, kv heads, prefix + longest, dim): its rows'
+    prefix's at this layer, then their own from the packed sequence."""
+    k = key[group.index].transpose(1, 2)
+    v = value[group.index].transpose(1, 2)
+    if group.prefix_kv is not None:
+        pk, pv = group.prefix_kv[layer]
+        k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+    return k, v
 
 
 def last_attention(query, key, value, segments: Segments, layer: int, scaling: float) -> torch.Tensor:
     """Attention of each row's last token alone (query (rows, heads, dim)) on its row's keys and
     values in the packed sequence (T, kv heads, dim) and its prefix; returns (rows, heads, dim). One
-    query a row: two float32 matmuls and a softmax (`_small`) in every dtype, where the fused kernel's
-    work per (row, head) costs more than the product (in float32 as fast; in bfloat16 3.6-6x faster
-    on 64- and 128-wide heads, well under 1% of a forward either way)."""
+    query a row: two float32 matmuls and a softmax, the query heads that share a key head in one
+    product with it, where the fused kernel's work per (row, head) costs more than the product (in
+    float32 as fast; in bfloat16 3.6-6x faster on 64- and 128-wide heads, well under 1% of a forward
+    either way)."""
     out = torch.empty_like(query)
     for group in segments.groups:
-        q = query[group.rows][:, :, None]  # (rows, heads, 1, dim)
-        k = key[group.index].transpose(1, 2)
-        v = value[group.index].transpose(1, 2)
-        if group.prefix_kv is not None:
-            pk, pv = group.prefix_kv[layer]
-            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-        out[group.rows] = _small(q, k, v, group.last_mask, scaling)[:, :, 0]
+        k, v = _keys_values(group, key, value, layer)
+        rows, kv, keys, dim = k.shape
+        q = query[group.rows].view(rows, kv, -1, dim)  # (rows, kv heads, query heads per key head, dim)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (rows, kv heads, per key head, keys)
+        scores = scores.mul_(scaling) if group.last_mask is None else torch.add(group.last_mask, scores, alpha=scaling)
+        out[group.rows] = torch.matmul(torch.softmax(scores, -1), v.float()).view(rows, -1, dim).to(query.dtype)
     return out
