@@ -130,6 +130,42 @@ def test_heavy_batches_cut_short_only_while_cheap_requests_are_about(monkeypatch
     assert len(q.take()) == 1
 
 
+def _cut_after(gaps: list[float], quiet: float, monkeypatch) -> bool:
+    """Whether a heavy batch is still cut `quiet` seconds after the last of cheap arrivals `gaps` apart."""
+    clock = [1000.0]
+    monkeypatch.setattr(scheduling.time, "monotonic", lambda: clock[0])
+    q = LaneQueue(max_batch_size=32, max_batch_tokens=100_000, heavy_batch_efficiency=0.8)
+    for units in (20, 18_000):  # the cost model: 0.1 s + 1e-4 s a unit
+        q.forward_cost.add(units, 0.1 + units * 1e-4)
+    for gap in [0.0] + gaps:
+        clock[0] += gap
+        q.extend([_Entry(_text(20), CHEAP) for _ in range(3)])  # one request of three inputs: one arrival
+        q.take()
+    clock[0] += quiet
+    q.extend([_Entry(_video(300, 1200), HEAVY) for _ in range(12)])
+    return len(q.take()) < 12
+
+
+def test_cheap_requests_are_about_for_a_window_learnt_from_their_gaps(monkeypatch):
+    # A dense stream (a load of many clients: gaps up to a forward long) that stops: the cut ends
+    # CHEAP_RECENT_MIN_S later, not CHEAP_RECENT_S.
+    dense = [0.0, 0.002, 0.15, 0.0, 0.01, 0.2] * 20
+    assert _cut_after(dense, 0.5, monkeypatch)
+    assert not _cut_after(dense, scheduling.CHEAP_RECENT_MIN_S + 0.1, monkeypatch)
+    # A sparse stream (a query every few seconds) stays protected between its arrivals:
+    # CHEAP_GAP_FACTOR x its longest gap (2 x 4 s).
+    sparse = [3.0, 4.0, 2.5, 3.5]
+    assert _cut_after(sparse, 7.5, monkeypatch)
+    assert not _cut_after(sparse, 8.5, monkeypatch)
+    # Never longer than CHEAP_RECENT_S; that long after a single cheap arrival (no gap known yet).
+    assert _cut_after([30.0], scheduling.CHEAP_RECENT_S - 0.5, monkeypatch)
+    assert not _cut_after([30.0], scheduling.CHEAP_RECENT_S + 0.5, monkeypatch)
+    assert _cut_after([], scheduling.CHEAP_RECENT_S - 0.5, monkeypatch)
+    assert not _cut_after([], scheduling.CHEAP_RECENT_S + 0.5, monkeypatch)
+    # Only the last CHEAP_GAPS gaps count: a long pause long ago no longer widens the window.
+    assert not _cut_after([30.0] + [0.1] * scheduling.CHEAP_GAPS, scheduling.CHEAP_RECENT_MIN_S + 0.1, monkeypatch)
+
+
 def test_requeued_entries_go_back_to_the_front_of_their_lanes():
     q = LaneQueue(max_batch_size=8, max_batch_tokens=100_000)
     a, b, c = (_Entry(_text(20), CHEAP) for _ in range(3))

@@ -11,8 +11,7 @@ So the queue is split by cost, and heavy work is cut into short forwards:
   of many inputs (so that a big request of short texts cannot stand in front of the cheap ones
   either). Each request's inputs all go to one lane, in arrival order. Cheap and heavy inputs never
   share a batch: a short text is never padded to a long one nor waits for a vision encoder.
-- **Short heavy forwards.** While cheap requests are about (one arrived within the last
-  `CHEAP_RECENT_S` seconds), a heavy batch is cut to the smallest cost that still spends
+- **Short heavy forwards.** While cheap requests are about, a heavy batch is cut to the smallest cost that still spends
   `HEAVY_BATCH_EFFICIENCY` (default 0.8) of its forward on its inputs rather than on the forward's
   fixed cost, so the forward a cheap input may find running is short (a few images, one video) while
   heavy work keeps about that share of its throughput. The cost of a batch is its padded tokens plus
@@ -22,6 +21,12 @@ So the queue is split by cost, and heavy work is cut into short forwards:
   the model and the machine's load. The cut is `fixed x E / ((1 - E) x per_unit)`; an input
   costlier than it runs alone. Without cheap requests about, heavy batches fill up to
   `max_batch_tokens` as before: no throughput is given up when nobody is waiting.
+- **About** means that the latest cheap request arrived within `CHEAP_GAP_FACTOR` times the
+  longest of the last `CHEAP_GAPS` gaps between cheap arrivals, and within `CHEAP_RECENT_S`
+  seconds at most, `CHEAP_RECENT_MIN_S` at least: a sparse stream of queries (one every few
+  seconds) stays protected between its arrivals, and when a dense stream of texts stops (a load of
+  many clients, whose gaps are a forward long), heavy batches fill up again a second later rather
+  than after `CHEAP_RECENT_S` of throughput given away.
 - **Cheap first, heavy never starved.** Each lane has a virtual time, the forward-pass seconds it has
   used. A free worker serves the non-empty lane whose virtual time is lower (the cheap lane on a tie):
   when both lanes are busy they share the workers' time half and half, whatever their batch sizes.
@@ -58,8 +63,13 @@ LENGTH_TOLERANCE_TOKENS = 8
 # How far ahead of the heavy lane's virtual time (forward seconds) a cheap lane that starts waiting
 # is placed: the cheap work it may run before the next heavy batch when cheap work had been idle.
 CHEAP_CREDIT_S = 0.5
-# Heavy batches are cut short while a cheap request arrived within this many seconds.
+# Heavy batches are cut short while cheap requests are about: the latest arrived within
+# CHEAP_GAP_FACTOR x the longest of the last CHEAP_GAPS gaps between cheap arrivals, bounded to
+# [CHEAP_RECENT_MIN_S, CHEAP_RECENT_S] seconds (CHEAP_RECENT_S until a gap is known).
 CHEAP_RECENT_S = 10.0
+CHEAP_RECENT_MIN_S = 1.0
+CHEAP_GAP_FACTOR = 2.0
+CHEAP_GAPS = 64
 COST_DECAY = 0.97  # weight of a forward in the cost model after each newer one (~30 forwards remembered)
 
 
@@ -132,6 +142,7 @@ class LaneQueue:
         self.vtime = [0.0, 0.0]  # forward seconds used by each lane (see the module docstring)
         self.forward_cost = ForwardCost()
         self.cheap_seen = float("-inf")  # time.monotonic() of the latest cheap arrival
+        self.cheap_gaps: deque[float] = deque(maxlen=CHEAP_GAPS)  # seconds between the latest cheap arrivals
 
     def __len__(self) -> int:
         return len(self.lanes[CHEAP]) + len(self.lanes[HEAVY])
@@ -156,13 +167,18 @@ class LaneQueue:
         self.vtime[lane] = max(self.vtime[lane], start)
 
     def extend(self, entries: Iterable[Queued]) -> None:
-        """Queue entries at the back of their lanes, in order."""
+        """Queue entries at the back of their lanes, in order (one request's: one arrival)."""
+        arrived = False
         for entry in entries:
             queue = self.lanes[entry.lane]
             if not queue:
                 self._wake(entry.lane)
-            if entry.lane == CHEAP:
-                self.cheap_seen = time.monotonic()
+            if entry.lane == CHEAP and not arrived:
+                arrived = True
+                now = time.monotonic()
+                if self.cheap_seen != float("-inf"):
+                    self.cheap_gaps.append(now - self.cheap_seen)
+                self.cheap_seen = now
             queue.append(entry)
 
     def extendleft(self, entries: Iterable[Queued]) -> None:
@@ -179,10 +195,16 @@ class LaneQueue:
         self.vtime[batch[0].lane] += seconds
         self.forward_cost.add(batch_cost(batch), seconds)
 
+    def cheap_window(self) -> float:
+        """Seconds after the latest cheap arrival during which cheap requests count as about."""
+        if not self.cheap_gaps:
+            return CHEAP_RECENT_S
+        return min(CHEAP_RECENT_S, max(CHEAP_RECENT_MIN_S, CHEAP_GAP_FACTOR * max(self.cheap_gaps)))
+
     def heavy_budget(self) -> float:
         """The cost one heavy batch may have now (see the module docstring)."""
         share = self.heavy_batch_efficiency
-        if not share or time.monotonic() - self.cheap_seen > CHEAP_RECENT_S:
+        if not share or time.monotonic() - self.cheap_seen > self.cheap_window():
             return float("inf")
         fit = self.forward_cost.fit()
         if fit is None:
