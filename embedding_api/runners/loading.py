@@ -10,6 +10,7 @@ import torch
 
 from ..settings import Settings
 from ..model_paths import ModelLoadError, hidden_size, read_config, weights_hint  # noqa: F401 - re-exported
+from . import patch_embed
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -79,5 +80,8 @@ def load_weights(model_cls, path: str, dtype: torch.dtype, device: torch.device)
             f"The weights in {path!r} do not match config.json: {len(missing)} tensors missing "
             f"(e.g. {missing[0]}). {weights_hint(path)}"
         )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device.type == "cpu":
+        patch_embed.as_matmul(model)  # the vision encoder's patch embedding: a matmul, not a convolution
+    return model
 
