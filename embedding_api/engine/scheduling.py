@@ -11,10 +11,10 @@ So the queue is split by cost, and heavy work is cut into short forwards:
   of many inputs (so that a big request of short texts cannot stand in front of the cheap ones
   either). Each request's inputs all go to one lane, in arrival order. Cheap and heavy inputs never
   share a batch: a short text is never padded to a long one nor waits for a vision encoder.
-- **Short heavy forwards.** While cheap requests are about, a heavy batch is cut to the smallest cost that still spends
-  `HEAVY_BATCH_EFFICIENCY` (default 0.8) of its forward on its inputs rather than on the forward's
-  fixed cost, so the forward a cheap input may find running is short (a few images, one video) while
-  heavy work keeps about that share of its throughput. The cost of a batch is its padded tokens plus
+- **Short heavy forwards.** While cheap requests are about (below), a heavy batch is cut to the
+  smallest cost that still spends `HEAVY_BATCH_EFFICIENCY` (default 0.8) of its forward on its
+  inputs rather than on the forward's fixed cost, so the forward a cheap input may find running is
+  short (a few images, one video) while heavy work keeps about that share of its throughput. The cost of a batch is its padded tokens plus
   its vision patches (the vision encoder's work); a forward's seconds are modelled as
   `fixed + per_unit x cost`, fitted on the recent forwards of both lanes (weighted least squares:
   cheap forwards pin the fixed part, heavy ones the part per unit), so the cut follows the device,
