@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
+from embedding_api.inputs.voyage import voyage_body
+
 from .util import API_KEY, png_bytes, sample_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -501,10 +503,17 @@ def api_schema(vl_server):
 
 
 def error_envelope(ctx, response, case):
-    """Every refusal is the OpenAI envelope; nothing is a server error."""
+    """Every refusal is the OpenAI envelope (Voyage's, for a /v1/embeddings body in its dialect);
+    nothing is a server error."""
     headers = {k.lower(): v[0] for k, v in response.headers.items()}
-    check_response(response.status_code, response.content, headers,
-                   embeddings=case.operation.path == "/v1/embeddings")
+    embeddings = case.operation.path == "/v1/embeddings"
+    if embeddings and voyage_body(case.body) and response.status_code != 200:
+        assert response.status_code < 500, f"{response.status_code}: {response.content[:500]!r}"
+        payload = json.loads(response.content)
+        assert set(payload) == {"detail"} and isinstance(payload["detail"], str) and payload["detail"], payload
+        assert "Traceback" not in payload["detail"]
+        return
+    check_response(response.status_code, response.content, headers, embeddings=embeddings)
 
 
 def test_openapi_document_is_complete(api_schema, fuzz_client):
@@ -531,6 +540,18 @@ def test_openapi_document_is_complete(api_schema, fuzz_client):
     assert set(labels) - {"GET /health", "GET /health/live", "GET /health/ready", "GET /v1/models",
                           "GET /v1/models/{model_id}", "POST /v1/embeddings", "POST /v1/rerank",
                           "POST /v1/score"} <= {"GET /v1/models/{model_id}/quantization"}, labels
+
+
+def test_a_voyage_dialect_refusal_on_v1_embeddings_is_documented(fuzz_client):
+    """A /v1/embeddings body with one of Voyage's field names is refused in Voyage's body, and the
+    OpenAPI document says so (a fuzzed `output_dimension` once met the OpenAI envelope's schema)."""
+    r = fuzz_client.post("/v1/embeddings", json={"input": "a text", "output_dimension": {"a": 1}})
+    assert r.status_code == 400 and set(r.json()) == {"detail"} and "output_dimension" in r.json()["detail"]
+    doc = fuzz_client.get("/openapi.json").json()
+    schema = doc["paths"]["/v1/embeddings"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
+    assert schema == {"anyOf": [{"$ref": "#/components/schemas/ErrorResponse"},
+                                {"$ref": "#/components/schemas/VoyageErrorResponse"}]}
+    assert doc["components"]["schemas"]["VoyageErrorResponse"]["required"] == ["detail"]
 
 
 @pytest.mark.parametrize("label, mode, n_examples", [

@@ -151,11 +151,22 @@ def embedding_response(
     return RenderedJSON(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers)
 
 
+VOYAGE_ERROR_SCHEMA = {
+    "title": "VoyageErrorResponse",
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"type": "string"}},
+    "description": "Voyage's error body: the refusal of a body that uses Voyage's field names "
+                   "(output_dimension, truncation)",
+}
+
+
 def complete_openapi(app: FastAPI) -> None:
     """Make the OpenAPI document say what the server does.
 
     /v1/embeddings reads its body itself (413 before parsing, the OpenAI error envelope for every
-    refusal), so its requestBody comes from `openapi_extra` as a `$ref` to EmbeddingRequest, which
+    refusal, Voyage's `{"detail"}` for a body in Voyage's dialect: its 4xx responses say either), so
+    its requestBody comes from `openapi_extra` as a `$ref` to EmbeddingRequest, which
     FastAPI does not generate by itself: without this the document has a dangling reference.
     FastAPI also documents a 422 that this server never sends (validation errors are 400s).
     """
@@ -179,6 +190,14 @@ def complete_openapi(app: FastAPI) -> None:
                         "description": "Bad Request",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
                     }
+        # A /v1/embeddings body in Voyage's dialect (its field names) is refused in Voyage's error body.
+        schemas.setdefault("VoyageErrorResponse", VOYAGE_ERROR_SCHEMA)
+        embeddings = spec.get("paths", {}).get("/v1/embeddings", {}).get("post", {})
+        for status, response in embeddings.get("responses", {}).items():
+            content = response.get("content", {}).get("application/json", {})
+            if status.startswith("4") and content.get("schema") == {"$ref": "#/components/schemas/ErrorResponse"}:
+                content["schema"] = {"anyOf": [{"$ref": "#/components/schemas/ErrorResponse"},
+                                               {"$ref": "#/components/schemas/VoyageErrorResponse"}]}
         # The Authorize button of /docs sends `Authorization: Bearer <key>` to the /v1 routes.
         spec["components"]["securitySchemes"] = {
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEY"}
