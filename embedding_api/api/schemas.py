@@ -116,6 +116,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class VoyageErrorResponse(BaseModel):
+    """Voyage's error body: the refusal of a /v1/embeddings body that uses Voyage's field names."""
+
+    detail: str
+
+
 def request_body_openapi() -> dict[str, Any]:
     return {
         "requestBody": {
@@ -151,16 +157,6 @@ def embedding_response(
     return RenderedJSON(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers)
 
 
-VOYAGE_ERROR_SCHEMA = {
-    "title": "VoyageErrorResponse",
-    "type": "object",
-    "required": ["detail"],
-    "properties": {"detail": {"type": "string"}},
-    "description": "Voyage's error body: the refusal of a body that uses Voyage's field names "
-                   "(output_dimension, truncation)",
-}
-
-
 def complete_openapi(app: FastAPI) -> None:
     """Make the OpenAPI document say what the server does.
 
@@ -191,7 +187,7 @@ def complete_openapi(app: FastAPI) -> None:
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
                     }
         # A /v1/embeddings body in Voyage's dialect (its field names) is refused in Voyage's error body.
-        schemas.setdefault("VoyageErrorResponse", VOYAGE_ERROR_SCHEMA)
+        schemas.setdefault("VoyageErrorResponse", VoyageErrorResponse.model_json_schema())
         embeddings = spec.get("paths", {}).get("/v1/embeddings", {}).get("post", {})
         for status, response in embeddings.get("responses", {}).items():
             content = response.get("content", {}).get("application/json", {})
