@@ -14,8 +14,9 @@ So the queue is split by cost, and heavy work is cut into short forwards:
 - **Short heavy forwards.** While cheap requests are about (below), a heavy batch is cut to the
   smallest cost that still spends `HEAVY_BATCH_EFFICIENCY` (default 0.8) of its forward on its
   inputs rather than on the forward's fixed cost, so the forward a cheap input may find running is
-  short (a few images, one video) while heavy work keeps about that share of its throughput. The cost of a batch is its padded tokens plus
-  its vision patches (the vision encoder's work); a forward's seconds are modelled as
+  short (a few images, one video) while heavy work keeps about that share of its throughput. The
+  cost of a batch is its padded tokens plus its vision patches (the vision encoder's work); a
+  forward's seconds are modelled as
   `fixed + per_unit x cost`, fitted on the recent forwards of both lanes (weighted least squares:
   cheap forwards pin the fixed part, heavy ones the part per unit), so the cut follows the device,
   the model and the machine's load. The cut is `fixed x E / ((1 - E) x per_unit)`; an input
