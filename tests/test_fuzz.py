@@ -302,9 +302,14 @@ def check_compat_answer(route: str, body, payload: dict) -> None:
 def peer_refusal(route: str, response) -> str:
     """The message of a refusal in the peer API's error body (Cohere's {"id", "message"}, Voyage's
     {"detail"}); never a 5xx, never a trace."""
-    assert response.status_code < 500, f"{response.status_code}: {response.content[:500]!r}"
-    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
-    payload = response.json()
+    return peer_refusal_body(route, response.status_code, response.content, response.headers.get("content-type", ""))
+
+
+def peer_refusal_body(route: str, status: int, content: bytes, content_type: str) -> str:
+    """peer_refusal on a response's parts (a schemathesis response carries its headers as lists)."""
+    assert status < 500, f"{status}: {content[:500]!r}"
+    assert content_type.startswith("application/json"), content_type
+    payload = json.loads(content)
     cohere_route = route in ("/v2/embed", "/v2/rerank")
     assert set(payload) == ({"id", "message"} if cohere_route else {"detail"}), payload
     message = payload["message"] if cohere_route else payload["detail"]
@@ -508,10 +513,7 @@ def error_envelope(ctx, response, case):
     headers = {k.lower(): v[0] for k, v in response.headers.items()}
     embeddings = case.operation.path == "/v1/embeddings"
     if embeddings and voyage_body(case.body) and response.status_code != 200:
-        assert response.status_code < 500, f"{response.status_code}: {response.content[:500]!r}"
-        payload = json.loads(response.content)
-        assert set(payload) == {"detail"} and isinstance(payload["detail"], str) and payload["detail"], payload
-        assert "Traceback" not in payload["detail"]
+        peer_refusal_body("/v1/embeddings", response.status_code, response.content, headers.get("content-type", ""))
         return
     check_response(response.status_code, response.content, headers, embeddings=embeddings)
 
