@@ -215,15 +215,23 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     assert np.all(_cos(alone, together) >= 0.99999), _cos(alone, together)
 
 
-def test_an_int8_layer_takes_outliers_in_float32_and_each_row_on_its_own(monkeypatch):
+def _int8_kernels():
+    from embedding_api.runners import int8
+
+    return ["fbgemm", "int_mm"] if int8.int_mm() else ["fbgemm"]
+
+
+@pytest.mark.parametrize("kernel", _int8_kernels())
+def test_an_int8_layer_takes_outliers_in_float32_and_each_row_on_its_own(monkeypatch, kernel):
     """Trained models put a few input channels far above the rest: in one int8 range with them, the
     other values of the row would lose their precision. Each row's outliers are multiplied in float32,
-    and neither they nor anything else in a batch changes another row's result."""
+    and neither they nor anything else in a batch changes another row's result (either kernel)."""
     from embedding_api.runners import int8
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96)
-    layer = int8.RowInt8Linear(linear)
+    layer = int8.RowInt8Linear(linear, kernel=kernel)
+    assert layer.kernel == kernel
     x = torch.randn(6, 256)
     x[0, :3] *= 60.0  # outlier channels in row 0
     x[2, 7] = -300.0  # and one outlier value in row 2
@@ -242,6 +250,57 @@ def test_an_int8_layer_takes_outliers_in_float32_and_each_row_on_its_own(monkeyp
     error = lambda out: (out - want).norm(dim=-1)  # noqa: E731
     assert error(got)[0] < error(plain)[0] / 4 and error(got)[2] < error(plain)[2] / 4
     assert torch.allclose(plain[[1, 3, 4, 5]], got[[1, 3, 4, 5]], rtol=0, atol=1e-5)  # rows without outliers
+
+
+def test_int8_activations_take_8_bits_where_the_cpu_sums_them_exactly(monkeypatch):
+    """On a CPU with VNNI whose torch._int_mm sums full-scale int8 products exactly, the layers run
+    there with 8-bit activations, and a layer's error against float32 is about half fbgemm's with its
+    7-bit ones. Where the kernel would not be exact (a CPU without VNNI sums pairs of products in
+    int16, which saturates: simulated), the check says so and the layers take fbgemm."""
+    from embedding_api.runners import int8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 256)
+    x = torch.randn(64, 512)
+    with torch.inference_mode():
+        want = linear(x)
+        error = {k: float((int8.RowInt8Linear(linear, kernel=k)(x) - want).norm() / want.norm())
+                 for k in _int8_kernels()}
+    assert int8.RowInt8Linear(linear).kernel == ("int_mm" if int8.int_mm() else "fbgemm")
+    assert error["fbgemm"] < 0.03, error
+    if int8.int_mm():
+        assert error["int_mm"] < 0.7 * error["fbgemm"], error
+    # The layers' scratch buffers, shared by every layer of a thread, carry nothing from one call to
+    # the next: layers of other widths in between, or no buffers at all, give the same result.
+    wide = int8.RowInt8Linear(torch.nn.Linear(512, 1024))
+    layer = int8.RowInt8Linear(linear)
+    with torch.inference_mode():
+        first = layer(x)
+        wide(torch.randn(100, 512) * 50)
+        again = layer(x[:40])
+        monkeypatch.setattr(int8, "SCRATCH_BYTES", 0)
+        fresh = layer(x)
+    assert torch.equal(first[:40], again) and torch.equal(first, fresh)
+    monkeypatch.undo()
+
+    def saturating(a, b):  # as x86 without VNNI: activations shifted to unsigned 8 bits, pairs of
+        shifted = a.long() + 128  # products summed in int16 (saturating), the shift taken off after
+        pairs = (shifted[:, :, None] * b.long()[None]).view(a.shape[0], -1, 2, b.shape[1]).sum(2)
+        return (pairs.clamp(-32768, 32767).sum(1) - 128 * b.long().sum(0)).int()
+
+    monkeypatch.setattr(torch, "_int_mm", saturating)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
+    int8.int_mm.cache_clear()
+    try:
+        assert int8.int_mm() is False
+        assert int8.RowInt8Linear(linear).kernel == "fbgemm"
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: a.long().matmul(b.long()).int())  # exact,
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)  # but no VNNI
+        int8.int_mm.cache_clear()
+        assert int8.int_mm() is False
+    finally:
+        monkeypatch.undo()
+        int8.int_mm.cache_clear()
 
 
 @pytest.mark.parametrize("dtype,within", [("bfloat16", 0.01), ("int8", 0.02)])

@@ -171,8 +171,10 @@ def _to_int8(runner) -> None:
     if why is not None:
         raise ModelLoadError(f"DTYPE=int8 cannot run here: {why}. Use DTYPE=float32.")
     count = int8.quantize(runner.model)
+    kernel = ("torch._int_mm, 8-bit activations (VNNI)" if int8.int_mm()
+              else "fbgemm, 7-bit activations (no VNNI, or its kernel not exact here)")
     log.info("dtype int8 (DTYPE=int8): %d projections of the decoder in int8 (weights per channel, "
-             "activations per row, outliers in float32); the rest in float32", count)
+             "activations per row, outliers in float32; %s); the rest in float32", count, kernel)
 
 
 def _probe(runner, flag: str) -> DtypeChoice:
