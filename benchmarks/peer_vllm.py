@@ -19,7 +19,9 @@ from a separate load-generator process: benchmarks/load.py): DTYPE=float32 again
 DTYPE=auto against vLLM bfloat16. Rows:
 - float32: both servers in float32;
 - fastest: this server with DTYPE=auto against vLLM at the better of float32 and bfloat16 (by inputs/s,
-  among the settings whose vectors passed).
+  among the settings whose vectors passed);
+- int8 (with --int8): this server with DTYPE=int8 (opt-in, never chosen by auto) against the same vLLM
+  setting, in the turns of vLLM's last dtype, its vectors checked like the others'.
 Prints inputs/s, p50, p99 and the ratios (this server / vLLM) with the load average of each turn, and
 writes benchmarks/results/peer-vllm-<timestamp>.json.
 """
@@ -27,6 +29,7 @@ writes benchmarks/results/peer-vllm-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -117,10 +120,11 @@ def rows_for(kind: str, measured: dict[str, dict], checks: dict[str, dict]) -> l
     candidates = {d: {"inputs_per_s": get(f"vllm-{d}")["inputs_per_s"], "ok": checks[f"vllm-{d}"][kind]["ok"]}
                   for d in ("float32", "bfloat16") if get(f"vllm-{d}") and f"vllm-{d}" in checks}
     best = vp.fastest(candidates)
-    if best and get("ours-auto"):
-        row = pair("fastest", "ours-auto", get("ours-auto"), f"vllm-{best}", get(f"vllm-{best}"))
-        row["ours_vectors_ok"] = checks["ours-auto"][kind]["ok"]
-        rows.append(row)
+    for row_name, ours_name in (("fastest", "ours-auto"), ("int8", "ours-int8")):
+        if best and get(ours_name):
+            row = pair(row_name, ours_name, get(ours_name), f"vllm-{best}", get(f"vllm-{best}"))
+            row["ours_vectors_ok"] = checks[ours_name][kind]["ok"]
+            rows.append(row)
     return rows
 
 
@@ -135,17 +139,23 @@ def run_family(key: str, args, run_dir: Path) -> dict:
     model = checkpoint(args.cache.resolve(), family, size)
     ours_loads = {k: vp.bodies(load_items(k), family, peer=False, encoding_format=args.encoding) for k in kinds}
     peer_loads = {k: vp.bodies(load_items(k), family, peer=True, encoding_format=args.encoding) for k in kinds}
-    log(f"{key}: {model.name}, {', '.join(kinds)}; this server DTYPE=float32 and DTYPE=auto, vLLM "
+    log(f"{key}: {model.name}, {', '.join(kinds)}; this server DTYPE=float32, DTYPE=auto"
+        f"{' and DTYPE=int8' if args.int8 else ''}, vLLM "
         f"{' then '.join(args.dtypes)}; torch threads {args.threads}, batch {args.batch_size}")
     settings = server_settings(model, args.threads, args.batch_size)
     checks: dict[str, dict] = {}
     rounds: dict[str, list] = {}
     commands = {}
-    with Server({**settings, "DTYPE": "float32"}, run_dir, f"{key}-float32") as ours32, \
-            Server({**settings, "DTYPE": "auto"}, run_dir, f"{key}-auto") as ours_auto:
+    with contextlib.ExitStack() as stack:
+        ours32 = stack.enter_context(Server({**settings, "DTYPE": "float32"}, run_dir, f"{key}-float32"))
+        ours_auto = stack.enter_context(Server({**settings, "DTYPE": "auto"}, run_dir, f"{key}-auto"))
+        ours_int8 = stack.enter_context(Server({**settings, "DTYPE": "int8"}, run_dir, f"{key}-int8")) \
+            if args.int8 else None
         resolved = our_dtype(ours_auto)
         reference = {k: vp.embed_each(ours32.port, check_items(k), family, peer=False) for k in kinds}
         checks["ours-auto"] = check(reference, ours_auto, family, peer=False)
+        if ours_int8 is not None:
+            checks["ours-int8"] = check(reference, ours_int8, family, peer=False)
         for dtype in args.dtypes:
             with vp.VLLMServer(args.venv, model, family, dtype, args.peer_threads, run_dir,
                                kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.clients) as peer:
@@ -155,8 +165,10 @@ def run_family(key: str, args, run_dir: Path) -> dict:
                     log(f"  vectors vLLM {dtype} {kind}: min cosine {c['min_cosine']:.6f} to this server's float32 "
                         f"({'ok' if c['ok'] else 'BELOW ' + str(THRESHOLD)})")
                 ours_name, ours = ("ours-float32", ours32) if dtype == "float32" else ("ours-auto", ours_auto)
-                rounds[dtype] = turns([(ours_name, ours, ours_loads), (f"vllm-{dtype}", peer, peer_loads)],
-                                      args.rounds, args)
+                ourselves = [(ours_name, ours, ours_loads)]
+                if ours_int8 is not None and dtype == args.dtypes[-1]:
+                    ourselves.append(("ours-int8", ours_int8, ours_loads))
+                rounds[dtype] = turns(ourselves + [(f"vllm-{dtype}", peer, peer_loads)], args.rounds, args)
     measured = {}
     for dtype, rs in rounds.items():
         for name in rs[0]:
@@ -209,6 +221,8 @@ def parse_args(argv=None):
                    help="torch threads of both servers (default: all cores minus one, at least 1)")
     p.add_argument("--peer-threads", type=int, default=None, help="vLLM's OpenMP threads, if not --threads")
     p.add_argument("--batch-size", type=int, default=32, help="this server's MAX_BATCH_SIZE")
+    p.add_argument("--int8", action="store_true",
+                   help="also this server with DTYPE=int8, in the turns of vLLM's last dtype (a row of its own)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE: vLLM's KV cache (GiB)")
     p.add_argument("--encoding", choices=("base64", "float"), default="base64")
     p.add_argument("--cache", type=Path, default=HERE / ".cache", help="where the checkpoints are written")

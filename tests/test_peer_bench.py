@@ -197,6 +197,12 @@ def test_rows_pair_float32_and_the_fastest_eligible_settings():
     assert best["ratio_inputs_per_s"] == 1.5 and best["ratio_p50"] == pytest.approx(100 / 150)
     checks["vllm-bfloat16"] = {"text": {"ok": False}}  # bf16 drifted: vLLM's fastest is its float32
     assert peer_vllm.rows_for("text", measured, checks)[1]["vllm"] == "vllm-float32"
+    assert len(peer_vllm.rows_for("text", measured, checks)) == 2  # no int8 row unless it ran
+    measured["ours-int8/text"] = stats(450, 80)  # --int8: a row of its own, against vLLM's fastest
+    checks["ours-int8"] = {"text": {"ok": False}}
+    int8 = peer_vllm.rows_for("text", measured, checks)[2]
+    assert (int8["row"], int8["ours"], int8["vllm"]) == ("int8", "ours-int8", "vllm-float32")
+    assert int8["ratio_inputs_per_s"] == 3.0 and int8["ours_vectors_ok"] is False
 
 
 def test_without_vllm_it_says_how_to_set_it_up_and_exits_2(tmp_path: Path, capsys):
