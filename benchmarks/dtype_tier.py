@@ -7,7 +7,8 @@
 In-process, no HTTP. One runner is loaded in float32; the other tiers are copies of its weights:
 bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives), int8 (what DTYPE=int8 runs:
 runners/int8.py, the decoder's projections with weights per output channel and activations per
-row) and int8-tensor (torch's own `quantize_dynamic` of every nn.Linear: weights per tensor, one
+row; on a CPU with VNNI through torch._int_mm with 8-bit activations), int8-fbgemm (the same layers
+on fbgemm's kernel with 7-bit activations, what a CPU without VNNI runs) and int8-tensor (torch's own `quantize_dynamic` of every nn.Linear: weights per tensor, one
 activation range per call, so a row's vector depends on the other rows of its batch; not offered,
 for comparison); float32+prepack and bfloat16+prepack: those dtypes with the decoder's projections
 prepacked for oneDNN (what CPU_PREPACK=true runs, runners/prepack.py). Each tier has its own prefix cache.
@@ -86,10 +87,11 @@ def prepacked_copy(model: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
-def int8_row_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """What DTYPE=int8 runs: the decoder's projections as runners/int8.py's RowInt8Linear."""
+def int8_row_copy(model: torch.nn.Module, kernel: str | None = None) -> torch.nn.Module:
+    """What DTYPE=int8 runs: the decoder's projections as runners/int8.py's RowInt8Linear (`kernel`:
+    the one this CPU runs by default, or "fbgemm", the 7-bit fallback of CPUs without VNNI)."""
     out = copy.deepcopy(model)
-    int8.quantize(out)
+    int8.quantize(out, kernel)
     return out
 
 
@@ -99,9 +101,10 @@ class Tiers:
     def __init__(self, runner: Runner, names: list[str]):
         self.runner = runner
         make = {"float32": lambda m: m, "bfloat16": bfloat16_copy, "int8": int8_row_copy,
+                "int8-fbgemm": lambda m: int8_row_copy(m, "fbgemm"),
                 "int8-tensor": int8_tensor_copy, "float32+prepack": prepacked_copy,
                 "bfloat16+prepack": lambda m: prepacked_copy(bfloat16_copy(m))}
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32,
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32, "int8-fbgemm": torch.float32,
                   "int8-tensor": torch.float32, "float32+prepack": torch.float32, "bfloat16+prepack": torch.bfloat16}
         base = runner.model
         self.models = {n: (make[n](base), dtypes[n], PrefixCache(8)) for n in names}
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
             print("\n".join(compiled(tiers, work["texts"], args.rounds)))
         if args.server:
             del tiers, runner
-            print("\n".join(through_server(path, [t for t in tiers_wanted if t != "int8-tensor"], args.rounds, 32,
+            print("\n".join(through_server(path, [t for t in tiers_wanted if t not in ("int8-tensor", "int8-fbgemm")], args.rounds, 32,
                                             args.server_seconds, threads[0])))
         sys.stdout.flush()
     load_after = os.getloadavg()

@@ -249,6 +249,16 @@ def test_an_int8_layer_takes_outliers_in_float32_and_each_row_on_its_own(monkeyp
         plain = layer(x)
     error = lambda out: (out - want).norm(dim=-1)  # noqa: E731
     assert error(got)[0] < error(plain)[0] / 4 and error(got)[2] < error(plain)[2] / 4
+    # Many rows with outliers in many columns: each row's result is still its own, to the last bit's
+    # neighbourhood (fbgemm takes one range for its whole input; every row's peak must be exact).
+    monkeypatch.undo()
+    many = torch.randn(300, 256, generator=torch.Generator().manual_seed(1))
+    many[0, :3] *= 60
+    many[5:50, 10:22] *= 20  # 15 columns with outliers: within the 16 a layer this wide takes
+    with torch.inference_mode():
+        together = layer(many)
+        alone = torch.cat([layer(many[i:i + 1]) for i in range(60)])
+    assert torch.allclose(alone, together[:60], rtol=0, atol=1e-5), (alone - together[:60]).abs().max()
     assert torch.allclose(plain[[1, 3, 4, 5]], got[[1, 3, 4, 5]], rtol=0, atol=1e-5)  # rows without outliers
 
 

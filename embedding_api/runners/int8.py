@@ -120,17 +120,18 @@ class RowInt8Linear(torch.nn.Module):
     def _outliers(self, rows, size, limit):
         """The columns with outliers (at most OUTLIER_COLUMNS of them, the farthest out), their far
         values (to be multiplied in float32) and what stays of them in int8; and each row's peak
-        without its outliers. `size` (the magnitudes) is divided by `limit` on the way."""
-        ratio = size.div_(limit)  # per value, its magnitude against its row's limit
-        reach = ratio.amax(0)  # per column, the largest
+        without its outliers, exactly its largest magnitude left (fbgemm takes its range from the
+        whole input: a peak off by a rounding would move every row's). `size` (the magnitudes) is
+        cleared in those columns on the way."""
+        reach = (size / limit).amax(0)  # per column, its largest value against its row's limit
         cap = max(1, int(self.in_features * OUTLIER_COLUMNS))
         columns = (reach > 1).nonzero().squeeze(1)
         if len(columns) > cap:
             columns = reach.topk(cap).indices
         part = rows[:, columns]
-        far = ratio[:, columns] > 1
+        far = size[:, columns] > limit
         kept = part.masked_fill(far, 0.0)  # what stays in int8, in those columns
-        rest = ratio.index_fill_(1, columns, 0.0).amax(-1, keepdim=True).mul_(limit)
+        rest = size.index_fill_(1, columns, 0.0).amax(-1, keepdim=True)
         peak = torch.maximum(rest, kept.abs().amax(-1, keepdim=True))
         return peak, (part * far, columns, kept)
 
@@ -189,12 +190,12 @@ def projections(module: torch.nn.Module, prefix: str = ""):
                 yield parent, child_name, child
 
 
-def quantize(model: torch.nn.Module) -> int:
+def quantize(model: torch.nn.Module, kernel: str | None = None) -> int:
     """Replace the decoder layers' nn.Linear modules of `model` (float32, on a CPU) in place; returns
-    how many. Raises RuntimeError where this torch has no int8 CPU kernel."""
+    how many. `kernel`: as RowInt8Linear's. Raises RuntimeError where this torch has no int8 CPU kernel."""
     done = 0
     for parent, name, linear in projections(model):
-        setattr(parent, name, RowInt8Linear(linear, outliers=name not in PLAIN))
+        setattr(parent, name, RowInt8Linear(linear, outliers=name not in PLAIN, kernel=kernel))
         done += 1
     return done
 
