@@ -7,7 +7,8 @@
 In-process, no HTTP. One runner is loaded in float32; the other tiers are copies of its weights:
 bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives), int8 (what DTYPE=int8 runs:
 runners/int8.py, the decoder's projections with weights per output channel and activations per
-row; on a CPU with VNNI through torch._int_mm with 8-bit activations), int8-fbgemm (the same layers
+row, on a CPU with VNNI through torch._int_mm with 8-bit activations; the vision encoder in bfloat16
+where the CPU has native bf16), int8-fbgemm (the same layers
 on fbgemm's kernel with 7-bit activations, what a CPU without VNNI runs) and int8-tensor (torch's own `quantize_dynamic` of every nn.Linear: weights per tensor, one
 activation range per call, so a row's vector depends on the other rows of its batch; not offered,
 for comparison); float32+prepack and bfloat16+prepack: those dtypes with the decoder's projections
@@ -41,8 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedding_api.runners import PreparedInput, Runner, int8, load_runner, prepack
-from embedding_api.runners.dtype_tier import bfloat16_copy, native_bf16
+from embedding_api.runners import PreparedInput, Runner, load_runner, prepack
+from embedding_api.runners.dtype_tier import bfloat16_copy, native_bf16, to_int8
 from embedding_api.runners.prefix import PrefixCache
 from embedding_api.settings import Settings
 
@@ -91,7 +92,7 @@ def int8_row_copy(model: torch.nn.Module, kernel: str | None = None) -> torch.nn
     """What DTYPE=int8 runs: the decoder's projections as runners/int8.py's RowInt8Linear (`kernel`:
     the one this CPU runs by default, or "fbgemm", the 7-bit fallback of CPUs without VNNI)."""
     out = copy.deepcopy(model)
-    int8.quantize(out, kernel)
+    to_int8(out, kernel)
     return out
 
 

@@ -202,7 +202,11 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     assert len(int8) == 7 * len(layers) and all(".layers." in f".{n}" and "visual" not in n for n in int8)
     # Outliers in float32, except for the MLP's down projection (its input is heavy-tailed everywhere).
     assert all(modules[n].outliers == (not n.endswith("mlp.down_proj")) for n in int8)
-    assert left and all(n.startswith("visual.") for n in left)  # the vision encoder stays float32
+    assert left and all(n.startswith("visual.") for n in left)  # the vision encoder is not int8,
+    # and runs in bfloat16 where the CPU has it natively (float32 elsewhere), the rest in float32
+    vision = {p.dtype for p in runner.model.visual.parameters()}
+    assert vision == {torch.bfloat16 if dtype_tier.native_bf16() else torch.float32}
+    assert {p.dtype for p in runner.model.language_model.parameters()} == {torch.float32}
     got = runner.forward(_inputs(runner))
     want = float32_runner.forward(_inputs(float32_runner))
     cos = _cos(got, want)
@@ -213,6 +217,18 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     together = runner.forward([runner.prepare([t], [], None, None) for t in texts])
     alone = np.concatenate([runner.forward([runner.prepare([t], [], None, None)]) for t in texts])
     assert np.all(_cos(alone, together) >= 0.99999), _cos(alone, together)
+
+
+def test_int8_keeps_the_vision_encoder_in_float32_on_a_cpu_without_native_bf16(float32_runner, monkeypatch):
+    import copy
+
+    model = copy.deepcopy(float32_runner.model)
+    monkeypatch.setattr(dtype_tier, "native_bf16", lambda: None)
+    count, flag = dtype_tier.to_int8(model)
+    assert flag is None and count == 7 * len(model.language_model.layers)
+    assert {p.dtype for p in model.visual.parameters()} == {torch.float32}
+    monkeypatch.setattr(dtype_tier, "native_bf16", lambda: "avx512_bf16")
+    assert dtype_tier.to_int8(copy.deepcopy(float32_runner.model))[1] == "avx512_bf16"
 
 
 def _int8_kernels():
@@ -329,6 +345,26 @@ def test_text_reranker_in_bfloat16_or_int8_scores_as_float32(tiny_text_reranker,
         return relevance_scores(r.forward(pairs))
 
     assert np.abs(scores(other) - scores(f32)).max() <= within
+
+
+def test_vl_reranker_in_int8_scores_images_as_float32(tiny_vl_reranker):
+    """DTYPE=int8 on a Qwen3-VL reranker: the decoder's projections int8, its vision encoder in
+    bfloat16 where the CPU has it natively; a document image scores as in float32."""
+    from types import SimpleNamespace
+
+    from embedding_api.runners.scoring import relevance_scores
+
+    f32, other = _runner(tiny_vl_reranker, dtype="float32"), _runner(tiny_vl_reranker, dtype="int8")
+    assert other.info().dtype == "int8"
+    query = SimpleNamespace(texts=["a red square"], images=[])
+    docs = [SimpleNamespace(texts=[], images=[sample_image(96, 64, seed=1)]),
+            SimpleNamespace(texts=["a caption"], images=[sample_image(300, 200, seed=2)]),
+            SimpleNamespace(texts=["Roses are red."], images=[])]
+
+    def scores(r):
+        return relevance_scores(r.forward([r.prepare_pair(query, d, None) for d in docs]))
+
+    assert np.abs(scores(other) - scores(f32)).max() <= 0.02
 
 
 # ------------------------------------------------------------------ what the servers report

@@ -170,11 +170,28 @@ def _to_int8(runner) -> None:
     why = int8.supported()
     if why is not None:
         raise ModelLoadError(f"DTYPE=int8 cannot run here: {why}. Use DTYPE=float32.")
-    count = int8.quantize(runner.model)
+    count, vision = to_int8(runner.model)
     kernel = ("torch._int_mm, 8-bit activations (VNNI)" if int8.int_mm()
               else "fbgemm, 7-bit activations (no VNNI, or its kernel not exact here)")
     log.info("dtype int8 (DTYPE=int8): %d projections of the decoder in int8 (weights per channel, "
-             "activations per row, outliers in float32; %s); the rest in float32", count, kernel)
+             "activations per row, outliers in float32; %s); %sthe rest in float32", count, kernel,
+             f"the vision encoder in bfloat16 (the CPU has {vision}); " if vision else "")
+
+
+def to_int8(model: torch.nn.Module, kernel: str | None = None) -> tuple[int, str | None]:
+    """What DTYPE=int8 makes of a loaded float32 model, in place: the decoder's projections int8
+    (runners/int8.py; `kernel` as its layers'), and a vision encoder, where there is one and the CPU
+    has native bfloat16, in bfloat16 (1.1x the images/s on the 512-wide checkpoint, the vectors as
+    close to float32's as before: its own error is ~1e-4, int8's ~1e-3). Returns how many projections
+    and what gives the CPU native bfloat16 (None: the vision encoder stays float32)."""
+    from . import int8
+
+    count = int8.quantize(model, kernel)
+    visual = getattr(model, "visual", None)
+    flag = native_bf16() if visual is not None else None
+    if flag is not None:
+        visual.to(torch.bfloat16)
+    return count, flag
 
 
 def _probe(runner, flag: str) -> DtypeChoice:
