@@ -8,10 +8,10 @@ In-process, no HTTP. One runner is loaded in float32; the other tiers are copies
 bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives), int8 (what DTYPE=int8 runs:
 runners/int8.py, the decoder's projections with weights per output channel and activations per
 row, on a CPU with VNNI through torch._int_mm with 8-bit activations; the vision encoder in bfloat16
-where the CPU has native bf16), int8-fbgemm (the same layers
-on fbgemm's kernel with 7-bit activations, what a CPU without VNNI runs) and int8-tensor (torch's own `quantize_dynamic` of every nn.Linear: weights per tensor, one
-activation range per call, so a row's vector depends on the other rows of its batch; not offered,
-for comparison); float32+prepack and bfloat16+prepack: those dtypes with the decoder's projections
+where the CPU has native bf16), int8-fbgemm (the same layers on fbgemm's kernel with 7-bit
+activations, what a CPU without VNNI runs) and int8-tensor (torch's own `quantize_dynamic` of every
+nn.Linear: weights per tensor, one activation range per call, so a row's vector depends on the other
+rows of its batch; not offered, for comparison); float32+prepack and bfloat16+prepack: those dtypes with the decoder's projections
 prepacked for oneDNN (what CPU_PREPACK=true runs, runners/prepack.py). Each tier has its own prefix cache.
 
 Per tier: inputs/s of `runner.forward` on a batch of 32 short texts and on a batch of 32 small
@@ -105,8 +105,8 @@ class Tiers:
                 "int8-fbgemm": lambda m: int8_row_copy(m, "fbgemm"),
                 "int8-tensor": int8_tensor_copy, "float32+prepack": prepacked_copy,
                 "bfloat16+prepack": lambda m: prepacked_copy(bfloat16_copy(m))}
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32, "int8-fbgemm": torch.float32,
-                  "int8-tensor": torch.float32, "float32+prepack": torch.float32, "bfloat16+prepack": torch.bfloat16}
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32,
+                  "int8-fbgemm": torch.float32, "int8-tensor": torch.float32, "float32+prepack": torch.float32, "bfloat16+prepack": torch.bfloat16}
         base = runner.model
         self.models = {n: (make[n](base), dtypes[n], PrefixCache(8)) for n in names}
 
@@ -332,8 +332,8 @@ def main(argv=None) -> int:
             print("\n".join(compiled(tiers, work["texts"], args.rounds)))
         if args.server:
             del tiers, runner
-            print("\n".join(through_server(path, [t for t in tiers_wanted if t not in ("int8-tensor", "int8-fbgemm")], args.rounds, 32,
-                                            args.server_seconds, threads[0])))
+            served = [t for t in tiers_wanted if t not in ("int8-tensor", "int8-fbgemm")]  # not settings
+            print("\n".join(through_server(path, served, args.rounds, 32, args.server_seconds, threads[0])))
         sys.stdout.flush()
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}, "

@@ -66,11 +66,12 @@ class RowInt8Linear(torch.nn.Module):
         weight = linear.weight.detach().float()
         scale = (weight.abs().amax(1) / 127).clamp_min(1e-12)
         self.weight_scale = scale
-        # (in, out): what torch._int_mm multiplies by; the outliers' product reads its rows.
-        self.weight_int8 = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8).T.contiguous()
+        # (in, out): what torch._int_mm multiplies by; the outliers' product reads its rows. fbgemm
+        # keeps its own packed copy, so a fbgemm layer without outliers needs none.
+        self.weight_int8 = None
+        if self.kernel == "int_mm" or outliers:
+            self.weight_int8 = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8).T.contiguous()
         if self.kernel == "fbgemm":
-            if not outliers:  # fbgemm keeps its own packed copy of the weights
-                self.weight_int8 = None
             zero = torch.zeros(weight.shape[0], dtype=torch.long)
             with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (moving to torchao)
                 warnings.simplefilter("ignore")
