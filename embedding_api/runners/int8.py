@@ -1,4 +1,4 @@
-"""DTYPE=int8 on a CPU: the decoder's projections in int8, everything else as in float32.
+"""DTYPE=int8 on a CPU: the decoder's projections in int8 (what runs around them: dtype_tier.to_int8).
 
 Each nn.Linear of the decoder layers (attention and MLP projections; not the vision encoder, the
 embeddings, the final norm or a reranker's head) is replaced, once the float32 weights are loaded,
