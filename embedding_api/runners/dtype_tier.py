@@ -4,12 +4,13 @@ DTYPE=float32 / bfloat16 / float16: that dtype (reason "setting"). DTYPE=int8 (a
 chosen by auto): loaded in float32, then the decoder's projections are made int8 (runners/int8.py);
 the model computes in float32 around them (a vision encoder in bfloat16 where the CPU has native
 bf16: `to_int8`) and reports "int8". DTYPE=auto on CUDA: bfloat16 (reason "cuda"). DTYPE=auto on a
-CPU: the model is loaded in float32; where the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX, as /proc/cpuinfo or oneDNN say) and DTYPE_PROBE is on, a
-bfloat16 copy of the loaded weights is made and a few forwards of one small batch run on each, in
-turns (float32, bfloat16, bfloat16, float32, ...); bfloat16 is kept when its median is at least
-BF16_MARGIN faster, float32 otherwise (reason "probe"), and the other copy is dropped. A CPU without
-native bfloat16 gets float32 with no probe (reason "no native bf16": there bfloat16 is emulated and
-slower), and so does DTYPE_PROBE=false (reason "probe off").
+CPU: the model is loaded in float32; where the CPU has native bfloat16 arithmetic (AVX512-BF16 or
+AMX, as /proc/cpuinfo or oneDNN say) and DTYPE_PROBE is on, a bfloat16 copy of the loaded weights is
+made and a few forwards of one small batch run on each, in turns (float32, bfloat16, bfloat16,
+float32, ...); bfloat16 is kept when its median is at least BF16_MARGIN faster, float32 otherwise
+(reason "probe"), and the other copy is dropped. A CPU without native bfloat16 gets float32 with no
+probe (reason "no native bf16": there bfloat16 is emulated and slower), and so does
+DTYPE_PROBE=false (reason "probe off").
 
 What stays in float32 whatever the dtype: the pooled rows are read out in float32 and normalised in
 float32 (runners/base.py, normalize.py); a reranker's yes/no rows and its log-odds are float32
