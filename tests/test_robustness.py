@@ -307,7 +307,7 @@ def test_request_timeout_is_a_clean_503_and_drops_the_rest(runner, tiny_vl):
     with ThreadServer(app) as server, httpx.Client(base_url=server.base_url, timeout=30) as c:
         base = server.base_url
         _wait_ok(c)
-        assert vectors(c.post("/v1/embeddings", json={"input": "small and quick"})).shape == (1, 64)
+        assert _served_within_the_deadline(c, "small and quick").shape == (1, 64)
         before = embedded(base)
         # 64 long inputs, one per forward pass: ~3 s of work against a 0.5 s deadline.
         response = c.post("/v1/embeddings", json={"input": [long_text(i) for i in range(64)]})
@@ -322,7 +322,18 @@ def test_request_timeout_is_a_clean_503_and_drops_the_rest(runner, tiny_vl):
         assert embedded(base) - before == ran  # nothing of it is still running
         assert ran <= at_answer + 1, (ran, at_answer)  # at most that forward (one input each) after the answer
         assert ran < 64, ran  # the inputs still queued at the deadline never reached the model
-        assert vectors(c.post("/v1/embeddings", json={"input": "still serving"})).shape == (1, 64)
+        assert _served_within_the_deadline(c, "still serving").shape == (1, 64)
+
+
+def _served_within_the_deadline(c: httpx.Client, text: str, tries: int = 20) -> np.ndarray:
+    """The vector of one short text under a 0.5 s deadline. On a busy host one short forward can take
+    longer than that: such a try must be the clean 503 of a timeout, and a later one is served."""
+    for _ in range(tries - 1):
+        response = c.post("/v1/embeddings", json={"input": text})
+        if response.status_code == 200:
+            return vectors(response)
+        assert_envelope(response, 503, "timeout")
+    return vectors(c.post("/v1/embeddings", json={"input": text}))
 
 
 # --------------------------------------------------------------------------- 5. disconnects
