@@ -8,12 +8,12 @@ In-process, no HTTP. One runner is loaded in float32; the other tiers are copies
 bfloat16 (parameters converted, as loading with DTYPE=bfloat16 gives), int8 (what DTYPE=int8 runs:
 runners/int8.py, the decoder's projections with weights per output channel and activations per row,
 on a CPU with VNNI through torch._int_mm with 8-bit activations; the vision encoder in bfloat16
-where the CPU has native bf16), int8-fbgemm (the same layers on fbgemm's kernel with 7-bit
-activations, what a CPU without VNNI runs) and int8-tensor (torch's own `quantize_dynamic` of every
-nn.Linear: weights per tensor, one activation range per call, so a row's vector depends on the other
-rows of its batch; not offered, for comparison); float32+prepack and bfloat16+prepack: those dtypes
-with the decoder's projections prepacked for oneDNN (what CPU_PREPACK=true runs,
-runners/prepack.py). Each tier has its own prefix cache.
+where the CPU has native bf16), int8-fbgemm (the same, its decoder's layers on fbgemm's kernel
+with 7-bit activations, the kernel a CPU without VNNI runs) and int8-tensor (torch's own
+`quantize_dynamic` of every nn.Linear: weights per tensor, one activation range per call, so a row's
+vector depends on the other rows of its batch; not offered, for comparison); float32+prepack and
+bfloat16+prepack: those dtypes with the decoder's projections prepacked for oneDNN (what
+CPU_PREPACK=true runs, runners/prepack.py). Each tier has its own prefix cache.
 
 Per tier: inputs/s of `runner.forward` on a batch of 32 short texts and on a batch of 32 small
 images (Qwen3-VL), the tiers timed in turns (the order rotates each round), median of the rounds;
