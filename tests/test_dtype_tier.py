@@ -219,16 +219,19 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     assert np.all(_cos(alone, together) >= 0.99999), _cos(alone, together)
 
 
-def test_int8_keeps_the_vision_encoder_in_float32_on_a_cpu_without_native_bf16(float32_runner, monkeypatch):
+def test_int8_keeps_the_vision_encoder_in_float32_on_a_cpu_without_native_bf16(tiny_vl, monkeypatch):
     import copy
 
-    model = copy.deepcopy(float32_runner.model)
+    # The weights as DTYPE=int8 quantizes them: float32 nn.Linear layers (CPU_PREPACK comes after int8;
+    # a float32 runner's own probe may have prepacked them).
+    loaded = _runner(tiny_vl, dtype="float32", cpu_prepack="false").model
+    model = copy.deepcopy(loaded)
     monkeypatch.setattr(dtype_tier, "native_bf16", lambda: None)
     count, flag = dtype_tier.to_int8(model)
     assert flag is None and count == 7 * len(model.language_model.layers)
     assert {p.dtype for p in model.visual.parameters()} == {torch.float32}
     monkeypatch.setattr(dtype_tier, "native_bf16", lambda: "avx512_bf16")
-    assert dtype_tier.to_int8(copy.deepcopy(float32_runner.model))[1] == "avx512_bf16"
+    assert dtype_tier.to_int8(copy.deepcopy(loaded))[1] == "avx512_bf16"
 
 
 def _int8_kernels():
