@@ -312,6 +312,16 @@ def _projections(runner, batch, monkeypatch) -> tuple[np.ndarray, dict]:
         monkeypatch.setattr(packed, "_linear", real)
 
 
+def test_a_packed_forward_meets_few_matmul_shapes():
+    """The packed length is rounded up to a few sizes (oneDNN builds a kernel per matmul shape): never
+    down, never more than a step up, and from 128 tokens on under 12% more rows."""
+    sizes = [packed.padded_rows(t) for t in range(1, 4097)]
+    assert all(t <= r <= t + 63 for t, r in zip(range(1, 4097), sizes))
+    assert all(r < 1.12 * t for t, r in zip(range(1, 4097), sizes) if t >= 128)
+    assert len(set(sizes)) <= 16 + 24 + 48 + 32  # 8s to 128, 16s to 512, 32s to 2,048, 64s to 4,096
+    assert sizes == sorted(sizes) and packed.padded_rows(1) == packed.MIN_MATMUL_ROWS
+
+
 @pytest.mark.parametrize("family", ["text", "vl"])
 def test_the_last_layer_runs_on_each_rows_last_token_alone(runners, family, monkeypatch):
     runner = runners[family]
@@ -320,10 +330,11 @@ def test_the_last_layer_runs_on_each_rows_last_token_alone(runners, family, monk
         batch.insert(2, runner.prepare(["a caption"], _images()[:1], None, None))
     runner.forward(batch)  # the prefixes' keys and values, computed once
     together, seen = _projections(runner, batch, monkeypatch)
-    own = sum(p.n_tokens - p.prefix for p in batch)
+    own = packed.padded_rows(sum(p.n_tokens - p.prefix for p in batch))
     last = len(packed.text_model(runner).layers) - 1
-    # Every layer's projections on every token, but the last layer's: keys and values for every
-    # token (the last tokens attend to them), the rest for the rows' last tokens.
+    # Every layer's projections on every token (the packed length rounded up: `padded_rows`), but the
+    # last layer's: keys and values for every token (the last tokens attend to them), the rest for the
+    # rows' last tokens.
     for (layer, name), rows in seen.items():
         assert rows == [len(batch) if layer == last and name not in ("k_proj", "v_proj") else own], (layer, name)
     assert len(seen) == 7 * (last + 1)
@@ -358,7 +369,7 @@ def test_a_last_layer_with_deepstack_features_after_it_runs_whole(runners, monke
                  runner.prepare(["a text alone"], [], None, "Find the answer")]
         runner.forward(batch)
         together, seen = _projections(runner, batch, monkeypatch)
-        own = sum(p.n_tokens - p.prefix for p in batch)
+        own = packed.padded_rows(sum(p.n_tokens - p.prefix for p in batch))
         assert set(seen) == {(0, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                     "up_proj", "down_proj")}
         assert all(rows == [own] for rows in seen.values())

@@ -42,6 +42,7 @@ class Segments:
                               [prefix_lengths[i] for i in rows], rows, prefix_kv, device, dtype)
                        for rows in calls]
         self.last = torch.tensor(np.cumsum(lengths) - 1, device=device)  # each row's last token
+        self.tokens = int(sum(lengths))  # the real tokens; a padded forward (packed.padded_rows) has more
 
 
 class _Group:
@@ -85,6 +86,7 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
     of rows laid out padded for one call, each row on its own tokens and prefix; returns (T, heads,
     dim). The padding costs only here, where it is small."""
     out = torch.empty_like(query)
+    out[segments.tokens:].zero_()  # a padded forward's extra rows: no attention, zeros rather than garbage
     for group in segments.groups:
         q = query[group.index].transpose(1, 2)  # (rows, heads, longest, dim)
         k, v = _keys_values(group, key, value, layer)
