@@ -22,6 +22,7 @@ DTYPE=auto against vLLM bfloat16. Rows:
   among the settings whose vectors passed);
 - int8 (with --int8): this server with DTYPE=int8 (opt-in, never chosen by auto) against the same vLLM
   setting, in the turns of vLLM's last dtype, its vectors checked like the others'.
+`--settings "TORCH_COMPILE=true"` adds settings to every run of this server (its float32 reference too).
 Prints inputs/s, p50, p99 and the ratios (this server / vLLM) with the load average of each turn, and
 writes benchmarks/results/peer-vllm-<timestamp>.json.
 """
@@ -142,7 +143,9 @@ def run_family(key: str, args, run_dir: Path) -> dict:
     log(f"{key}: {model.name}, {', '.join(kinds)}; this server DTYPE=float32, DTYPE=auto"
         f"{' and DTYPE=int8' if args.int8 else ''}, vLLM "
         f"{' then '.join(args.dtypes)}; torch threads {args.threads}, batch {args.batch_size}")
-    settings = server_settings(model, args.threads, args.batch_size)
+    settings = {**server_settings(model, args.threads, args.batch_size), **args.settings}
+    if args.settings:
+        log(f"  this server's runs also with {' '.join(f'{k}={v}' for k, v in args.settings.items())}")
     checks: dict[str, dict] = {}
     rounds: dict[str, list] = {}
     commands = {}
@@ -207,6 +210,14 @@ def vector_lines(results: dict) -> list[str]:
     return lines
 
 
+def _settings(text: str) -> dict[str, str]:
+    """Space-separated NAME=VALUE settings."""
+    pairs = [item.split("=", 1) for item in text.split()]
+    if any(len(p) != 2 or not p[0] for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE settings, got {text!r}")
+    return {name.upper(): value for name, value in pairs}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.peer_vllm", description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", action="store_true", help="create vLLM's virtual environment and install it")
@@ -225,6 +236,8 @@ def parse_args(argv=None):
                    help="also this server with DTYPE=int8, in the turns of vLLM's last dtype (a row of its own)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE: vLLM's KV cache (GiB)")
     p.add_argument("--encoding", choices=("base64", "float"), default="base64")
+    p.add_argument("--settings", type=_settings, default={},
+                   help='more settings for every run of this server, e.g. "TORCH_COMPILE=true"')
     p.add_argument("--cache", type=Path, default=HERE / ".cache", help="where the checkpoints are written")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON results go")
     args = p.parse_args(argv)

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     cpu_prepack: str = Field("auto", description="the decoder's projection weights in oneDNN's blocked layout on a "
                              "CPU: auto (a start-up probe times one layer both ways and keeps the faster), true, "
                              "or false")
+    torch_compile: bool = Field(False, description="true: a CPU model copy's decoder layers (all but attention) "
+                                "compiled by torch.compile at start-up (seconds; needs a C++ compiler on the host; "
+                                "eager where compiling fails; CPU_PREPACK is then off); false: eager")
     embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
                                             "empty = the model's size")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")

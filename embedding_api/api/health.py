@@ -53,6 +53,8 @@ async def health(request: Request) -> Response:
         dtype_probe_ms=info.dtype_probe_ms,
         prepacked=info.prepacked,
         prepack_reason=info.prepack_reason,
+        compiled=info.compiled,
+        compile_reason=info.compile_reason,
         family=info.family,
         takes_images=info.takes_images,
         modalities=state.service.modalities,

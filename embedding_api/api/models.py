@@ -23,7 +23,8 @@ def _model_card(request: Request, model_id: str, entry=None) -> dict:
     service = entry.service
     if service is not None:
         card.update(family=service.info.family, modalities=service.modalities, dtype=service.info.dtype,
-                    dtype_reason=service.info.dtype_reason, prepacked=service.info.prepacked)
+                    dtype_reason=service.info.dtype_reason, prepacked=service.info.prepacked,
+                    compiled=service.info.compiled)
         if entry.kind == "embedding":
             card["embedding_dimension"] = service.info.dimension
             card.update(output_dtypes=list(OUTPUT_DTYPES), embed_dtypes=list(EMBED_DTYPES))

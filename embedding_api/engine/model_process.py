@@ -10,7 +10,8 @@ its calls. With the model in a child process each side has its own interpreter a
 Protocol, over a socket pair (multiprocessing.connection framing, pickle protocol 5):
   parent -> child   the Settings, the device, the torch thread count; then one batch
                     (list[PreparedInput]) per message
-  child -> parent   ("ready", pid, (dtype, reason, probe ms), (prepacked, reason, probe ms)) or
+  child -> parent   ("ready", pid, (dtype, reason, probe ms), (prepacked, reason, probe ms),
+                    (compiled, reason, seconds)) or
                     ("failed", message) once; then per batch
                     ("ok", rows, prefix cache entries) or ("error", message)
 A second pipe, never written, tells the child that its parent has gone: its read returns at
@@ -65,6 +66,7 @@ class ModelProcess:
         self.prefix_cache_entries = 0  # as the child last said (runners/prefix.py)
         self.dtype_choice = None  # the dtype the child runs in and why, as it said when ready (runners/dtype_tier.py)
         self.prepack_choice = None  # whether its decoder weights are prepacked and why (runners/prepack.py)
+        self.compile_choice = None  # whether its decoder layers are compiled and why (runners/compiled.py)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -104,15 +106,19 @@ class ModelProcess:
             self._end_child()
             raise ModelLoadError(value)
         if extra and self.dtype_choice is None:
+            from ..runners.compiled import CompileChoice
             from ..runners.dtype_tier import DtypeChoice
             from ..runners.prepack import PrepackChoice
 
-            (name, reason, times), (on, prepack_reason, prepack_times) = extra
+            (name, reason, times), (on, prepack_reason, prepack_times), compiled = extra
             self.dtype_choice = DtypeChoice.named(name, reason, times)
             self.prepack_choice = PrepackChoice(on, prepack_reason, prepack_times)
-            # A restarted child runs in the dtype and weight layout chosen now, with no second probe.
+            self.compile_choice = CompileChoice(*compiled)
+            # A restarted child runs in the dtype and weight layout chosen now, with no second probe, and
+            # compiles only if compiling worked the first time.
             settings, device, threads = self._args
-            pinned = {"dtype": name, "cpu_prepack": "true" if on else "false"}
+            pinned = {"dtype": name, "cpu_prepack": "true" if on else "false",
+                      "torch_compile": bool(compiled[0])}
             if any(getattr(settings, k) != v for k, v in pinned.items()):
                 self._args = (settings.model_copy(update=pinned), device, threads)
 
@@ -213,6 +219,7 @@ def load_for_serving(settings) -> list:
             if process.dtype_choice is not None:  # DTYPE=auto and CPU_PREPACK=auto: what the child's probes chose
                 runner.dtype_choice, runner.dtype = process.dtype_choice, process.dtype_choice.dtype
                 runner.prepack_choice = process.prepack_choice
+                runner.compile_choice = process.compile_choice
     except BaseException:
         for process in processes:
             process.close()
@@ -250,9 +257,10 @@ def _serve(conn: Connection) -> None:
     if runner.device.type == "cpu":
         log.info("model process %d on %s: memory allocator %s (CPU_ALLOCATOR=%s)", os.getpid(), device,
                  allocator.in_use(), settings.cpu_allocator)
-    prepacked = runner.prepack_choice
+    prepacked, compiled = runner.prepack_choice, runner.compile_choice
     conn.send_bytes(pickle.dumps(("ready", os.getpid(), (choice.name, choice.reason, choice.times_ms),
-                                  (prepacked.on, prepacked.reason, prepacked.times_ms))))
+                                  (prepacked.on, prepacked.reason, prepacked.times_ms),
+                                  (compiled.on, compiled.reason, compiled.seconds))))
     cuda = runner.device.type == "cuda"
     while True:
         try:

@@ -18,6 +18,7 @@ from ..model_paths import weights_hint
 from .loading import ModelLoadError, hidden_size
 from .long_text import PrefixTokenizer
 from . import dtype_tier, packed, prefix as prefix_reuse
+from .compiled import CompileChoice
 from .prepack import PrepackChoice
 from .split import groups as length_groups, overhead_tokens
 
@@ -60,6 +61,8 @@ class ModelInfo:
     dtype_probe_ms: dict | None = None  # the start-up probe's median forward per dtype, when it ran
     prepacked: bool = False  # CPU_PREPACK: the decoder's projections in oneDNN's blocked layout
     prepack_reason: str = ""  # why or why not: "setting", "probe", "not a CPU", "packed forward off", ...
+    compiled: bool = False  # TORCH_COMPILE: the packed forward's decoder layers compiled
+    compile_reason: str = ""  # "compiled", "setting" (off), or why not: "int8", "compile failed (...)", ...
 
 
 class Runner:
@@ -83,6 +86,8 @@ class Runner:
         choice = dtype_tier.initial_choice(settings.dtype, device)
         self.dtype_choice = choice if choice.dtype == dtype else dtype_tier.DtypeChoice(dtype, "setting")
         self.prepack_choice = PrepackChoice(False, "pending")  # CPU_PREPACK, once settled (runners/prepack.py)
+        self.compile_choice = CompileChoice(False, "pending")  # TORCH_COMPILE, once settled (runners/compiled.py)
+        self.compiled_layer = None  # the packed forward's layer step, compiled (runners/compiled.py)
         self.max_tokens = settings.max_input_tokens
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
@@ -131,6 +136,8 @@ class Runner:
             dtype_probe_ms=dict(self.dtype_choice.times_ms) or None,
             prepacked=self.prepack_choice.on,
             prepack_reason=self.prepack_choice.reason,
+            compiled=self.compile_choice.on,
+            compile_reason=self.compile_choice.reason,
         )
 
     def reserved_strings(self) -> tuple[str, ...]:

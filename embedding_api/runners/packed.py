@@ -230,8 +230,9 @@ def run(runner, batch) -> np.ndarray:
     # The last layer on the last tokens alone, unless deepstack features are still added after it
     # (a model with no more layers than the vision encoder's deepstack outputs).
     pooled_only = LAST_LAYER_POOLED_ONLY and not (visual is not None and visual.reaches(len(layers) - 1))
+    step = runner.compiled_layer or _layer  # TORCH_COMPILE: the same step compiled (runners/compiled.py)
     for i, decoder_layer in enumerate(layers[:-1] if pooled_only else layers):
-        hidden = _layer(decoder_layer, hidden, cos, sin, segments)
+        hidden = step(decoder_layer, hidden, cos, sin, segments)
         if visual is not None:
             hidden = visual.add(hidden, i)
     hidden = _last_layer(layers[-1], hidden, cos, sin, segments) if pooled_only else hidden[segments.last]

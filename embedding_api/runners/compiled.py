@@ -1,0 +1,176 @@
+"""TORCH_COMPILE=true: the packed CPU forward's decoder layers compiled by torch.compile (inductor).
+
+A packed forward (packed.py) runs each decoder layer as a chain of eager torch operations: the
+projections' matmuls and, around them, a dozen elementwise steps (the RMSNorms, in bfloat16 with
+their conversions to float32 and back, the heads' norms and the rotary embedding, the residual
+adds, silu times up), each a pass of its own over the layer's activations. Where the matmuls are
+fast (bfloat16 on a CPU with AMX) those passes are most of a layer's time. Compiled, inductor fuses
+them into a few loops of its own generated C++ around the same matmuls.
+
+What is compiled: two functions of tensors, the same for every layer (the layer's weights are
+arguments, so one graph serves all layers): `_before` (input norm, the q/k/v projections, the
+heads' norms and the rotary embedding) and `_after` (the output projection, the residual, the
+post-attention norm, the MLP and its residual), with dynamic shapes (one graph whatever the packed
+length). Attention runs eagerly between them (packed_attention.py: per row, in length groups), and
+so does the last layer (on the pooled tokens alone, a few rows). A forward of fewer than
+packed.MIN_MATMUL_ROWS tokens is padded to that many (copies of the last), as packed._linear pads
+its matmuls, so a row's vector does not depend on its batch.
+
+At start-up (`settle`, once the dtype is settled): the first packed forward of the probe texts
+compiles both functions (seconds: inductor writes and builds C++, so the host needs a C++ compiler;
+its cache makes a second start faster) and its vectors are checked against the padded forward's
+within the packed check's line. Where compiling fails (no compiler, an unsupported layer) or the
+vectors differ, the layers stay eager and the log, /health and /v1/models say why. Not with
+DTYPE=int8 (its projections are modules of their own), not on CUDA (the packed forward is a CPU
+path); the projections keep their plain weights (oneDNN's prepacked layout is not something
+inductor compiles: CPU_PREPACK is off with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import packed
+from .packed_attention import attention
+
+log = logging.getLogger("embedding_api")
+
+
+@dataclass
+class CompileChoice:
+    """Whether the layers run compiled and why: "setting" (off), "compiled", or why not."""
+
+    on: bool
+    reason: str
+    seconds: float | None = None  # how long compiling took at start-up
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm as packed._norm runs it: one call in float32; in other dtypes normalized in
+    float32 and rounded before the weight is applied (the model's own module)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
+
+
+def _before(hidden, norm_w, q_w, q_b, k_w, k_b, v_w, v_b, q_norm_w, k_norm_w, cos, signed_sin,
+            eps: float, dim: int):
+    """A layer up to attention: queries, keys and values of the packed tokens (T, heads, dim)."""
+    rows = hidden.shape[0]
+    x = _norm(hidden, norm_w, eps)
+    q = _rotary(_norm(F.linear(x, q_w, q_b).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
+    k = _rotary(_norm(F.linear(x, k_w, k_b).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
+    return q, k, F.linear(x, v_w, v_b).view(rows, -1, dim)
+
+
+def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float):
+    """A layer from attention's output on: the output projection, the MLP and the residuals."""
+    hidden = hidden + F.linear(o.reshape(hidden.shape[0], -1), o_w, o_b)
+    x = _norm(hidden, norm_w, eps)
+    gated = F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b)
+    return hidden + F.linear(gated, down_w, down_b)
+
+
+class CompiledLayers:
+    """The layer step of packed.run, compiled: `__call__` has packed._layer's signature."""
+
+    def __init__(self):
+        self.before = torch.compile(_before, dynamic=True)
+        self.after = torch.compile(_after, dynamic=True)
+
+    def __call__(self, layer, hidden, cos, signed_sin, segments):
+        attn, mlp = layer.self_attn, layer.mlp
+        rows = hidden.shape[0]
+        short = packed.MIN_MATMUL_ROWS - rows
+        if short > 0:  # padded as packed._linear pads its matmuls
+            hidden, cos, signed_sin = (torch.cat((t, t[-1:].expand(short, *t.shape[1:])))
+                                       for t in (hidden, cos, signed_sin))
+        eps = layer.input_layernorm.variance_epsilon
+        q, k, v = self.before(hidden, layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
+                              attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias,
+                              attn.q_norm.weight, attn.k_norm.weight, cos, signed_sin, eps, attn.head_dim)
+        o = attention(q[:rows], k[:rows], v[:rows], segments, attn.layer_idx, attn.scaling)
+        if short > 0:
+            o = torch.cat((o, o[-1:].expand(short, *o.shape[1:])))
+        out = self.after(hidden, o, attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight,
+                         mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                         mlp.down_proj.weight, mlp.down_proj.bias, eps)
+        return out[:rows] if short > 0 else out
+
+
+def why_not(runner) -> str | None:
+    """Why this model copy's layers cannot be compiled; None where they can."""
+    if runner.device.type != "cpu":
+        return "not a CPU"
+    if not runner.packing:
+        return "packed forward off"
+    if runner.dtype_choice.int8:
+        return "int8"
+    layer = packed.text_model(runner).layers[0]
+    projections = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+    if any(type(p) is not torch.nn.Linear for p in projections):
+        return "the projections are not plain linear layers"
+    return None
+
+
+def settle(runner) -> CompileChoice:
+    """Apply TORCH_COMPILE to a loaded runner whose dtype is settled (see the module's text); returns
+    the choice, also kept as `runner.compile_choice`, and logs it on one line."""
+    why = None if runner.settings.torch_compile else "setting"
+    why = why or why_not(runner)
+    choice = CompileChoice(False, why) if why else _compile(runner)
+    runner.compile_choice = choice
+    return choice
+
+
+def _compile(runner) -> CompileChoice:
+    # A graph that cannot be compiled again later (a new shape past the guards) runs eagerly rather
+    # than failing the request that met it.
+    torch._dynamo.config.suppress_errors = True
+    runner.compiled_layer = CompiledLayers()
+    started = time.perf_counter()
+    try:
+        with _strict():
+            cosine = packed.agreement(runner)  # compiles both functions, then checks their vectors
+    except Exception as exc:  # noqa: BLE001 - no compiler, or a layer inductor cannot compile: eager
+        runner.compiled_layer = None
+        text = str(exc).strip().splitlines()  # inductor's first line says what failed (a missing compiler, ...)
+        detail = f"{exc.__class__.__name__}: {text[0][:200] if text else ''}"
+        log.warning("TORCH_COMPILE: the decoder layers could not be compiled (%s); they run eagerly", detail)
+        return CompileChoice(False, f"compile failed ({exc.__class__.__name__})")
+    seconds = round(time.perf_counter() - started, 1)
+    line = packed.FLOAT32_AGREEMENT if runner.dtype == torch.float32 else packed.HALF_AGREEMENT
+    if cosine < line:
+        runner.compiled_layer = None
+        log.warning("TORCH_COMPILE: the compiled layers' vectors differ from the padded forward's (min cosine "
+                    "%.6f, line %s); they run eagerly", cosine, line)
+        return CompileChoice(False, "vectors differ", seconds)
+    log.info("decoder layers compiled (TORCH_COMPILE=true, inductor) in %.1f s; min cosine to the padded "
+             "forward %.6f", seconds, cosine)
+    return CompileChoice(True, "compiled", seconds)
+
+
+class _strict:
+    """At start-up a compile error is raised (and the layers stay eager), not suppressed into an
+    eager run that would pass the check unnoticed."""
+
+    def __enter__(self):
+        self.saved = torch._dynamo.config.suppress_errors
+        torch._dynamo.config.suppress_errors = False
+
+    def __exit__(self, *exc):
+        torch._dynamo.config.suppress_errors = self.saved
+        return False
