@@ -82,8 +82,9 @@ class Settings(BaseSettings):
                         "(one model copy each, e.g. cuda:0,cuda:1 or cpu,cpu), or cuda:all (every visible GPU)")
     dtype: str = Field("auto", description="auto (bfloat16 on CUDA; on a CPU bfloat16 where it has native bf16 "
                        "and a start-up probe measures it faster, else float32), float32, bfloat16, float16, or int8 "
-                       "(a CPU only: the decoder's projections in int8, faster on wide models, cosine ~0.9987-0.9991 "
-                       "to float32 with VNNI's 8-bit activations, ~0.997-0.998 without; never chosen by auto)")
+                       "(a CPU only: the decoder's projections in int8, faster on wide models without AMX, cosine "
+                       "~0.9987-0.9991 to float32 with VNNI's 8-bit activations, ~0.997-0.998 without; never chosen "
+                       "by auto)")
     dtype_probe: bool = Field(True, description="with DTYPE=auto on a CPU with native bf16: time float32 against "
                               "bfloat16 at start-up and keep the faster (false: float32, no probe)")
     cpu_prepack: str = Field("auto", description="the decoder's projection weights in oneDNN's blocked layout on a "

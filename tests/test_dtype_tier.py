@@ -9,6 +9,7 @@ tested on given timings, and the switch between the two copies on a decision giv
 from __future__ import annotations
 
 import itertools
+import logging
 
 import httpx
 import numpy as np
@@ -217,6 +218,15 @@ def test_int8_runs_the_decoder_projections_in_int8_close_to_float32(tiny_vl, flo
     together = runner.forward([runner.prepare([t], [], None, None) for t in texts])
     alone = np.concatenate([runner.forward([runner.prepare([t], [], None, None)]) for t in texts])
     assert np.all(_cos(alone, together) >= 0.99999), _cos(alone, together)
+
+
+@pytest.mark.parametrize("flag,warned", [("amx_bf16", True), ("avx512_bf16", False), (None, False)])
+def test_int8_on_a_cpu_with_amx_warns_that_bfloat16_is_faster_there(tiny_text, monkeypatch, caplog, flag, warned):
+    monkeypatch.setattr(dtype_tier, "native_bf16", lambda cpuinfo=None: flag)  # a CPU this host may not be
+    with caplog.at_level(logging.WARNING, logger="embedding_api"):
+        runner = _runner(tiny_text, dtype="int8")
+    assert runner.info().dtype == "int8"  # the setting is kept: a warning, not a refusal
+    assert ("DTYPE=int8 on a CPU with AMX" in caplog.text) is warned
 
 
 def test_int8_keeps_the_vision_encoder_in_float32_on_a_cpu_without_native_bf16(tiny_vl, monkeypatch):

@@ -31,7 +31,7 @@ from ..model_paths import ModelLoadError
 
 log = logging.getLogger("embedding_api")
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # AMX first: the log names the stronger of the two
 BF16_MARGIN = 0.9  # bfloat16 is kept when its median forward takes at most this share of float32's
 PROBE_BATCH = 8  # inputs in the probe's batch
 PROBE_SECONDS = 3.0  # the probe stops starting new rounds after this long (warm-up included)
@@ -177,6 +177,10 @@ def _to_int8(runner) -> None:
     log.info("dtype int8 (DTYPE=int8): %d projections of the decoder in int8 (weights per channel, "
              "activations per row, outliers in float32; %s); %sthe rest in float32", count, kernel,
              f"the vision encoder in bfloat16 (the CPU has {vision}); " if vision else "")
+    if native_bf16() == "amx_bf16":
+        log.warning("DTYPE=int8 on a CPU with AMX: its bfloat16 matmuls are as fast as int8's here; on such a "
+                    "CPU DTYPE=auto (bfloat16) served 1.07-1.38x int8's inputs/s on the test checkpoints, with "
+                    "vectors closer to float32 (docs/benchmarks.md, AMX)")
 
 
 def to_int8(model: torch.nn.Module, kernel: str | None = None) -> tuple[int, str | None]:
