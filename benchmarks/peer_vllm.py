@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import vllm_peer as vp
 from .peer import mean, measure
-from .run import checkpoint, log, server_settings
+from .run import checkpoint, log, parse_settings, server_settings
 from .server import Server
 from .workload import png_images, short_texts
 
@@ -210,14 +210,6 @@ def vector_lines(results: dict) -> list[str]:
     return lines
 
 
-def _settings(text: str) -> dict[str, str]:
-    """Space-separated NAME=VALUE settings."""
-    pairs = [item.split("=", 1) for item in text.split()]
-    if any(len(p) != 2 or not p[0] for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE settings, got {text!r}")
-    return {name.upper(): value for name, value in pairs}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.peer_vllm", description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", action="store_true", help="create vLLM's virtual environment and install it")
@@ -236,7 +228,7 @@ def parse_args(argv=None):
                    help="also this server with DTYPE=int8, in the turns of vLLM's last dtype (a row of its own)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE: vLLM's KV cache (GiB)")
     p.add_argument("--encoding", choices=("base64", "float"), default="base64")
-    p.add_argument("--settings", type=_settings, default={},
+    p.add_argument("--settings", type=parse_settings, default={},
                    help='more settings for every run of this server, e.g. "TORCH_COMPILE=true"')
     p.add_argument("--cache", type=Path, default=HERE / ".cache", help="where the checkpoints are written")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON results go")

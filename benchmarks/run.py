@@ -121,6 +121,14 @@ def checkpoint(cache: Path, family: str, size: str, vocab: str = "byte") -> Path
     return path
 
 
+def parse_settings(text: str) -> dict[str, str]:
+    """Space-separated NAME=VALUE settings, as a command line's `--settings "TORCH_COMPILE=true ..."`."""
+    pairs = [item.split("=", 1) for item in text.split()]
+    if any(len(p) != 2 or not p[0] for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE settings, got {text!r}")
+    return {name.upper(): value for name, value in pairs}
+
+
 def server_settings(model: Path, threads: int, batch_size: int) -> dict[str, str]:
     return {
         "MODEL_PATH": str(model),

@@ -4,6 +4,7 @@
     python -m benchmarks.versus --ref 8bdb8b2 --family qwen3 --size wide
     python -m benchmarks.versus --ref 8bdb8b2 --kind realistic --vocab qwen --clients 8   # the realistic mix
     python -m benchmarks.versus --ref 8bdb8b2 --size wide --dtype auto   # HEAD at its fastest tier
+    python -m benchmarks.versus --ref 8bdb8b2 --dtype auto --settings "TORCH_COMPILE=true"   # and compiled
 
 The revision's `embedding_api` package is extracted with `git archive` into benchmarks/.versus/<commit>/
 and put first on the path of its own server and limit process; everything else (this benchmark, the
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .run import LimitProcess, checkpoint, log, server_settings
+from .run import LimitProcess, checkpoint, log, parse_settings, server_settings
 from .server import Server, drive
 from .workload import request_bodies
 
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of every contender")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="DTYPE of HEAD's server and limit (the revision: float32)")
+    p.add_argument("--settings", type=parse_settings, default={},
+                   help='more settings for HEAD\'s server (not its limit), e.g. "TORCH_COMPILE=true"')
     p.add_argument("--cache", type=Path, default=HERE / ".cache")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
@@ -81,12 +84,13 @@ def main(argv=None) -> int:
     settings = {**server_settings(model, args.threads, args.batch_size), "DTYPE": "float32",
                 "MAX_INPUTS_PER_REQUEST": "64"}
     dtypes = "float32" if args.dtype == "float32" else f"float32 against HEAD's DTYPE={args.dtype}"
+    dtypes += "".join(f" {k}={v}" for k, v in args.settings.items())
     bodies, inputs = request_bodies(args.kind, "base64")
     load = "single short texts" if args.kind == "text" else f"the {args.kind} load"
     log(f"versus {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), {dtypes}, TORCH_THREADS={args.threads}, "
         f"{args.clients} clients, {load}, {args.rounds} rounds x {args.duration:.0f} s")
     servers = {"server@ref": Server(settings, run_dir, "ref", first=old_root).start(),
-               "server@HEAD": Server({**settings, "DTYPE": args.dtype}, run_dir, "head").start()}
+               "server@HEAD": Server({**settings, "DTYPE": args.dtype, **args.settings}, run_dir, "head").start()}
     limits: dict[str, LimitProcess] = {}
     rounds: list[dict] = []
     try:
