@@ -102,7 +102,8 @@ def serve() -> None:
                         max_batch_size=int(spec["batch_size"]))
     runner = load_runner(settings)
     inputs: dict[str, list[PreparedInput]] = {}
-    print(json.dumps({"ready": True, "dtype": runner.info().dtype, "prepacked": runner.info().prepacked}), flush=True)
+    info = runner.info()  # an earlier revision's (benchmarks/versus.py) may not say whether it prepacks
+    print(json.dumps({"ready": True, "dtype": info.dtype, "prepacked": getattr(info, "prepacked", None)}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
         kind = ask["kind"]
