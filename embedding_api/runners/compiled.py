@@ -13,8 +13,9 @@ heads' norms and the rotary embedding) and `_after` (the output projection, the 
 post-attention norm, the MLP and its residual), with dynamic shapes (one graph whatever the packed
 length). Attention runs eagerly between them (packed_attention.py: per row, in length groups), and
 so does the last layer (on the pooled tokens alone, a few rows). A forward of fewer than
-packed.MIN_MATMUL_ROWS tokens is padded to that many (copies of the last), as packed._linear pads
-its matmuls, so a row's vector does not depend on its batch.
+packed.MIN_MATMUL_ROWS tokens would be padded to that many (copies of the last), as packed._linear pads
+its matmuls, so that a row's vector does not depend on its batch (packed.run's forwards already have
+at least that many: packed.padded_rows).
 
 At start-up (`settle`, once the dtype is settled): the first packed forward of the probe texts
 compiles both functions (seconds: inductor writes and builds C++, so the host needs a C++ compiler;

@@ -49,9 +49,10 @@ MIN_MATMUL_ROWS = 8
 # A packed forward's token count is rounded up to a few sizes (`padded_rows`), the extra rows copies
 # of the last token's state whose outputs are never read: oneDNN (bfloat16 matmuls, prepacked weights,
 # int8) builds a kernel for each matmul shape it meets, and with every batch's own length a server met
-# new shapes all the time (on a CPU with AMX, batches of 16 short texts of varied lengths took 1.09-1.13x
-# as long as the same batches again). The extra rows: at most 7 under 128 tokens, 15 under 512, 31
-# under 2,048, 63 past that (under 12% of a forward's rows from 128 tokens on, under 7% from 512).
+# new shapes all the time (on a CPU with AMX, batches of 16 short texts of varied lengths took 1.09-1.26x
+# as long as the same batches again, the gap narrowing as oneDNN's cache filled). The extra rows: at
+# most 7 under 128 tokens, 15 under 512, 31 under 2,048, 63 past that (under 12% of a forward's rows
+# from 128 tokens on, under 7% from 512).
 def padded_rows(tokens: int) -> int:
     step = 8 if tokens < 128 else 16 if tokens < 512 else 32 if tokens < 2048 else 64
     return -(-tokens // step) * step
