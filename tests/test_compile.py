@@ -7,6 +7,7 @@ depends on how long."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import httpx
@@ -91,10 +92,12 @@ def test_a_compiled_reranker_scores_as_the_eager_one(tiny_text_reranker):
     assert np.abs(scores(compiled) - scores(eager)).max() <= 1e-5
 
 
-def test_int8_layers_are_not_compiled(tiny_text):
-    runner = _runner(tiny_text, dtype="int8", torch_compile=True)
+def test_int8_layers_are_not_compiled_and_the_log_says_why(tiny_text, caplog):
+    with caplog.at_level(logging.INFO, logger="embedding_api"):
+        runner = _runner(tiny_text, dtype="int8", torch_compile=True)
     assert (runner.compile_choice.on, runner.compile_choice.reason) == (False, "int8")
     assert runner.compiled_layer is None
+    assert "decoder layers eager (TORCH_COMPILE=true: int8)" in caplog.text
 
 
 def test_the_compiling_server_says_so_and_a_restart_keeps_it(start_server, tiny_text, text_pair):

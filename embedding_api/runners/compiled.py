@@ -130,9 +130,13 @@ def why_not(runner) -> str | None:
 def settle(runner) -> CompileChoice:
     """Apply TORCH_COMPILE to a loaded runner whose dtype is settled (see the module's text); returns
     the choice, also kept as `runner.compile_choice`, and logs it on one line."""
-    why = None if runner.settings.torch_compile else "setting"
-    why = why or why_not(runner)
-    choice = CompileChoice(False, why) if why else _compile(runner)
+    if not runner.settings.torch_compile:
+        choice = CompileChoice(False, "setting")  # the default: nothing to say
+    elif (why := why_not(runner)) is not None:
+        log.info("decoder layers eager (TORCH_COMPILE=true: %s)", why)
+        choice = CompileChoice(False, why)
+    else:
+        choice = _compile(runner)
     runner.compile_choice = choice
     return choice
 
