@@ -92,7 +92,8 @@ class Settings(BaseSettings):
                              "or false")
     torch_compile: bool = Field(False, description="true: a CPU model copy's decoder layers (all but attention) "
                                 "compiled by torch.compile at start-up (seconds; needs a C++ compiler on the host; "
-                                "eager where compiling fails; CPU_PREPACK is then off); false: eager")
+                                "eager where compiling fails; on CPU_PREPACK's weights where it prepacks); "
+                                "false: eager")
     embedding_dimension: int | None = Field(None, ge=1, description="default output size, 1..the model's size; "
                                             "empty = the model's size")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")

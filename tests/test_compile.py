@@ -47,8 +47,7 @@ def test_compiled_layers_give_the_eager_vectors(text_pair):
     assert (compiled.compile_choice.on, compiled.compile_choice.reason) == (True, "compiled")
     assert compiled.compiled_layer is not None and eager.compiled_layer is None
     assert compiled.info().compiled and not eager.info().compiled and eager.info().compile_reason == "setting"
-    # The compiled layers run on plain weights: CPU_PREPACK (auto here) says why it is off.
-    assert (compiled.info().prepacked, compiled.info().prepack_reason) == (False, "TORCH_COMPILE")
+    assert compiled.info().prepack_reason == "probe"  # CPU_PREPACK decides on its own, before compiling
     # One short text alone (fewer tokens than the matmuls' minimum: padded), a batch of mixed lengths,
     # and queries with an instruction (the cached prefix's keys and values under the compiled layers).
     for texts, instruction in (([TEXTS[0]], None), ([TEXTS[1]], None), (TEXTS, None), (TEXTS[:3], "Find it")):
@@ -59,6 +58,22 @@ def test_compiled_layers_give_the_eager_vectors(text_pair):
     alone = _embed(compiled, [TEXTS[2]])[0]
     in_batch = _embed(compiled, TEXTS)[2]
     assert np.abs(alone - in_batch).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,within", [("float32", 1e-5), ("bfloat16", 0.03)])
+def test_compiled_layers_on_prepacked_weights_give_the_eager_vectors(tiny_text, dtype, within):
+    """CPU_PREPACK=true then TORCH_COMPILE: oneDNN's prepacked matmuls inside the compiled steps."""
+    from embedding_api.runners.prepack import PrepackedLinear
+
+    compiled = _runner(tiny_text, dtype=dtype, cpu_prepack="true", torch_compile=True)
+    eager = _runner(tiny_text, dtype=dtype, cpu_prepack="true")
+    assert compiled.compile_choice.on and compiled.prepack_choice.on
+    assert type(packed.text_model(compiled).layers[0].mlp.up_proj) is PrepackedLinear
+    for texts in ([TEXTS[0]], TEXTS):
+        got, want = _embed(compiled, texts), _embed(eager, texts)
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= within * scale, (dtype, np.abs(got - want).max(), scale)
+        assert _cos(got, want).min() >= (0.999999 if dtype == "float32" else 0.9999)
 
 
 def test_compiled_bfloat16_stays_with_eager_bfloat16(tiny_text, text_pair):
@@ -107,9 +122,9 @@ def test_the_compiling_server_says_so_and_a_restart_keeps_it(start_server, tiny_
         health = c.get("/health").json()
         r = c.post("/v1/embeddings", json={"input": TEXTS})
     assert r.status_code == 200, r.text
-    assert card["compiled"] is True and card["prepacked"] is False
+    assert card["compiled"] is True and card["prepacked"] is health["prepacked"]
     assert (health["compiled"], health["compile_reason"]) == (True, "compiled")
-    assert (health["prepacked"], health["prepack_reason"]) == (False, "TORCH_COMPILE")
+    assert health["prepack_reason"] == "probe"  # CPU_PREPACK=auto decides first, as without compiling
     got = np.array([d["embedding"] for d in r.json()["data"]])
     want = _embed(text_pair[1], TEXTS)
     assert _cos(got, want).min() >= 0.99999

@@ -58,17 +58,17 @@ def _load(settings: Settings, limit: int | None) -> list["Runner"]:
 def _settle(runner: "Runner") -> None:
     """Once the weights are loaded: the packed forward is checked against the padded one
     (runners/packed.py; with images too, for Qwen3-VL), then DTYPE=auto on a CPU picks float32 or
-    bfloat16 as measured, or DTYPE=int8 quantizes, then TORCH_COMPILE compiles the decoder layers
-    (runners/compiled.py), or else CPU_PREPACK prepacks the decoder's weights (where its probe
-    measures that faster, in the dtype chosen: runners/prepack.py). The check runs in
+    bfloat16 as measured, or DTYPE=int8 quantizes, then CPU_PREPACK prepacks the decoder's weights
+    (where its probe measures that faster, in the dtype chosen: runners/prepack.py), then
+    TORCH_COMPILE compiles the decoder layers on them (runners/compiled.py). The check runs in
     the dtype the weights were loaded in: for auto and int8 that is float32, where the two forwards
     agree to ~1e-7 (in int8 a rounding that flips between them moves the vectors by ~1e-5), and auto's
     probe then times the packed forward that requests will run. Last, on the settled weights, what one
     more forward costs is measured for length groups (runners/split.py), where some inputs run padded."""
     runner.check_packing()
     settle_dtype(runner)
-    settle_compile(runner)
     settle_prepack(runner)
+    settle_compile(runner)
     settle_split(runner)
 
 

@@ -23,8 +23,8 @@ its cache makes a second start faster) and its vectors are checked against the p
 within the packed check's line. Where compiling fails (no compiler, an unsupported layer) or the
 vectors differ, the layers stay eager and the log, /health and /v1/models say why. Not with
 DTYPE=int8 (its projections are modules of their own), not on CUDA (the packed forward is a CPU
-path); the projections keep their plain weights (oneDNN's prepacked layout is not something
-inductor compiles: CPU_PREPACK is off with it).
+path). CPU_PREPACK is settled first (its probe on the eager layers), and prepacked projections stay
+oneDNN's own call inside the compiled steps (`_prepacked_linear`: inductor does not lower it).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import packed
 from .packed_attention import attention
+from .prepack import PrepackedLinear
 
 log = logging.getLogger("embedding_api")
 
@@ -66,22 +67,44 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
 
 
+@torch.library.custom_op("embedding_api::prepacked_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
+def _prepacked_linear(x, packed, bias):
+    """A projection on CPU_PREPACK's weights (prepack.PrepackedLinear), to inductor an opaque call: the
+    oneDNN matmul itself, the steps around it compiled."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_prepacked_linear.register_fake
+def _(x, packed, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _linear(x, weight, bias, packed: bool):
+    return _prepacked_linear(x, weight, bias) if packed else F.linear(x, weight, bias)
+
+
 def _before(hidden, norm_w, q_w, q_b, k_w, k_b, v_w, v_b, q_norm_w, k_norm_w, cos, signed_sin,
-            eps: float, dim: int):
+            eps: float, dim: int, packed: bool):
     """A layer up to attention: queries, keys and values of the packed tokens (T, heads, dim)."""
     rows = hidden.shape[0]
     x = _norm(hidden, norm_w, eps)
-    q = _rotary(_norm(F.linear(x, q_w, q_b).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
-    k = _rotary(_norm(F.linear(x, k_w, k_b).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
-    return q, k, F.linear(x, v_w, v_b).view(rows, -1, dim)
+    q = _rotary(_norm(_linear(x, q_w, q_b, packed).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
+    k = _rotary(_norm(_linear(x, k_w, k_b, packed).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
+    return q, k, _linear(x, v_w, v_b, packed).view(rows, -1, dim)
 
 
-def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float):
+def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float, packed: bool):
     """A layer from attention's output on: the output projection, the MLP and the residuals."""
-    hidden = hidden + F.linear(o.reshape(hidden.shape[0], -1), o_w, o_b)
+    hidden = hidden + _linear(o.reshape(hidden.shape[0], -1), o_w, o_b, packed)
     x = _norm(hidden, norm_w, eps)
-    gated = F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b)
-    return hidden + F.linear(gated, down_w, down_b)
+    gated = F.silu(_linear(x, gate_w, gate_b, packed)) * _linear(x, up_w, up_b, packed)
+    return hidden + _linear(gated, down_w, down_b, packed)
+
+
+def _weights(module) -> tuple:
+    """A projection's weight as the compiled steps take it (plain, or CPU_PREPACK's opaque one) and bias."""
+    return (module.packed, module.bias) if type(module) is PrepackedLinear else (module.weight, module.bias)
 
 
 class CompiledLayers:
@@ -99,15 +122,16 @@ class CompiledLayers:
             hidden, cos, signed_sin = (torch.cat((t, t[-1:].expand(short, *t.shape[1:])))
                                        for t in (hidden, cos, signed_sin))
         eps = layer.input_layernorm.variance_epsilon
-        q, k, v = self.before(hidden, layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
-                              attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias,
-                              attn.q_norm.weight, attn.k_norm.weight, cos, signed_sin, eps, attn.head_dim)
+        packed_weights = type(attn.q_proj) is PrepackedLinear  # CPU_PREPACK prepacks every projection or none
+        q, k, v = self.before(hidden, layer.input_layernorm.weight, *_weights(attn.q_proj), *_weights(attn.k_proj),
+                              *_weights(attn.v_proj), attn.q_norm.weight, attn.k_norm.weight, cos, signed_sin, eps,
+                              attn.head_dim, packed_weights)
         o = attention(q[:rows], k[:rows], v[:rows], segments, attn.layer_idx, attn.scaling)
         if short > 0:
             o = torch.cat((o, o[-1:].expand(short, *o.shape[1:])))
-        out = self.after(hidden, o, attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight,
-                         mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-                         mlp.down_proj.weight, mlp.down_proj.bias, eps)
+        out = self.after(hidden, o, *_weights(attn.o_proj), layer.post_attention_layernorm.weight,
+                         *_weights(mlp.gate_proj), *_weights(mlp.up_proj), *_weights(mlp.down_proj), eps,
+                         packed_weights)
         return out[:rows] if short > 0 else out
 
 
@@ -122,8 +146,8 @@ def why_not(runner) -> str | None:
     layer = packed.text_model(runner).layers[0]
     projections = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
-    if any(type(p) is not torch.nn.Linear for p in projections):
-        return "the projections are not plain linear layers"
+    if any(type(p) not in (torch.nn.Linear, PrepackedLinear) for p in projections):
+        return "the projections are not linear layers"
     return None
 
 

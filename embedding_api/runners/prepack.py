@@ -19,8 +19,8 @@ model, by measurement:
 Only the decoder layers' nn.Linear modules (attention and MLP projections; as DTYPE=int8 takes
 them): not the vision encoder, the embeddings or a reranker's head. Vectors move by float32
 rounding only (different summing order; cosine 1.000000 to the plain weights). float16 is not
-prepacked (oneDNN's float16 kernels need AVX512-FP16 or AVX-NE-CONVERT), nor DTYPE=int8's layers,
-nor compiled layers (TORCH_COMPILE, runners/compiled.py: inductor compiles the plain weights' matmuls).
+prepacked (oneDNN's float16 kernels need AVX512-FP16 or AVX-NE-CONVERT), nor DTYPE=int8's layers.
+TORCH_COMPILE (runners/compiled.py) compiles the layers around the prepacked matmuls.
 """
 
 from __future__ import annotations
@@ -111,8 +111,6 @@ def why_not(runner) -> str | None:
         return "not a CPU"
     if runner.dtype_choice.int8:
         return "int8"
-    if runner.compile_choice.on:
-        return "TORCH_COMPILE"
     if runner.dtype not in DTYPES:
         return f"{str(runner.dtype).replace('torch.', '')} (float32 and bfloat16 only)"
     if not torch.backends.mkldnn.is_available():
