@@ -123,10 +123,10 @@ def checkpoint(cache: Path, family: str, size: str, vocab: str = "byte") -> Path
 
 def parse_settings(text: str) -> dict[str, str]:
     """Space-separated NAME=VALUE settings, as a command line's `--settings "TORCH_COMPILE=true ..."`."""
-    pairs = [item.split("=", 1) for item in text.split()]
-    if any(len(p) != 2 or not p[0] for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE settings, got {text!r}")
-    return {name.upper(): value for name, value in pairs}
+    pairs = [item.partition("=") for item in text.split()]
+    if any(not sep or not name for name, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE settings: {text!r}")
+    return {name.upper(): value for name, _, value in pairs}
 
 
 def server_settings(model: Path, threads: int, batch_size: int) -> dict[str, str]:

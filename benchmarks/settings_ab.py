@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .run import checkpoint, run_load
+from .run import checkpoint, parse_settings, run_load
 from .server import Server
 
 HERE = Path(__file__).resolve().parent
@@ -71,10 +71,11 @@ def describe(label: str, got: dict) -> str:
 
 
 def parse(config: str) -> dict[str, str]:
-    pairs = [item.partition("=") for item in config.split()]
-    if any(not sep or not name for name, sep, _ in pairs):
-        raise SystemExit(f"not NAME=VALUE settings: {config!r}")
-    return {name.upper(): value for name, _, value in pairs}
+    """One positional argument's settings (run.parse_settings); a bad one ends the run."""
+    try:
+        return parse_settings(config)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv=None) -> int:

@@ -12,10 +12,10 @@ arguments, so one graph serves all layers): `_before` (input norm, the q/k/v pro
 heads' norms and the rotary embedding) and `_after` (the output projection, the residual, the
 post-attention norm, the MLP and its residual), with dynamic shapes (one graph whatever the packed
 length). Attention runs eagerly between them (packed_attention.py: per row, in length groups), and
-so does the last layer (on the pooled tokens alone, a few rows). A forward of fewer than
-packed.MIN_MATMUL_ROWS tokens would be padded to that many (copies of the last), as packed._linear pads
-its matmuls, so that a row's vector does not depend on its batch (packed.run's forwards already have
-at least that many: packed.padded_rows).
+so does the last layer (on the pooled tokens alone, a few rows). The steps use packed.py's own
+rotary embedding; packed.run's forwards have at least packed.MIN_MATMUL_ROWS tokens
+(packed.padded_rows), so, as packed._linear ensures for its matmuls, a row's vector does not depend on
+how many rows its forward had.
 
 At start-up (`settle`, once the dtype is settled): the first packed forward of the probe texts
 compiles both functions (seconds: inductor writes and builds C++, so the host needs a C++ compiler;
@@ -62,11 +62,6 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
-
-
 @torch.library.custom_op("embedding_api::prepacked_linear", mutates_args=(),
                          schema="(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
 def _prepacked_linear(x, packed, bias):
@@ -80,26 +75,26 @@ def _(x, packed, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-def _linear(x, weight, bias, packed: bool):
-    return _prepacked_linear(x, weight, bias) if packed else F.linear(x, weight, bias)
+def _linear(x, weight, bias, prepacked: bool):
+    return _prepacked_linear(x, weight, bias) if prepacked else F.linear(x, weight, bias)
 
 
 def _before(hidden, norm_w, q_w, q_b, k_w, k_b, v_w, v_b, q_norm_w, k_norm_w, cos, signed_sin,
-            eps: float, dim: int, packed: bool):
+            eps: float, dim: int, prepacked: bool):
     """A layer up to attention: queries, keys and values of the packed tokens (T, heads, dim)."""
     rows = hidden.shape[0]
     x = _norm(hidden, norm_w, eps)
-    q = _rotary(_norm(_linear(x, q_w, q_b, packed).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
-    k = _rotary(_norm(_linear(x, k_w, k_b, packed).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
-    return q, k, _linear(x, v_w, v_b, packed).view(rows, -1, dim)
+    q = packed._rotary(_norm(_linear(x, q_w, q_b, prepacked).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
+    k = packed._rotary(_norm(_linear(x, k_w, k_b, prepacked).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
+    return q, k, _linear(x, v_w, v_b, prepacked).view(rows, -1, dim)
 
 
-def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float, packed: bool):
+def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float, prepacked: bool):
     """A layer from attention's output on: the output projection, the MLP and the residuals."""
-    hidden = hidden + _linear(o.reshape(hidden.shape[0], -1), o_w, o_b, packed)
+    hidden = hidden + _linear(o.reshape(hidden.shape[0], -1), o_w, o_b, prepacked)
     x = _norm(hidden, norm_w, eps)
-    gated = F.silu(_linear(x, gate_w, gate_b, packed)) * _linear(x, up_w, up_b, packed)
-    return hidden + _linear(gated, down_w, down_b, packed)
+    gated = F.silu(_linear(x, gate_w, gate_b, prepacked)) * _linear(x, up_w, up_b, prepacked)
+    return hidden + _linear(gated, down_w, down_b, prepacked)
 
 
 def _weights(module) -> tuple:
@@ -116,23 +111,15 @@ class CompiledLayers:
 
     def __call__(self, layer, hidden, cos, signed_sin, segments):
         attn, mlp = layer.self_attn, layer.mlp
-        rows = hidden.shape[0]
-        short = packed.MIN_MATMUL_ROWS - rows
-        if short > 0:  # padded as packed._linear pads its matmuls
-            hidden, cos, signed_sin = (torch.cat((t, t[-1:].expand(short, *t.shape[1:])))
-                                       for t in (hidden, cos, signed_sin))
         eps = layer.input_layernorm.variance_epsilon
         packed_weights = type(attn.q_proj) is PrepackedLinear  # CPU_PREPACK prepacks every projection or none
         q, k, v = self.before(hidden, layer.input_layernorm.weight, *_weights(attn.q_proj), *_weights(attn.k_proj),
                               *_weights(attn.v_proj), attn.q_norm.weight, attn.k_norm.weight, cos, signed_sin, eps,
                               attn.head_dim, packed_weights)
-        o = attention(q[:rows], k[:rows], v[:rows], segments, attn.layer_idx, attn.scaling)
-        if short > 0:
-            o = torch.cat((o, o[-1:].expand(short, *o.shape[1:])))
-        out = self.after(hidden, o, *_weights(attn.o_proj), layer.post_attention_layernorm.weight,
-                         *_weights(mlp.gate_proj), *_weights(mlp.up_proj), *_weights(mlp.down_proj), eps,
-                         packed_weights)
-        return out[:rows] if short > 0 else out
+        o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
+        return self.after(hidden, o, *_weights(attn.o_proj), layer.post_attention_layernorm.weight,
+                          *_weights(mlp.gate_proj), *_weights(mlp.up_proj), *_weights(mlp.down_proj), eps,
+                          packed_weights)
 
 
 def why_not(runner) -> str | None:
