@@ -93,6 +93,32 @@ def test_compiled_qwen3_vl_packs_images_and_clips_as_the_padded_forward(tiny_vl)
     assert cosine >= packed.FLOAT32_AGREEMENT
 
 
+def test_a_deep_model_runs_in_chunks_with_prefixes_and_images_as_eager(tmp_path_factory):
+    """The 28-layer `cpu` shape of Qwen3-VL: its deepstack layer alone, then the rest in compiled
+    chunks of CHUNK_LAYERS (three full ones and a shorter last one: two graphs), each chunk's
+    attention on its own layers' cached prefix keys and values; vectors as the eager layers'."""
+    from embedding_api.runners import compiled as compiled_layers
+    from embedding_api.tools.checkpoint import write_checkpoint
+
+    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "cpu-vl", family="qwen3_vl", size="cpu", seed=0)
+    compiled = _runner(path, dtype="float32", torch_compile=True, cpu_prepack="false")
+    eager = _runner(path, dtype="float32", cpu_prepack="false")
+    assert compiled.compile_choice.on and compiled.packing_vision
+    layers = packed.text_model(compiled).layers
+    assert len(layers) == 28 and compiled.compiled_layer.first == 1
+    chunks = compiled.compiled_layer._weights(layers, len(layers) - 1)
+    assert [first for first, _ in chunks] == [1, 9, 17, 25] and [len(w) for _, w in chunks] == [8, 8, 8, 2]
+    assert compiled_layers.CHUNK_LAYERS == 8
+    image = packed.probe_images()[1]
+    for texts, instruction in ((TEXTS, None), (TEXTS[:3], "Find the city")):
+        got, want = _embed(compiled, texts, instruction), _embed(eager, texts, instruction)
+        assert np.abs(got - want).max() <= 1e-5, (instruction, np.abs(got - want).max())
+    batch = [r.prepare(["a photo of"], [image], None, None) for r in (compiled, eager)]
+    text = [r.prepare([TEXTS[2]], [], None, None) for r in (compiled, eager)]
+    got, want = compiled.forward([batch[0], text[0]]), eager.forward([batch[1], text[1]])
+    assert np.abs(got - want).max() <= 1e-5
+
+
 def test_a_compiled_reranker_scores_as_the_eager_one(tiny_text_reranker):
     compiled = _runner(tiny_text_reranker, dtype="float32", torch_compile=True)
     eager = _runner(tiny_text_reranker, dtype="float32")

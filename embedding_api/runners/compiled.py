@@ -7,19 +7,26 @@ adds, silu times up), each a pass of its own over the layer's activations. Where
 fast (bfloat16 on a CPU with AMX) those passes are most of a layer's time. Compiled, inductor fuses
 them into a few loops of its own generated C++ around the same matmuls.
 
-What is compiled: two functions of tensors, the same for every layer (the layer's weights are
-arguments, so one graph serves all layers): `_before` (input norm, the q/k/v projections, the
-heads' norms and the rotary embedding) and `_after` (the output projection, the residual, the
-post-attention norm, the MLP and its residual), with dynamic shapes (one graph whatever the packed
-length). Attention runs eagerly between them (packed_attention.py: per row, in length groups), and
-so does the last layer (on the pooled tokens alone, a few rows). The steps use packed.py's own
-rotary embedding; packed.run's forwards have at least packed.MIN_MATMUL_ROWS tokens
-(packed.padded_rows), so, as packed._linear ensures for its matmuls, a row's vector does not depend on
-how many rows its forward had.
+What is compiled: the layers' steps as functions of tensors (each layer's weights are arguments,
+so one graph serves many layers), with dynamic shapes (one graph whatever the packed length).
+Attention runs on its own code between the steps (packed_attention.py: per row, in length groups),
+an opaque call to inductor (`_packed_attention`, a custom operator: the batch's row layout is read
+from `_context`, set for each forward). The decoder's layers run in chunks of up to CHUNK_LAYERS,
+each chunk one compiled call (`_chunk`): a call into compiled code costs tens of microseconds of
+guards and wrappers, which on a narrow model of many layers was a sixth of a forward, and inductor
+fuses each layer's residual with the next one's norm. One graph serves every full chunk, a second
+the shorter last one. Before the chunks, the layers after which Qwen3-VL adds the vision encoder's
+deepstack features run one at a time, as `_before` (input norm, the q/k/v projections, the heads'
+norms and the rotary embedding) and `_after` (the output projection, the residual, the
+post-attention norm, the MLP and its residual) around attention; and the last layer runs eagerly
+(on the pooled tokens alone, a few rows). The steps use packed.py's own rotary embedding;
+packed.run's forwards have at least packed.MIN_MATMUL_ROWS tokens (packed.padded_rows), so, as
+packed._linear ensures for its matmuls, a row's vector does not depend on how many rows its forward
+had.
 
 At start-up (`settle`, once the dtype is settled): the first packed forward of the probe texts
-compiles both functions (seconds: inductor writes and builds C++, so the host needs a C++ compiler;
-its cache makes a second start faster) and its vectors are checked against the padded forward's
+(and images, for Qwen3-VL) compiles the functions (seconds to a minute: inductor writes and builds
+C++, so the host needs a C++ compiler; its cache makes a second start faster) and its vectors are checked against the padded forward's
 within the packed check's line. Where compiling fails (no compiler, an unsupported layer) or the
 vectors differ, the layers stay eager and the log, /health and /v1/models say why. Not with
 DTYPE=int8 (its projections are modules of their own), not on CUDA (the packed forward is a CPU
@@ -30,6 +37,7 @@ oneDNN's own call inside the compiled steps (`_prepacked_linear`: inductor does 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -97,29 +105,95 @@ def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down
     return hidden + _linear(gated, down_w, down_b, prepacked)
 
 
+# The decoder's layers run in compiled calls of this many (the last call may have fewer): a call
+# costs guards and wrappers, tens of microseconds (on the 28-layer `cpu` checkpoint, two calls per
+# layer were 1.16-1.22x slower than one per 8 layers); inductor's build time grows with the layers
+# in one graph (on that checkpoint 38.6 s for all 27 in one, against 3.4 s for one layer's steps).
+CHUNK_LAYERS = 8
+
+# The forward running on this thread: its rows' layout (packed_attention.Segments) and the decoder
+# layer index of the running chunk's first layer, for `_packed_attention`.
+_context = threading.local()
+
+
+@torch.library.custom_op("embedding_api::packed_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, int layer, float scaling) -> Tensor")
+def _packed_attention(q, k, v, layer, scaling):
+    """Attention of the running forward's rows at layer `layer` of its chunk (packed_attention.py),
+    to inductor an opaque call."""
+    return attention(q, k, v, _context.segments, _context.first + layer, scaling)
+
+
+@_packed_attention.register_fake
+def _(q, k, v, layer, scaling):
+    return torch.empty_like(q)
+
+
+def _chunk(hidden, cos, signed_sin, weights, eps: float, dim: int, scaling: float, prepacked: bool):
+    """Consecutive decoder layers (`weights`: each layer's, as `_layer_weights` lists them)."""
+    for i, w in enumerate(weights):
+        q, k, v = _before(hidden, *w[:9], cos, signed_sin, eps, dim, prepacked)
+        o = torch.ops.embedding_api.packed_attention(q, k, v, i, scaling)
+        hidden = _after(hidden, o, *w[9:], eps, prepacked)
+    return hidden
+
+
 def _weights(module) -> tuple:
     """A projection's weight as the compiled steps take it (plain, or CPU_PREPACK's opaque one) and bias."""
     return (module.packed, module.bias) if type(module) is PrepackedLinear else (module.weight, module.bias)
 
 
-class CompiledLayers:
-    """The layer step of packed.run, compiled: `__call__` has packed._layer's signature."""
+def _layer_weights(layer) -> tuple:
+    """A decoder layer's weights in the order `_before` (the first 9) and `_after` (the rest) take them."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (layer.input_layernorm.weight, *_weights(attn.q_proj), *_weights(attn.k_proj), *_weights(attn.v_proj),
+            attn.q_norm.weight, attn.k_norm.weight, *_weights(attn.o_proj), layer.post_attention_layernorm.weight,
+            *_weights(mlp.gate_proj), *_weights(mlp.up_proj), *_weights(mlp.down_proj))
 
-    def __init__(self):
+
+class CompiledLayers:
+    """The decoder layers of packed.run, compiled: `__call__` runs one layer (packed._layer's
+    signature), `run` layers `first` on in chunks. `first`: the layers after which deepstack
+    features are added (Qwen3-VL; packed_vision.Visual.add), which run one at a time."""
+
+    def __init__(self, first: int = 0):
+        self.first = first
         self.before = torch.compile(_before, dynamic=True)
         self.after = torch.compile(_after, dynamic=True)
+        self.chunk = torch.compile(_chunk, dynamic=True)
+        self._chunks: dict[tuple[int, int], list] = {}  # (first, end): [(first layer, weights), ...]
 
     def __call__(self, layer, hidden, cos, signed_sin, segments):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
+        w = _layer_weights(layer)
+        prepacked = type(attn.q_proj) is PrepackedLinear  # CPU_PREPACK prepacks every projection or none
         eps = layer.input_layernorm.variance_epsilon
-        packed_weights = type(attn.q_proj) is PrepackedLinear  # CPU_PREPACK prepacks every projection or none
-        q, k, v = self.before(hidden, layer.input_layernorm.weight, *_weights(attn.q_proj), *_weights(attn.k_proj),
-                              *_weights(attn.v_proj), attn.q_norm.weight, attn.k_norm.weight, cos, signed_sin, eps,
-                              attn.head_dim, packed_weights)
+        q, k, v = self.before(hidden, *w[:9], cos, signed_sin, eps, attn.head_dim, prepacked)
         o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
-        return self.after(hidden, o, *_weights(attn.o_proj), layer.post_attention_layernorm.weight,
-                          *_weights(mlp.gate_proj), *_weights(mlp.up_proj), *_weights(mlp.down_proj), eps,
-                          packed_weights)
+        return self.after(hidden, o, *w[9:], eps, prepacked)
+
+    def run(self, layers, end: int, hidden, cos, signed_sin, segments):
+        """Layers `first` to `end` (not included) of `layers`, chunk by chunk."""
+        attn = layers[0].self_attn
+        prepacked = type(attn.q_proj) is PrepackedLinear
+        eps = layers[0].input_layernorm.variance_epsilon
+        _context.segments = segments
+        try:
+            for first, weights in self._weights(layers, end):
+                _context.first = first
+                hidden = self.chunk(hidden, cos, signed_sin, weights, eps, attn.head_dim, attn.scaling, prepacked)
+        finally:
+            _context.segments = None  # the forward's tensors are not kept past it
+        return hidden
+
+    def _weights(self, layers, end: int) -> list:
+        """The chunks of layers `first` to `end`, their weights gathered once (they do not change once
+        the layers are compiled)."""
+        key = (self.first, end)
+        if key not in self._chunks:
+            self._chunks[key] = [(i, [_layer_weights(layer) for layer in layers[i:min(end, i + CHUNK_LAYERS)]])
+                                 for i in range(self.first, end, CHUNK_LAYERS)]
+        return self._chunks[key]
 
 
 def why_not(runner) -> str | None:
@@ -135,7 +209,17 @@ def why_not(runner) -> str | None:
                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     if any(type(p) not in (torch.nn.Linear, PrepackedLinear) for p in projections):
         return "the projections are not linear layers"
+    layers = packed.text_model(runner).layers
+    if any(layer.self_attn.layer_idx != i for i, layer in enumerate(layers)):
+        return "the layers are not numbered in order"
     return None
+
+
+def deepstack_layers(runner) -> int:
+    """How many decoder layers, from the first, are followed by deepstack features (Qwen3-VL's vision
+    encoder adds one of its outputs after each; 0 for a text model)."""
+    vision = getattr(runner.model.config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or ())
 
 
 def settle(runner) -> CompileChoice:
@@ -156,11 +240,13 @@ def _compile(runner) -> CompileChoice:
     # A graph that cannot be compiled again later (a new shape past the guards) runs eagerly rather
     # than failing the request that met it.
     torch._dynamo.config.suppress_errors = True
-    runner.compiled_layer = CompiledLayers()
+    runner.compiled_layer = CompiledLayers(deepstack_layers(runner))
     started = time.perf_counter()
     try:
         with _strict():
-            cosine = packed.agreement(runner)  # compiles both functions, then checks their vectors
+            # Compiles the functions (with images: the deepstack layers' steps too), then checks the vectors.
+            images = packed.probe_images() if runner.packing_vision else ()
+            cosine = packed.agreement(runner, images)
     except Exception as exc:  # noqa: BLE001 - no compiler, or a layer inductor cannot compile: eager
         runner.compiled_layer = None
         text = str(exc).strip().splitlines()  # inductor's first line says what failed (a missing compiler, ...)

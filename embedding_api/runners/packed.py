@@ -231,11 +231,17 @@ def run(runner, batch) -> np.ndarray:
     # The last layer on the last tokens alone, unless deepstack features are still added after it
     # (a model with no more layers than the vision encoder's deepstack outputs).
     pooled_only = LAST_LAYER_POOLED_ONLY and not (visual is not None and visual.reaches(len(layers) - 1))
-    step = runner.compiled_layer or _layer  # TORCH_COMPILE: the same step compiled (runners/compiled.py)
-    for i, decoder_layer in enumerate(layers[:-1] if pooled_only else layers):
+    end = len(layers) - 1 if pooled_only else len(layers)
+    compiled = runner.compiled_layer  # TORCH_COMPILE: the same steps compiled (runners/compiled.py)
+    # Compiled, the layers past the deepstack ones run in chunks; the rest one at a time.
+    alone = min(end, compiled.first) if compiled is not None else end
+    step = compiled or _layer
+    for i, decoder_layer in enumerate(layers[:alone]):
         hidden = step(decoder_layer, hidden, cos, sin, segments)
         if visual is not None:
             hidden = visual.add(hidden, i)
+    if alone < end:
+        hidden = compiled.run(layers, end, hidden, cos, sin, segments)
     hidden = _last_layer(layers[-1], hidden, cos, sin, segments) if pooled_only else hidden[segments.last]
     return _norm(hidden, decoder.norm).float().cpu().numpy()
 
