@@ -339,11 +339,12 @@ def profile_server(server: Server, clients: int, seconds: float, encoding: str, 
 
 
 def memory_run(model: Path, threads: int, batch_size: int, encoding: str, run_dir: Path, images: bool,
-               chunks: int = 5) -> dict:
-    """A fresh server, a warm-up, then MEMORY_REQUESTS mixed requests in `chunks` parts, RSS after each part."""
+               chunks: int = 5, settings: dict[str, str] | None = None) -> dict:
+    """A fresh server (`settings` on top of the common ones), a warm-up, then MEMORY_REQUESTS mixed
+    requests in `chunks` parts, RSS after each part."""
     kind = "mixed" if images else "mixed-text"
     series, total, errors, busy = [], 0, 0, 0.0
-    with Server(server_settings(model, threads, batch_size), run_dir, "memory") as server:
+    with Server({**server_settings(model, threads, batch_size), **(settings or {})}, run_dir, "memory") as server:
         start = server.rss_mb()
         errors += run_load(server, kind, 32, encoding, requests=MEMORY_WARMUP_REQUESTS)["errors"]
         after_warmup = server.rss_mb()
@@ -541,6 +542,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the target scenarios only, 4 s each (about 4 minutes)")
     p.add_argument("--memory", action="store_true", help="only the 10,000-request memory run (tiny model)")
+    p.add_argument("--memory-settings", type=parse_settings, default={}, metavar='"NAME=VALUE ..."',
+                   help='settings of the memory run\'s server on top of the common ones, e.g. "TORCH_COMPILE=true"')
     p.add_argument("--video-only", action="store_true",
                    help="only the single-short-video rows: their limit and the batched server (under a minute)")
     p.add_argument("--mixed-only", action="store_true",
@@ -630,7 +633,7 @@ def main(argv=None) -> int:
     if args.memory or plan.memory:
         log(f"memory: {MEMORY_WARMUP_REQUESTS} warm-up + {MEMORY_REQUESTS} mixed requests, tiny model, 32 clients")
         results["memory"] = memory_run(tiny, args.threads, args.batch_size, args.encoding, run_dir,
-                                       images=args.family == "qwen3_vl")
+                                       images=args.family == "qwen3_vl", settings=args.memory_settings)
     results["host"]["loadavg_end"] = os.getloadavg()
     results["elapsed_s"] = round(time.time() - started, 1)
     # CPU that other processes took from this run: the machine's busy time less this run's own.
