@@ -26,12 +26,13 @@ had.
 
 At start-up (`settle`, once the dtype is settled): the first packed forward of the probe texts
 (and images, for Qwen3-VL) compiles the functions (seconds to a minute: inductor writes and builds
-C++, so the host needs a C++ compiler; its cache makes a second start faster) and its vectors are checked against the padded forward's
-within the packed check's line. Where compiling fails (no compiler, an unsupported layer) or the
-vectors differ, the layers stay eager and the log, /health and /v1/models say why. Not with
-DTYPE=int8 (its projections are modules of their own), not on CUDA (the packed forward is a CPU
-path). CPU_PREPACK is settled first (its probe on the eager layers), and prepacked projections stay
-oneDNN's own call inside the compiled steps (`_prepacked_linear`: inductor does not lower it).
+C++, so the host needs a C++ compiler; its cache makes a second start faster) and its vectors are
+checked against the padded forward's within the packed check's line. Where compiling fails (no
+compiler, an unsupported layer) or the vectors differ, the layers stay eager and the log, /health
+and /v1/models say why. Not with DTYPE=int8 (its projections are modules of their own), not on
+CUDA (the packed forward is a CPU path). CPU_PREPACK is settled first (its probe on the eager
+layers), and prepacked projections stay oneDNN's own call inside the compiled steps
+(`_prepacked_linear`: inductor does not lower it).
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down
 
 
 # The decoder's layers run in compiled calls of this many (the last call may have fewer): a call
-# costs guards and wrappers, tens of microseconds (on the 28-layer `cpu` checkpoint, two calls per
-# layer were 1.16-1.22x slower than one per 8 layers); inductor's build time grows with the layers
-# in one graph (on that checkpoint 38.6 s for all 27 in one, against 3.4 s for one layer's steps).
+# costs guards and wrappers, tens of microseconds (on the 28-layer `cpu` checkpoint two calls per
+# layer took 1.25-1.33x as long as one per 8 layers), and inductor's build time grows with the layers
+# in one graph (there, with an empty cache: 25.3 s in chunks of 8, 46.9 s for all 27 in one call).
 CHUNK_LAYERS = 8
 
 # The forward running on this thread: its rows' layout (packed_attention.Segments) and the decoder
@@ -260,8 +261,8 @@ def _compile(runner) -> CompileChoice:
         log.warning("TORCH_COMPILE: the compiled layers' vectors differ from the padded forward's (min cosine "
                     "%.6f, line %s); they run eagerly", cosine, line)
         return CompileChoice(False, "vectors differ", seconds)
-    log.info("decoder layers compiled (TORCH_COMPILE=true, inductor) in %.1f s; min cosine to the padded "
-             "forward %.6f", seconds, cosine)
+    log.info("decoder layers compiled (TORCH_COMPILE=true, inductor; in chunks of up to %d layers) in %.1f s; "
+             "min cosine to the padded forward %.6f", CHUNK_LAYERS, seconds, cosine)
     return CompileChoice(True, "compiled", seconds)
 
 

@@ -101,8 +101,8 @@ def attention(query, key, value, segments: Segments, layer: int, scaling: float)
                                            scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
         if group.lead:
             o = o[:, :, group.lead:]
-        rows, _, longest, _ = o.shape
-        o = o.transpose(1, 2).reshape(rows * longest, *o.shape[1:2], o.shape[3])
+        rows, heads, longest, dim = o.shape
+        o = o.transpose(1, 2).reshape(rows * longest, heads, dim)
         out.index_copy_(0, group.positions, o.index_select(0, group.flat_places))
     return out
 
