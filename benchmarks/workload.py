@@ -5,7 +5,10 @@ Kinds:
 - "text":    one short text per request;
 - "batch16": sixteen short texts per request;
 - "image":   one small PNG per request (base64 data URI, 64-128 px a side);
-- "video":   one short MP4/H.264 clip per request (base64 data URI, 2 s at 8 fps, 64-96 px a side).
+- "video":   one short MP4/H.264 clip per request (base64 data URI, 2 s at 8 fps, 64-96 px a side);
+- "varied-images": one small PNG per request, 97 of them, each side one of 32-224 px: the clients'
+  batches then hold ever new numbers of patches (as traffic of many image sizes does), where the
+  16 images of "image" repeat a few.
 
 The realistic workload (REALISTIC_KINDS; benchmarks/realistic.py):
 - "queries":  one search query of 5-30 words per request;
@@ -25,7 +28,7 @@ import orjson
 
 KINDS = ("text", "batch16", "image", "video")
 INPUTS_PER_REQUEST = {"text": 1, "batch16": 16, "image": 1, "video": 1, "queries": 1, "passages": 1,
-                      "sized-images": 1}
+                      "sized-images": 1, "varied-images": 1}
 REALISTIC_KINDS = ("queries", "passages", "sized-images", "realistic")
 IMAGE_SIZES = ((64, 64), (224, 224), (448, 336), (800, 600))  # (width, height)
 
@@ -81,6 +84,13 @@ def passages(n: int = 64, seed: int = 2) -> list[str]:
             words += k
         out.append(" ".join(sentences))
     return out
+
+
+def varied_images(n: int = 97, seed: int = 5) -> list[bytes]:
+    """`n` small PNGs whose sides are drawn from 32-224 px in steps of 16 (a gradient with noise)."""
+    rng = random.Random(seed)
+    sides = range(32, 225, 16)
+    return [_png(rng.choice(sides), rng.choice(sides), i, seed) for i in range(n)]
 
 
 def sized_images(seed: int = 3) -> list[bytes]:
@@ -172,6 +182,8 @@ def request_bodies(kind: str, encoding_format: str = "base64") -> tuple[list[str
         inputs = passages()
     elif kind == "sized-images":
         inputs = [[{"image": data_uri(png)}] for png in sized_images()]
+    elif kind == "varied-images":
+        inputs = [[{"image": data_uri(png)}] for png in varied_images()]
     elif kind in ("realistic", "realistic-text"):
         docs = passages()
         singles = [request_bodies(k, encoding_format)[0] for k in ("queries", "passages")]

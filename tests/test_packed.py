@@ -106,6 +106,38 @@ def test_images_pack_with_the_texts_with_each_input_alone(runners):
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
+def test_the_vision_encoder_takes_its_patches_rounded_up_by_a_stand_in_image(runners):
+    """The encoder's patches are rounded up as a packed forward's tokens are (few matmul shapes), the
+    extra ones a stand-in image after the others whose outputs are left out: each image's vector is
+    still its own alone."""
+    runner = runners["vl"]
+    images = _images()[:3] + [_images()[3]]  # 16 + 32 + 140 + 16 = 204 patches: 208 with a stand-in of 4
+    batch = [runner.prepare([], [image], None, None) for image in images]
+    rows = sum(p.pixel_values.shape[0] for p in batch)
+    taken = []
+    hook = runner.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: taken.append((args[0].shape[0], kwargs["grid_thw"].tolist())),
+        with_kwargs=True)
+    try:
+        together = runner.forward(batch)
+    finally:
+        hook.remove()
+    grids = [list(g) for p in batch for g in p.image_grid_thw]
+    assert rows == 204 and taken == [(208, grids + [[1, 2, 2]])]
+    alone = np.concatenate([_padded(runner, p) for p in batch])
+    assert _cosines(together, alone).min() >= 0.99999
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    # Already a rounded count (16 + 16 = 32 patches): no stand-in.
+    taken.clear()
+    hook = runner.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: taken.append((args[0].shape[0], len(kwargs["grid_thw"]))), with_kwargs=True)
+    try:
+        runner.forward([batch[0], batch[3]])
+    finally:
+        hook.remove()
+    assert taken == [(32, 2)]
+
+
 def test_videos_pack_with_images_and_texts(runners):
     runner = runners["vl"]
     frames = [Image.new("RGB", (64, 48), (30 * i, 90, 160)) for i in range(4)]
