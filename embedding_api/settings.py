@@ -247,7 +247,7 @@ class Settings(BaseSettings):
         if value in ("auto", "cuda:all"):
             return value
         parts = [part.strip() for part in value.split(",")]
-        if all(p in ("cpu", "cuda") or (p.startswith("cuda:") and p[5:].isdigit()) for p in parts):
+        if all(p in ("cpu", "cuda") or (p.startswith("cuda:") and p[5:].isascii() and p[5:].isdigit()) for p in parts):
             return ",".join(parts)
         raise ValueError(
             "DEVICE must be auto, cpu, cuda, cuda:N, a comma-separated list of these (one model worker "

@@ -225,6 +225,8 @@ def test_usage_counts_image_tokens(client, image_url):
         ({"input": "x", "dimensions": 0}, "dimensions", "invalid_value"),
         ({"input": "x", "dimensions": 65}, "dimensions", "invalid_value"),
         ({"input": "x", "dimensions": "abc"}, "dimensions", "invalid_type"),
+        ({"input": "x", "dimensions": "\u00b9"}, "dimensions", "invalid_type"),  # a digit to str.isdigit, not to int
+        ({"input": "x", "dimension": "\u0663\u0662"}, "dimension", "invalid_type"),  # Arabic-Indic 32
         ({"input": "x", "dimensions": True}, "dimensions", "invalid_type"),
         ({"input": "x", "encoding_format": "hex"}, "encoding_format", "invalid_value"),
         ({"input": "x", "instruction": 3}, "instruction", "invalid_type"),

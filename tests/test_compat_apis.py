@@ -201,6 +201,7 @@ def test_cohere_sdk_errors_name_the_field(co):
     ({"model": EMB, "texts": TEXTS, "embedding_types": ["double"]}, "embedding_types"),
     ({"model": EMB, "texts": TEXTS, "truncate": "MIDDLE"}, "truncate"),
     ({"model": EMB, "texts": TEXTS, "output_dimension": "big"}, "output_dimension"),
+    ({"model": EMB, "texts": TEXTS, "output_dimension": "\u00b9"}, "output_dimension"),
     ({"model": RR, "texts": TEXTS}, "model"),
     ([1, 2], "JSON object"),
 ])

@@ -84,7 +84,7 @@ def _too_large(limit: int) -> APIError:
 async def read_json(request: Request, limit: int):
     """The body, at most `limit` bytes, parsed as JSON (413 beyond; 499 if the client goes while sending)."""
     length = header(request, b"content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise _too_large(limit)
     receive = request.receive
     chunks, size = [], 0

@@ -71,9 +71,15 @@ def check_reserved(text: str | None, param: str, rules: InputRules) -> None:
         )
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes superscripts and other scripts' digits, some of which
+    `int` refuses ("¹") and some of which it reads ("٣٢")."""
+    return text.isascii() and text.isdigit()
+
+
 def dimension_value(value: Any, key: str, rules: InputRules) -> int:
     """An output dimension under its field name `key`: 1 .. the model's native dimension."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _decimal(value.strip()):
         value = int(value.strip())
     elif isinstance(value, float) and value.is_integer():
         value = int(value)  # JavaScript clients send 32.0 for 32
