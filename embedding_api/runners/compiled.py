@@ -205,12 +205,12 @@ def why_not(runner) -> str | None:
         return "packed forward off"
     if runner.dtype_choice.int8:
         return "int8"
-    layer = packed.text_model(runner).layers[0]
+    layers = packed.text_model(runner).layers
+    layer = layers[0]
     projections = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     if any(type(p) not in (torch.nn.Linear, PrepackedLinear) for p in projections):
         return "the projections are not linear layers"
-    layers = packed.text_model(runner).layers
     if any(layer.self_attn.layer_idx != i for i, layer in enumerate(layers)):
         return "the layers are not numbered in order"
     return None

@@ -65,7 +65,7 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
             continue
         grid = grids[grid_of] = torch.tensor([g for p in batch for g in getattr(p, grid_of)], dtype=torch.long,
                                              device=hidden.device)
-        taken, taken_grid = _rounded_up(np.concatenate(pixels), grid, merge_size(runner))
+        taken, taken_grid = _rounded_up(np.concatenate(pixels), grid, runner.merge_size)
         out = getattr(runner.model, method)(runner._to_device(taken), taken_grid, return_dict=True)
         images = len(grid)  # a stand-in image after them (`_rounded_up`) is left out
         embeds = torch.cat(out.pooler_output[:images], dim=0).to(hidden.dtype)
@@ -76,11 +76,6 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
         deepstack = [torch.cat(feature[:images], dim=0).to(hidden.dtype) for feature in out.deepstack_features]
         parts.append((index, deepstack))
     return Visual(parts, grids) if parts else None
-
-
-def merge_size(runner) -> int:
-    """How many patches a side the vision encoder merges into one visual token (2 in Qwen3-VL)."""
-    return int(runner.model.config.vision_config.spatial_merge_size)
 
 
 def _rounded_up(pixels: np.ndarray, grid: torch.Tensor, merge: int) -> tuple[np.ndarray, torch.Tensor]:
