@@ -99,9 +99,10 @@ class Settings(BaseSettings):
                                             "empty = the model's size")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per CPU model copy; 0 = the cores, shared")
     # The allocator of the model processes on a CPU (engine/allocator.py): preloaded when the process starts.
-    cpu_allocator: str = Field("system", description="memory allocator of the CPU model processes: system, "
-                               "tcmalloc (the host's, e.g. Debian's libtcmalloc-minimal4), or the path of an "
-                               "allocator library to preload")
+    cpu_allocator: str = Field("auto", description="memory allocator of the CPU model processes: auto "
+                               "(tcmalloc where TORCH_COMPILE=true and the host has it, else the system's), "
+                               "system, tcmalloc (the host's, e.g. Debian's libtcmalloc-minimal4), or the path "
+                               "of an allocator library to preload")
     # Each model copy runs its forward passes in a child process of its own (engine/model_process.py),
     # off the HTTP process's GIL; false keeps them on a thread of the HTTP process.
     model_process: bool = Field(True, description="run each model copy in a child process of its own "
@@ -276,11 +277,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_cpu_allocator(cls, value: str) -> str:
         value = value.strip()
-        if value.lower() in ("system", "tcmalloc"):  # tcmalloc: whether the host has it is checked at start-up
+        if value.lower() in ("auto", "system", "tcmalloc"):  # tcmalloc: whether the host has it is checked at start-up
             return value.lower()
         if os.path.isabs(value) and os.path.isfile(value):
             return value
-        raise ValueError(f"CPU_ALLOCATOR must be system, tcmalloc or the absolute path of an allocator library "
+        raise ValueError(f"CPU_ALLOCATOR must be auto, system, tcmalloc or the absolute path of an allocator library "
                          f"(a .so file); {value!r} is not a file")
 
     @field_validator("log_level")

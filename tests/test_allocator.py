@@ -20,14 +20,15 @@ from embedding_api.settings import Settings
 from .util import API_KEY, model_processes
 
 
-def test_the_setting_takes_system_tcmalloc_or_a_library_path(tmp_path):
-    assert Settings(_env_file=None).cpu_allocator == "system"
+def test_the_setting_takes_auto_system_tcmalloc_or_a_library_path(tmp_path):
+    assert Settings(_env_file=None).cpu_allocator == "auto"
     assert Settings(_env_file=None, cpu_allocator=" TCMalloc ").cpu_allocator == "tcmalloc"
+    assert Settings(_env_file=None, cpu_allocator="System").cpu_allocator == "system"
     lib = tmp_path / "liballoc.so"
     lib.write_bytes(b"")
     assert Settings(_env_file=None, cpu_allocator=str(lib)).cpu_allocator == str(lib)
     for bad in ("jemalloc", str(tmp_path / "missing.so"), "liballoc.so"):
-        with pytest.raises(ValidationError, match="CPU_ALLOCATOR must be system, tcmalloc or the absolute path"):
+        with pytest.raises(ValidationError, match="CPU_ALLOCATOR must be auto, system, tcmalloc or the absolute path"):
             Settings(_env_file=None, cpu_allocator=bad)
 
 
@@ -42,6 +43,17 @@ def test_tcmalloc_is_looked_up_in_the_library_directories(tmp_path):
     assert allocator.library("system", (str(first),)) is None
     with pytest.raises(ValueError, match="apt-get install libtcmalloc-minimal4"):
         allocator.library("tcmalloc", (str(tmp_path / "empty"),))
+
+
+def test_auto_takes_tcmalloc_for_compiled_layers_where_the_host_has_it(tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    dirs, empty = (str(tmp_path),), (str(tmp_path / "empty"),)
+    assert allocator.library("auto", dirs, compiled=True) == str(lib)
+    assert allocator.library("auto", dirs, compiled=False) is None  # eager layers: the system's malloc
+    assert allocator.library("auto", empty, compiled=True) is None  # no tcmalloc here: no error either
+    assert allocator.child_env("auto", "cpu", {}, compiled=False) is None
+    assert allocator.child_env("auto", "cuda:0", {}, compiled=True) is None
 
 
 def test_the_model_process_environment_preloads_it_on_a_cpu_only(tmp_path):

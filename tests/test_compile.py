@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from embedding_api.engine import allocator
 from embedding_api.runners import load_runner, packed
 from embedding_api.runners.scoring import relevance_scores
 from embedding_api.settings import Settings
 
-from .util import restart_model_process
+from .util import model_processes, restart_model_process
 
 
 def _runner(path, **settings):
@@ -155,10 +156,17 @@ def test_the_compiling_server_says_so_and_a_restart_keeps_it(start_server, tiny_
     want = _embed(text_pair[1], TEXTS)
     assert _cos(got, want).min() >= 0.99999
     assert server.output().count("decoder layers compiled (TORCH_COMPILE=true") == 1
-    # A model process that dies is restarted compiling again, as chosen at start-up.
+    # CPU_ALLOCATOR=auto (the default): compiled layers run on tcmalloc where the host has it.
+    expected = "tcmalloc" if allocator.find_tcmalloc() else "system"
+    [child] = model_processes(server.proc.pid)
+    assert allocator.in_use(child) == expected
+    assert f"model process {child} on cpu: memory allocator {expected} (CPU_ALLOCATOR=auto)" in server.output()
+    # A model process that dies is restarted compiling again, as chosen at start-up (on the same allocator).
     body, again = restart_model_process(server, TEXTS[2])
     assert (again["compiled"], again["compile_reason"]) == (True, "compiled")
     assert _cos(np.array(body["data"][0]["embedding"]), want[2]) >= 0.99999
+    [restarted] = model_processes(server.proc.pid)
+    assert restarted != child and allocator.in_use(restarted) == expected
 
 
 def test_without_a_compiler_the_server_runs_eager_and_says_why(start_server, tiny_text, text_pair, tmp_path):

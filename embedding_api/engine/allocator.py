@@ -7,8 +7,13 @@ touch of every page then faults; tcmalloc keeps them for reuse. vLLM's CPU build
 that reason. Measured here (docs/benchmarks.md, "The memory allocator"), one torch thread: on the
 512-wide checkpoints 1.07-1.13x through the server (float32 and bfloat16); on the Qwen3-Embedding-0.6B
 shape, where the matmuls dominate, within the host's noise; on the narrow test checkpoints level or
-slower, with 25 MB more resident memory and a slower plateau over 10,000 requests. So it is opt-in:
-`system` (the default) or `tcmalloc`, or the path of any allocator library.
+slower, with 25 MB more resident memory and a slower plateau over 10,000 requests. With the layers
+compiled (TORCH_COMPILE=true: inductor's generated code allocates each step's output afresh) it gained
+on every checkpoint measured, narrow ones included (1.04x on the 28 x 64 one, 1.12-1.18x on the
+512-wide one). Hence `auto` (the default): tcmalloc for a model process whose layers are to be
+compiled, where the host has the library (the system's malloc where it has not), the system's malloc
+otherwise; or `system`, `tcmalloc` (a start-up error where the host has none), or the path of any
+allocator library.
 
 A model process is a fresh interpreter (engine/model_process.py starts it with subprocess), so its
 allocator is chosen by LD_PRELOAD in its environment, before anything is allocated. The HTTP
@@ -39,11 +44,15 @@ def find_tcmalloc(dirs: tuple[str, ...] | None = None) -> str | None:
     return None
 
 
-def library(setting: str, dirs: tuple[str, ...] | None = None) -> str | None:
+def library(setting: str, dirs: tuple[str, ...] | None = None, compiled: bool = False) -> str | None:
     """The library CPU_ALLOCATOR preloads into a CPU model process; None: the system's malloc.
-    `system`: none; `tcmalloc`: this host's (ValueError where it has none); otherwise a path."""
+    `system`: none; `tcmalloc`: this host's (ValueError where it has none); `auto`: this host's
+    tcmalloc where the process's layers are `compiled` (TORCH_COMPILE), if it has one, else none;
+    otherwise a path."""
     if setting == "system":
         return None
+    if setting == "auto":
+        return find_tcmalloc(dirs) if compiled else None
     if setting == "tcmalloc":
         found = find_tcmalloc(dirs)
         if found is None:
@@ -54,10 +63,12 @@ def library(setting: str, dirs: tuple[str, ...] | None = None) -> str | None:
     return setting
 
 
-def child_env(setting: str, device: str, env: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The environment of a model process on `device`: this one's, with the allocator preloaded on a
-    CPU; None where nothing changes (the child inherits this process's environment)."""
-    lib = library(setting) if device.startswith("cpu") else None
+def child_env(setting: str, device: str, env: dict[str, str] | None = None,
+              compiled: bool = False) -> dict[str, str] | None:
+    """The environment of a model process on `device` (`compiled`: its layers are to be compiled):
+    this one's, with the allocator preloaded on a CPU; None where nothing changes (the child inherits
+    this process's environment)."""
+    lib = library(setting, compiled=compiled) if device.startswith("cpu") else None
     if lib is None:
         return None
     env = dict(os.environ if env is None else env)

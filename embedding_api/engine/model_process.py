@@ -75,7 +75,8 @@ class ModelProcess:
         settings = self._args[0]
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedding_api.engine.model_process", str(theirs.fileno()), str(alive_r)],
-            pass_fds=(theirs.fileno(), alive_r), env=allocator.child_env(settings.cpu_allocator, self.device),
+            pass_fds=(theirs.fileno(), alive_r),
+            env=allocator.child_env(settings.cpu_allocator, self.device, compiled=settings.torch_compile),
         )
         theirs.close()
         os.close(alive_r)
