@@ -127,7 +127,8 @@ def test_the_model_runs_in_a_process_of_its_own_with_the_same_vectors(vl_server,
     assert len(_model_processes(vl_server.proc.pid)) == 1
     assert _model_processes(in_process_server.proc.pid) == []
     image = "data:image/png;base64," + base64.b64encode(png_bytes(sample_image(80, 64, seed=3))).decode()
-    body = {"input": ["a short text", "  leading spaces", {"image": image}, {"text": "a cat", "image": image}],
+    large = "data:image/png;base64," + base64.b64encode(png_bytes(sample_image(320, 256, seed=4))).decode()
+    body = {"input": ["a short text", "  leading spaces", {"image": image}, {"text": "a cat", "image": large}],
             "encoding_format": "float"}
     apart = _post(vl_server, {**body, "model": "Qwen3-VL-Embedding-2B"})
     inside = _post(in_process_server, body)
@@ -137,6 +138,9 @@ def test_the_model_runs_in_a_process_of_its_own_with_the_same_vectors(vl_server,
     assert a.shape == b.shape == (4, 64)
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert apart.json()["usage"] == inside.json()["usage"]
+    # The large image's patches reached the model process through the shared file (engine/transport.py).
+    [child] = _model_processes(vl_server.proc.pid)
+    assert "memfd:embedding-api-batches" in Path(f"/proc/{child}/maps").read_text()
 
 
 def test_a_model_process_that_dies_for_good_is_a_503_and_fails_the_probes(start_server, tiny_vl):

@@ -9,7 +9,8 @@ its calls. With the model in a child process each side has its own interpreter a
 
 Protocol, over a socket pair (multiprocessing.connection framing, pickle protocol 5):
   parent -> child   the Settings, the device, the torch thread count; then one batch
-                    (list[PreparedInput]) per message
+                    (list[PreparedInput]) per message, its images' patches in a shared memory
+                    file (engine/transport.py)
   child -> parent   ("ready", pid, (dtype, reason, probe ms), (prepacked, reason, probe ms),
                     (compiled, reason, seconds)) or
                     ("failed", message) once; then per batch
@@ -35,6 +36,7 @@ import numpy as np
 
 from . import allocator
 from .batcher import WorkerUnavailable
+from .transport import Inbox, Outbox
 
 log = logging.getLogger("embedding_api")
 
@@ -72,17 +74,19 @@ class ModelProcess:
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
         alive_r, alive_w = os.pipe()
+        outbox = Outbox()
         settings = self._args[0]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "embedding_api.engine.model_process", str(theirs.fileno()), str(alive_r)],
-            pass_fds=(theirs.fileno(), alive_r),
+            [sys.executable, "-m", "embedding_api.engine.model_process", str(theirs.fileno()), str(alive_r),
+             str(outbox.fd)],
+            pass_fds=(theirs.fileno(), alive_r) + ((outbox.fd,) if outbox.fd >= 0 else ()),
             env=allocator.child_env(settings.cpu_allocator, self.device, compiled=settings.torch_compile),
         )
         theirs.close()
         os.close(alive_r)
         conn = Connection(ours.detach())
         with self._swap:
-            self.proc, self._conn, self._alive_w = proc, conn, alive_w
+            self.proc, self._conn, self._alive_w, self._outbox = proc, conn, alive_w, outbox
             closed = self._closed
         if closed:  # closed while starting: this child must not outlive the server
             self._end_child()
@@ -128,7 +132,7 @@ class ModelProcess:
             if self._ended:
                 raise ModelProcessEnded(self._ended)
             try:
-                self._conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+                self._conn.send_bytes(self._outbox.encode(batch))
                 status, value, *extra = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 if self._closed:  # the server is stopping: not a fault
@@ -170,9 +174,9 @@ class ModelProcess:
     def _end_child(self, timeout: float = 10.0) -> None:
         """Close our ends (the child sees its parent go and exits), then make sure it has."""
         with self._swap:
-            proc, conn, alive_w = self.proc, self._conn, self._alive_w
+            proc, conn, alive_w, outbox = self.proc, self._conn, self._alive_w, self._outbox
             self._alive_w = -1
-        for close in (conn.close, lambda: os.close(alive_w) if alive_w >= 0 else None):
+        for close in (conn.close, lambda: os.close(alive_w) if alive_w >= 0 else None, outbox.close):
             try:
                 close()
             except OSError:
@@ -236,7 +240,7 @@ def _watch_parent(fd: int) -> None:
     os._exit(0)
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, inbox: Inbox) -> None:
     settings, device, threads = pickle.loads(conn.recv_bytes())
     from ..observability import configure_logging
 
@@ -265,7 +269,7 @@ def _serve(conn: Connection) -> None:
     cuda = runner.device.type == "cuda"
     while True:
         try:
-            batch = pickle.loads(conn.recv_bytes())
+            batch = inbox.decode(conn.recv_bytes())
         except (EOFError, OSError):
             return
         try:
@@ -285,13 +289,13 @@ def _serve(conn: Connection) -> None:
 
 
 def main() -> None:
-    conn_fd, alive_fd = int(sys.argv[1]), int(sys.argv[2])
+    conn_fd, alive_fd, shared_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     # Ctrl-C, `kill -- -PGID` and systemd's stop signal the whole process group: the server drains,
     # with this process running its forward passes, and then closes it (or it sees the server gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(alive_fd,), name="parent-watch", daemon=True).start()
-    _serve(Connection(conn_fd))
+    _serve(Connection(conn_fd), Inbox(shared_fd))
 
 
 if __name__ == "__main__":

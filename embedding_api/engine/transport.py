@@ -1,0 +1,109 @@
+"""How a batch crosses from the HTTP process to its model process (engine/model_process.py).
+
+A batch is pickled (protocol 5). Its large arrays, the images' and clips' patches (float32, about
+200 KB an image at the benchmark's sizes, 3.3 MB for 16), do not go through the socket: written
+through the socket pair, whose kernel buffer holds a few hundred kilobytes, a 3.3 MB batch took
+about 4 ms of back-and-forth between the two processes, while the model process waited for it
+(5-6 ms between its forwards under an image load). Instead they are pickled out of band (pickle's
+`buffer_callback`) and copied into a shared memory file (Linux `memfd_create`), made once per model
+process and passed to it when it starts; the message carries the pickle and where each array lies
+in the file. The model process copies each array out before unpickling (so no array of a batch
+refers to the file the next batch overwrites). One batch is in flight per model process at a time
+(ModelProcess.forward holds its lock until the reply), so one region serves every batch.
+
+The file grows to the largest batch's arrays (up to MAX_SHARED_BYTES; a larger batch goes through
+the socket) and stays that size, like the allocator's own high-water mark. Where the platform has
+no memfd_create, every batch goes through the socket.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+
+# The shared file grows in steps of this many bytes, to at most MAX_SHARED_BYTES.
+GROWTH_BYTES = 8 << 20
+MAX_SHARED_BYTES = 512 << 20
+# Arrays smaller than this stay in the pickle (copying them twice costs more than the socket does).
+OUT_OF_BAND_BYTES = 64 << 10
+
+
+class Outbox:
+    """The HTTP process's side: encodes each batch for one model process. `fd` is the shared file's
+    descriptor to pass to the model process (-1: none, every batch through the socket)."""
+
+    def __init__(self):
+        try:
+            self.fd = os.memfd_create("embedding-api-batches", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # not Linux, or no memfd here: the socket only
+            self.fd = -1
+        self._map: mmap.mmap | None = None
+        self.size = 0
+
+    def encode(self, batch) -> bytes:
+        """The message for `batch`: (pickle, spans, file size), spans None where it is all in the pickle."""
+        buffers: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            if self.fd < 0 or buffer.raw().nbytes < OUT_OF_BAND_BYTES:
+                return True  # true: pickled in band
+            buffers.append(buffer)
+            return False
+
+        data = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
+        if not buffers:
+            return pickle.dumps((data, None, 0), protocol=5)
+        views = [b.raw() for b in buffers]
+        total = sum(v.nbytes for v in views)
+        if total > MAX_SHARED_BYTES:  # too large for the file: the whole batch through the socket
+            return pickle.dumps((pickle.dumps(batch, protocol=5), None, 0), protocol=5)
+        region = self._fit(total)
+        spans, offset = [], 0
+        for view in views:
+            region[offset:offset + view.nbytes] = view
+            spans.append((offset, view.nbytes))
+            offset += view.nbytes
+        return pickle.dumps((data, spans, self.size), protocol=5)
+
+    def _fit(self, total: int) -> mmap.mmap:
+        """The file's mapping, grown to hold `total` bytes (OSError once closed)."""
+        region = self._map
+        if region is None or total > self.size:
+            size = min(MAX_SHARED_BYTES, -(-total // GROWTH_BYTES) * GROWTH_BYTES)
+            os.ftruncate(self.fd, size)
+            region = self._map = mmap.mmap(self.fd, size)  # the old mapping goes with its last reference
+            self.size = size
+        return region
+
+    def close(self) -> None:
+        """Close the file (its memory is freed once neither process maps it). Safe beside an `encode`
+        on another thread: that one finishes on its own reference to the mapping, or fails with OSError."""
+        self._map, fd, self.fd = None, self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class Inbox:
+    """The model process's side: decodes the messages of its Outbox (`fd`: the shared file, or -1)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._map: mmap.mmap | None = None
+        self.size = 0
+
+    def decode(self, message: bytes):
+        data, spans, size = pickle.loads(message)
+        if spans is None:
+            return pickle.loads(data)
+        if size != self.size:  # the file has grown since the last batch: map it again
+            if self._map is not None:
+                self._map.close()
+            self._map = mmap.mmap(self.fd, size, prot=mmap.PROT_READ)
+            self.size = size
+        view = memoryview(self._map)
+        try:
+            buffers = [bytearray(view[offset:offset + length]) for offset, length in spans]
+        finally:
+            view.release()
+        return pickle.loads(data, buffers=buffers)

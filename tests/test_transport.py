@@ -1,0 +1,90 @@
+"""How a batch reaches its model process (engine/transport.py): the images' and clips' patches through
+a shared memory file, the rest pickled; every batch arrives whole and equal, the file grows to the
+largest batch and no decoded batch shares memory with it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from embedding_api.engine import transport
+from embedding_api.engine.transport import Inbox, Outbox
+from embedding_api.runners.base import PreparedInput
+
+
+@pytest.fixture
+def pair():
+    outbox = Outbox()
+    if outbox.fd < 0:
+        pytest.skip("no memfd_create on this platform: every batch goes through the socket")
+    inbox = Inbox(os.dup(outbox.fd))  # the model process gets its own descriptor of the same file
+    yield outbox, inbox
+    outbox.close()
+
+
+def _image(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 1536), dtype=np.float32)
+
+
+def _same(a: list[PreparedInput], b: list[PreparedInput]) -> bool:
+    def eq(x, y):
+        return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+    return len(a) == len(b) and all(
+        p.input_ids == q.input_ids and p.image_grid_thw == q.image_grid_thw and p.video_grid_thw == q.video_grid_thw
+        and eq(p.pixel_values, q.pixel_values) and eq(p.video_pixel_values, q.video_pixel_values)
+        for p, q in zip(a, b))
+
+
+def test_patches_go_through_the_shared_file_and_arrive_equal(pair):
+    outbox, inbox = pair
+    batch = [PreparedInput(input_ids=[1, 2, 3], pixel_values=_image(200, 0), image_grid_thw=[(1, 10, 20)]),
+             PreparedInput(input_ids=[7, 8]),
+             PreparedInput(input_ids=[4], video_pixel_values=_image(96, 1), video_grid_thw=[(2, 6, 8)])]
+    message = outbox.encode(batch)
+    assert len(message) < 4096  # the patches (1.8 MB) are not in the message
+    assert outbox.size == transport.GROWTH_BYTES
+    got = inbox.decode(message)
+    assert _same(got, batch)
+    assert got[0].pixel_values.flags.writeable and got[0].pixel_values.dtype == np.float32
+
+
+def test_the_file_grows_to_the_largest_batch_and_earlier_batches_keep_their_values(pair):
+    outbox, inbox = pair
+    first = [PreparedInput(input_ids=[1], pixel_values=_image(300, 2), image_grid_thw=[(1, 10, 30)])]
+    got_first = inbox.decode(outbox.encode(first))
+    big = [PreparedInput(input_ids=[2], pixel_values=_image(3000, 3), image_grid_thw=[(1, 50, 60)])]  # 18 MB
+    got_big = inbox.decode(outbox.encode(big))
+    assert outbox.size == inbox.size == 3 * transport.GROWTH_BYTES
+    assert _same(got_big, big)
+    # The next batch overwrites the file; what was decoded before is a copy of its own.
+    again = [PreparedInput(input_ids=[3], pixel_values=_image(300, 4), image_grid_thw=[(1, 10, 30)])]
+    assert _same(inbox.decode(outbox.encode(again)), again)
+    assert _same(got_first, first) and _same(got_big, big)
+    assert outbox.size == 3 * transport.GROWTH_BYTES  # it does not shrink back
+
+
+def test_small_arrays_and_batches_past_the_cap_go_through_the_socket(pair, monkeypatch):
+    outbox, inbox = pair
+    small = [PreparedInput(input_ids=[1], pixel_values=_image(4, 5), image_grid_thw=[(1, 2, 2)])]  # 24 KB
+    message = outbox.encode(small)
+    assert len(message) > small[0].pixel_values.nbytes and outbox.size == 0  # in the pickle, no file yet
+    assert _same(inbox.decode(message), small)
+    monkeypatch.setattr(transport, "MAX_SHARED_BYTES", 1 << 20)
+    large = [PreparedInput(input_ids=[2], pixel_values=_image(400, 6), image_grid_thw=[(1, 20, 20)])]  # 2.4 MB
+    message = outbox.encode(large)
+    assert len(message) > large[0].pixel_values.nbytes and outbox.size == 0
+    assert _same(inbox.decode(message), large)
+
+
+def test_a_closed_outbox_sends_through_the_socket(pair):
+    """The server closing a model process while a forward is being encoded: no error of its own (the
+    socket's, already closed, then tells the forward that the process is gone)."""
+    outbox, inbox = pair
+    batch = [PreparedInput(input_ids=[1], pixel_values=_image(200, 7), image_grid_thw=[(1, 10, 20)])]
+    outbox.encode(batch)
+    outbox.close()
+    assert outbox.fd == -1
+    message = outbox.encode(batch)
+    assert _same(inbox.decode(message), batch) and _same(Inbox(-1).decode(message), batch)
