@@ -5,6 +5,8 @@
     python -m benchmarks.versus --ref 8bdb8b2 --kind realistic --vocab qwen --clients 8   # the realistic mix
     python -m benchmarks.versus --ref 8bdb8b2 --size wide --dtype auto   # HEAD at its fastest tier
     python -m benchmarks.versus --ref 8bdb8b2 --dtype auto --settings "TORCH_COMPILE=true"   # and compiled
+    python -m benchmarks.versus --ref 8bdb8b2 --dtype auto --settings "TORCH_COMPILE=true DEVICE=cpu,cpu" \
+        --ref-settings "DEVICE=cpu,cpu"   # two model copies each
 
 The revision's `embedding_api` package is extracted with `git archive` into benchmarks/.versus/<commit>/
 and put first on the path of its own server and limit process; everything else (this benchmark, the
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="DTYPE of HEAD's server and limit (the revision: float32)")
     p.add_argument("--settings", type=parse_settings, default={},
                    help='more settings for HEAD\'s server (not its limit), e.g. "TORCH_COMPILE=true"')
+    p.add_argument("--ref-settings", type=parse_settings, default={},
+                   help='more settings for the revision\'s server (not its limit), e.g. "DEVICE=cpu,cpu"')
     p.add_argument("--cache", type=Path, default=HERE / ".cache")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
@@ -85,11 +89,12 @@ def main(argv=None) -> int:
                 "MAX_INPUTS_PER_REQUEST": "64"}
     dtypes = "float32" if args.dtype == "float32" else f"float32 against HEAD's DTYPE={args.dtype}"
     dtypes += "".join(f" {k}={v}" for k, v in args.settings.items())
+    dtypes += "".join(f" (the revision's {k}={v})" for k, v in args.ref_settings.items())
     bodies, inputs = request_bodies(args.kind, "base64")
     load = "single short texts" if args.kind == "text" else f"the {args.kind} load"
     log(f"versus {commit}: {args.family}/{args.size} ({args.vocab} vocabulary), {dtypes}, TORCH_THREADS={args.threads}, "
         f"{args.clients} clients, {load}, {args.rounds} rounds x {args.duration:.0f} s")
-    servers = {"server@ref": Server(settings, run_dir, "ref", first=old_root).start(),
+    servers = {"server@ref": Server({**settings, **args.ref_settings}, run_dir, "ref", first=old_root).start(),
                "server@HEAD": Server({**settings, "DTYPE": args.dtype, **args.settings}, run_dir, "head").start()}
     limits: dict[str, LimitProcess] = {}
     rounds: list[dict] = []
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
         return [r[a]["inputs_per_s"] / r[b]["inputs_per_s"] for r in rounds]
 
     result = {"ref": commit, "family": args.family, "size": args.size, "vocab": args.vocab, "kind": args.kind,
-              "head_dtype": head_dtype,
+              "head_dtype": head_dtype, "settings": args.settings, "ref_settings": args.ref_settings,
               "clients": args.clients, "threads": args.threads, "rounds": rounds,
               "means": {n: statistics.mean(r[n]["inputs_per_s"] for r in rounds) for n in rounds[0]},
               "head_vs_ref_server": ratios("server@HEAD", "server@ref")}
