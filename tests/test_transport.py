@@ -1,6 +1,6 @@
 """How a batch reaches its model process (engine/transport.py): the images' and clips' patches through
 a shared memory file, the rest pickled; every batch arrives whole and equal, the file grows to the
-largest batch and no decoded batch shares memory with it."""
+largest batch (and shrinks back past KEEP_BYTES) and no decoded batch shares memory with it."""
 
 from __future__ import annotations
 
@@ -62,7 +62,18 @@ def test_the_file_grows_to_the_largest_batch_and_earlier_batches_keep_their_valu
     again = [PreparedInput(input_ids=[3], pixel_values=_image(300, 4), image_grid_thw=[(1, 10, 30)])]
     assert _same(inbox.decode(outbox.encode(again)), again)
     assert _same(got_first, first) and _same(got_big, big)
-    assert outbox.size == 3 * transport.GROWTH_BYTES  # it does not shrink back
+    assert outbox.size == 3 * transport.GROWTH_BYTES  # within KEEP_BYTES it does not shrink back
+
+
+def test_past_keep_bytes_the_next_batch_that_fits_shrinks_the_file(pair, monkeypatch):
+    outbox, inbox = pair
+    monkeypatch.setattr(transport, "KEEP_BYTES", transport.GROWTH_BYTES)
+    big = [PreparedInput(input_ids=[1], pixel_values=_image(3000, 8), image_grid_thw=[(1, 50, 60)])]  # 18 MB
+    assert _same(inbox.decode(outbox.encode(big)), big) and outbox.size == 3 * transport.GROWTH_BYTES
+    small = [PreparedInput(input_ids=[2], pixel_values=_image(300, 9), image_grid_thw=[(1, 10, 30)])]
+    assert _same(inbox.decode(outbox.encode(small)), small)
+    assert outbox.size == inbox.size == transport.GROWTH_BYTES == os.fstat(outbox.fd).st_size
+    assert _same(inbox.decode(outbox.encode(big)), big) and inbox.size == 3 * transport.GROWTH_BYTES
 
 
 def test_small_arrays_and_batches_past_the_cap_go_through_the_socket(pair, monkeypatch):

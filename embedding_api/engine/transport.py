@@ -11,9 +11,11 @@ in the file. The model process copies each array out before unpickling (so no ar
 refers to the file the next batch overwrites). One batch is in flight per model process at a time
 (ModelProcess.forward holds its lock until the reply), so one region serves every batch.
 
-The file grows to the largest batch's arrays (up to MAX_SHARED_BYTES; a larger batch goes through
-the socket) and stays that size, like the allocator's own high-water mark. Where the platform has
-no memfd_create, every batch goes through the socket.
+The file grows to hold a batch's arrays (up to MAX_SHARED_BYTES; a larger batch goes through the
+socket) and keeps that size for the batches after it, up to KEEP_BYTES: past that, the next batch
+that fits in KEEP_BYTES shrinks it back (its memory is the host's shared memory, counted in both
+processes). It is not a file in /dev/shm, so a container's small /dev/shm does not limit it. Where
+the platform has no memfd_create, every batch goes through the socket.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import mmap
 import os
 import pickle
 
-# The shared file grows in steps of this many bytes, to at most MAX_SHARED_BYTES.
+# The shared file grows in steps of this many bytes, to at most MAX_SHARED_BYTES; above KEEP_BYTES it
+# shrinks back at the next batch that fits in KEEP_BYTES (a batch of 32 small images takes ~7 MB).
 GROWTH_BYTES = 8 << 20
+KEEP_BYTES = 32 << 20
 MAX_SHARED_BYTES = 512 << 20
 # Arrays smaller than this stay in the pickle (copying them twice costs more than the socket does).
 OUT_OF_BAND_BYTES = 64 << 10
@@ -67,9 +71,10 @@ class Outbox:
         return pickle.dumps((data, spans, self.size), protocol=5)
 
     def _fit(self, total: int) -> mmap.mmap:
-        """The file's mapping, grown to hold `total` bytes (OSError once closed)."""
+        """The file's mapping, grown to hold `total` bytes, or shrunk back to KEEP_BYTES' reach (OSError
+        once closed). The last batch is done with (its reply has come), so its part may go."""
         region = self._map
-        if region is None or total > self.size:
+        if region is None or total > self.size or total <= KEEP_BYTES < self.size:
             size = min(MAX_SHARED_BYTES, -(-total // GROWTH_BYTES) * GROWTH_BYTES)
             os.ftruncate(self.fd, size)
             region = self._map = mmap.mmap(self.fd, size)  # the old mapping goes with its last reference
