@@ -65,7 +65,7 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
             continue
         grid = grids[grid_of] = torch.tensor([g for p in batch for g in getattr(p, grid_of)], dtype=torch.long,
                                              device=hidden.device)
-        taken, taken_grid = _rounded_up(np.concatenate(pixels), grid, runner.merge_size)
+        taken, taken_grid = _rounded_up(pixels, grid, runner.merge_size)
         out = getattr(runner.model, method)(runner._to_device(taken), taken_grid, return_dict=True)
         images = len(grid)  # a stand-in image after them (`_rounded_up`) is left out
         embeds = torch.cat(out.pooler_output[:images], dim=0).to(hidden.dtype)
@@ -78,24 +78,24 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
     return Visual(parts, grids) if parts else None
 
 
-def _rounded_up(pixels: np.ndarray, grid: torch.Tensor, merge: int) -> tuple[np.ndarray, torch.Tensor]:
-    """The vision encoder's input (patches, patch size) and grids, the patches rounded up as a packed
-    forward's tokens are (packed.padded_rows) by a stand-in image of zeros after the others (one
-    frame, `merge` patches high): in bfloat16 oneDNN builds a kernel for every row count its matmuls
+def _rounded_up(pixels: list[np.ndarray], grid: torch.Tensor, merge: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The vision encoder's input (patches, patch size: the inputs' `pixels` in one array, copied once)
+    and grids, the patches rounded up as a packed forward's tokens are (packed.padded_rows) by a
+    stand-in image of zeros after the others (one frame, `merge` patches high): in bfloat16 oneDNN builds a kernel for every row count its matmuls
     meet, and a server's batches of images met new counts all the time (16 small images drawn at
     random: 16.4-17.5 ms in the encoder against 11.7-13.3 for the same batches again; float32's
     kernels showed no gap). The encoder attends within each image, so the stand-in changes no other
     image's output; the caller leaves its outputs out."""
     from .packed import padded_rows  # packed imports this module
 
-    rows = pixels.shape[0]
+    rows = sum(p.shape[0] for p in pixels)
     step = merge * merge  # the stand-in's grid needs whole merged tokens (every image's are)
     extra = -(-padded_rows(rows) // step) * step - rows
-    if extra <= 0 or rows % step:
-        return pixels, grid
-    stand_in = torch.tensor([[1, merge, extra // merge]], dtype=grid.dtype, device=grid.device)
-    return (np.concatenate((pixels, np.zeros((extra, pixels.shape[1]), pixels.dtype))),
-            torch.cat((grid, stand_in)))
+    if extra > 0 and rows % step == 0:
+        stand_in = torch.tensor([[1, merge, extra // merge]], dtype=grid.dtype, device=grid.device)
+        pixels = [*pixels, np.zeros((extra, pixels[0].shape[1]), pixels[0].dtype)]
+        grid = torch.cat((grid, stand_in))
+    return np.concatenate(pixels), grid
 
 
 def positions(runner, batch, found: Visual, flat: torch.Tensor, cuts: list[int],
