@@ -88,6 +88,7 @@ class Runner:
         self.prepack_choice = PrepackChoice(False, "pending")  # CPU_PREPACK, once settled (runners/prepack.py)
         self.compile_choice = CompileChoice(False, "pending")  # TORCH_COMPILE, once settled (runners/compiled.py)
         self.compiled_layer = None  # the packed forward's layer step, compiled (runners/compiled.py)
+        self.vision_encoder = None  # Qwen3-VL's vision encoder, compiled (runners/vision_encoder.py)
         self.max_tokens = settings.max_input_tokens
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)

@@ -19,7 +19,8 @@ the shorter last one. Before the chunks, the layers after which Qwen3-VL adds th
 deepstack features run one at a time, as `_before` (input norm, the q/k/v projections, the heads'
 norms and the rotary embedding) and `_after` (the output projection, the residual, the
 post-attention norm, the MLP and its residual) around attention; and the last layer runs eagerly
-(on the pooled tokens alone, a few rows). The steps use packed.py's own rotary embedding;
+(on the pooled tokens alone, a few rows). With images (Qwen3-VL), the vision encoder is compiled
+too (vision_encoder.py) and checked with the layers. The steps use packed.py's own rotary embedding;
 packed.run's forwards have at least packed.MIN_MATMUL_ROWS tokens (packed.padded_rows), so, as
 packed._linear ensures for its matmuls, a row's vector does not depend on how many rows its forward
 had.
@@ -45,9 +46,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import packed
+from . import packed, vision_encoder
 from .packed_attention import attention
 from .prepack import PrepackedLinear
+from .vision_encoder import VisionEncoder
 
 log = logging.getLogger("embedding_api")
 
@@ -242,14 +244,17 @@ def _compile(runner) -> CompileChoice:
     # than failing the request that met it.
     torch._dynamo.config.suppress_errors = True
     runner.compiled_layer = CompiledLayers(deepstack_layers(runner))
+    runner.vision_encoder = _vision_encoder(runner)
     started = time.perf_counter()
     try:
         with _strict():
-            # Compiles the functions (with images: the deepstack layers' steps too), then checks the vectors.
+            # Compiles the functions (with images and clips: the vision encoder and the deepstack
+            # layers' steps too), then checks the vectors.
             images = packed.probe_images() if runner.packing_vision else ()
-            cosine = packed.agreement(runner, images)
+            videos = packed.probe_videos(runner) if runner.packing_vision else ()
+            cosine = packed.agreement(runner, images, videos)
     except Exception as exc:  # noqa: BLE001 - no compiler, or a layer inductor cannot compile: eager
-        runner.compiled_layer = None
+        runner.compiled_layer = runner.vision_encoder = None
         text = str(exc).strip().splitlines()  # inductor's first line says what failed (a missing compiler, ...)
         detail = f"{exc.__class__.__name__}: {text[0][:200] if text else ''}"
         log.warning("TORCH_COMPILE: the decoder layers could not be compiled (%s); they run eagerly", detail)
@@ -257,13 +262,27 @@ def _compile(runner) -> CompileChoice:
     seconds = round(time.perf_counter() - started, 1)
     line = packed.FLOAT32_AGREEMENT if runner.dtype == torch.float32 else packed.HALF_AGREEMENT
     if cosine < line:
-        runner.compiled_layer = None
+        runner.compiled_layer = runner.vision_encoder = None
         log.warning("TORCH_COMPILE: the compiled layers' vectors differ from the padded forward's (min cosine "
                     "%.6f, line %s); they run eagerly", cosine, line)
         return CompileChoice(False, "vectors differ", seconds)
-    log.info("decoder layers compiled (TORCH_COMPILE=true, inductor; in chunks of up to %d layers) in %.1f s; "
-             "min cosine to the padded forward %.6f", CHUNK_LAYERS, seconds, cosine)
+    log.info("decoder layers compiled (TORCH_COMPILE=true, inductor; in chunks of up to %d layers)%s in %.1f s; "
+             "min cosine to the padded forward %.6f", CHUNK_LAYERS,
+             " and the vision encoder" if runner.vision_encoder is not None else "", seconds, cosine)
     return CompileChoice(True, "compiled", seconds)
+
+
+def _vision_encoder(runner) -> VisionEncoder | None:
+    """The compiled vision encoder where this copy's packed forward takes images (Qwen3-VL) and the
+    encoder is one vision_encoder.py runs; else None (the model's own runs eagerly)."""
+    visual = getattr(runner.model, "visual", None)
+    if not runner.packing_vision or visual is None:
+        return None
+    why = vision_encoder.why_not(visual)
+    if why is not None:
+        log.info("vision encoder eager (TORCH_COMPILE=true: %s)", why)
+        return None
+    return VisionEncoder(visual, CHUNK_LAYERS)
 
 
 class _strict:

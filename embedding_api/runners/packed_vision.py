@@ -66,16 +66,27 @@ def embed(runner, batch, ids: torch.Tensor, hidden: torch.Tensor) -> Visual | No
         grid = grids[grid_of] = torch.tensor([g for p in batch for g in getattr(p, grid_of)], dtype=torch.long,
                                              device=hidden.device)
         taken, taken_grid = _rounded_up(pixels, grid, runner.merge_size)
-        out = getattr(runner.model, method)(runner._to_device(taken), taken_grid, return_dict=True)
-        images = len(grid)  # a stand-in image after them (`_rounded_up`) is left out
-        embeds = torch.cat(out.pooler_output[:images], dim=0).to(hidden.dtype)
+        embeds, deepstack = _encoded(runner, method, runner._to_device(taken), taken_grid, len(grid), hidden.dtype)
         index = (ids == getattr(runner, pad_id)).nonzero()[:, 0]
         if index.shape[0] != embeds.shape[0]:
             raise ValueError(f"{index.shape[0]} placeholder tokens for {embeds.shape[0]} visual embeddings")
         hidden[index] = embeds
-        deepstack = [torch.cat(feature[:images], dim=0).to(hidden.dtype) for feature in out.deepstack_features]
         parts.append((index, deepstack))
     return Visual(parts, grids) if parts else None
+
+
+def _encoded(runner, method: str, pixels: torch.Tensor, grid: torch.Tensor, count: int,
+             dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The vision encoder's merged tokens and deepstack features of the first `count` grids (a
+    stand-in image after them, `_rounded_up`, is left out): the compiled encoder where TORCH_COMPILE
+    made one (runners/vision_encoder.py), else the model's own `method`."""
+    if runner.vision_encoder is not None:
+        merged, features = runner.vision_encoder(pixels, grid)
+        tokens = int(grid[:count].prod(-1).sum()) // runner.merge_size ** 2
+        return merged[:tokens].to(dtype), [feature[:tokens].to(dtype) for feature in features]
+    out = getattr(runner.model, method)(pixels, grid, return_dict=True)
+    return (torch.cat(out.pooler_output[:count], dim=0).to(dtype),
+            [torch.cat(feature[:count], dim=0).to(dtype) for feature in out.deepstack_features])
 
 
 def _rounded_up(pixels: list[np.ndarray], grid: torch.Tensor, merge: int) -> tuple[np.ndarray, torch.Tensor]:
