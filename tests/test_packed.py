@@ -279,6 +279,28 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
 
 
 
+@pytest.mark.parametrize("lengths, prefixes", [([5, 23, 30], [0, 0, 0]), ([12, 20, 9], [7, 7, 0]), ([10, 10], [5, 5]),
+                                               ([16, 16], [0, 0]), ([300, 20], [0, 0])])
+def test_keys_are_laid_out_to_whole_blocks_with_the_same_attention(lengths, prefixes, monkeypatch):
+    # Each short group's keys (prefix and own) come to a multiple of KEY_BLOCK, the extra ones masked:
+    # the same attention, and the same last tokens' attention, as keys laid out to the longest row.
+    cpu = torch.device("cpu")
+    torch.manual_seed(2)
+    width, total = max(prefixes), sum(lengths)
+    prefix_kv = [(torch.randn(len(lengths), 2, width, 16), torch.randn(len(lengths), 2, width, 16))] if width else None
+    query, key, value = torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
+    blocked = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
+    for group in blocked.groups:
+        keys = group.key_shape[1] + (width if group.prefix_kv is not None else 0)
+        assert keys % packed_attention.KEY_BLOCK == 0 or group.index.shape[1] >= packed_attention.CAUSAL_ALONE_TOKENS
+    monkeypatch.setattr(packed_attention, "KEY_BLOCK", 1)
+    plain = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
+    assert [g.key_shape for g in plain.groups] == [tuple(g.index.shape) for g in plain.groups]
+    for attend, picked in ((packed_attention.attention, query), (packed_attention.last_attention, query[blocked.last])):
+        got = attend(picked, key, value, blocked, 0, 0.25)
+        torch.testing.assert_close(got, attend(picked, key, value, plain, 0, 0.25), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("lengths, prefixes", [([12, 20, 9], [7, 7, 0]), ([10, 10], [5, 5]), ([10, 10], [0, 0])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_last_tokens_attend_as_in_their_whole_rows(lengths, prefixes, dtype):
