@@ -86,16 +86,33 @@ def test_in_bfloat16_it_stays_within_rounding_of_the_models_own(tiny_vl):
     assert F.cosine_similarity(merged.float(), want.float(), dim=-1).min() >= 0.999
 
 
-def test_grid_tables_are_kept_for_the_most_recent_grids_only(vl32, monkeypatch):
+def _tables_bytes(tables) -> int:
+    return sum(t.numel() * t.element_size() for t in tables)
+
+
+def test_grid_tables_are_kept_for_the_most_recent_grids_only(tiny_vl, monkeypatch):
+    runner = _runner(tiny_vl, dtype="float32")
+    encoder = runner.vision_encoder
+    pixels, grid = _patches(runner, SIZES[:3], clip=False)
+    grids = [tuple(g) for g in grid.tolist()]
+    encoder._grids.clear()
+    encoder._bytes = 0
     monkeypatch.setattr(vision_encoder, "CACHED_GRIDS", 2)
-    encoder = vl32.vision_encoder
-    encoder._grids.clear()
-    pixels, grid = _patches(vl32, SIZES[:3], clip=False)
-    first, _ = _ours(vl32, pixels, grid)
-    assert [key[0] for key in encoder._grids] == [tuple(g) for g in grid.tolist()[1:]]
-    again, _ = _ours(vl32, pixels, grid)  # the first grid's tables made again: the same values
+    first, _ = _ours(runner, pixels, grid)
+    assert [key[0] for key in encoder._grids] == grids[1:]
+    assert encoder.cached_bytes == sum(_tables_bytes(t) for t in encoder._grids.values()) > 0
+    again, _ = _ours(runner, pixels, grid)  # the first grid's tables made again: the same values
     assert torch.equal(first, again)
+    # A bound in bytes too: only the last grid's tables fit; a grid larger than the bound is not kept.
+    monkeypatch.setattr(vision_encoder, "CACHED_GRIDS", 64)
+    last = _tables_bytes(encoder._grids[next(reversed(encoder._grids))])
+    monkeypatch.setattr(vision_encoder, "CACHED_BYTES", last)
+    _ours(runner, pixels, grid)
+    assert [key[0] for key in encoder._grids] == grids[2:] and encoder.cached_bytes == last
+    monkeypatch.setattr(vision_encoder, "CACHED_BYTES", 0)
     encoder._grids.clear()
+    encoder._bytes = 0
+    assert torch.equal(_ours(runner, pixels, grid)[0], first) and not encoder._grids and encoder.cached_bytes == 0
 
 
 def test_its_tanh_gelu_is_the_models(vl32):
@@ -111,3 +128,18 @@ def test_an_encoder_it_does_not_know_stays_the_models_own_and_says_why(vl32, mon
     with caplog.at_level(logging.INFO, logger="embedding_api"):
         assert compiled._vision_encoder(vl32) is None
     assert "vision encoder eager (TORCH_COMPILE=true: activation relu)" in caplog.text
+
+
+def test_a_compiled_copys_image_vectors_are_the_eager_copys(vl32, tiny_vl):
+    # Through the runner's forward: images of several sizes (their patches rounded up by a stand-in
+    # image, packed_vision._rounded_up), a clip and a text in one batch, against the eager copy's.
+    eager = load_runner(Settings(_env_file=None, model_path=str(tiny_vl), torch_threads=1, dtype="float32"))
+    image = packed.probe_images()[0]
+    clip = packed.probe_videos(vl32)
+
+    def batch(runner):
+        return ([runner.prepare(["a photo of"], [image.resize(size)], None, None) for size in SIZES]
+                + [runner.prepare([], [], None, None, videos=clip), runner.prepare(["just text"], [], None, None)])
+
+    got, want = vl32.forward(batch(vl32)), eager.forward(batch(eager))
+    assert np.abs(got - want).max() <= 1e-5

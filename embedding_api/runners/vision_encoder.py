@@ -14,7 +14,8 @@ the 128-wide test encoder those cost more than its matmuls. Here:
   clip's temporal patches one each; a frame attends within itself) in groups of similar length
   (split.groups), each group laid out padded for one call, the padded keys masked;
 - a grid's (frames, rows, columns) position embedding and rotary cos/sin, which depend on the grid
-  alone, are kept (`CACHED_GRIDS`, the most recently used) and concatenated per forward.
+  alone, are kept (the most recently used, up to `CACHED_GRIDS` grids and `CACHED_BYTES`) and
+  concatenated per forward.
 
 The steps are the model's own (transformers' modeling_qwen3_vl), in the same order; inductor keeps
 the fused steps' intermediates in float32, so bfloat16 vectors move by rounding only. Compiled with
@@ -36,9 +37,11 @@ import torch.nn.functional as F
 from .prepack import PrepackedLinear
 from .split import groups as length_groups
 
-# The grids whose position tables are kept (a grid of a few thousand patches: a few MB in the
-# 2B model's width); images of a handful of sizes fill few.
+# The grids whose position tables are kept, and their bytes at most: a grid of a few thousand
+# patches takes a few MB in the 2B model's width (1,024 wide, 64 per head), so large images of many
+# sizes would otherwise keep hundreds of MB; small ones of a handful of sizes fill few.
 CACHED_GRIDS = 64
+CACHED_BYTES = 64 << 20
 # One more attention call, in padded positions' worth (as packed_attention.ATTENTION_CALL_TOKENS).
 ATTENTION_CALL_TOKENS = 64
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # the blocks' activations (config.hidden_act) taken here
@@ -199,6 +202,7 @@ class VisionEncoder:
                 self.chunks.append((last, [_block_weights(b) for b in visual.blocks[first:last]]))
             start = end
         self._grids: OrderedDict[tuple, tuple] = OrderedDict()
+        self._bytes = 0
 
     def tables(self, grid: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
         """A grid's position embedding (patches, hidden) in `dtype` and rotary cos and sin (patches, 1,
@@ -218,10 +222,19 @@ class VisionEncoder:
         position = (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(dtype)
         stand_in = torch.empty(0, dtype=dtype, device=device)
         cos, sin = visual.rotary_pos_emb(stand_in, get_vision_position_ids(thw, self.merge))
-        found = self._grids[key] = (position, cos[:, None].float(), sin[:, None].float())
-        if len(self._grids) > CACHED_GRIDS:
-            self._grids.popitem(last=False)
+        found = (position, cos[:, None].float(), sin[:, None].float())
+        size = sum(t.numel() * t.element_size() for t in found)
+        if size <= CACHED_BYTES:
+            self._grids[key] = found
+            self._bytes += size
+            while len(self._grids) > CACHED_GRIDS or self._bytes > CACHED_BYTES:
+                self._bytes -= sum(t.numel() * t.element_size() for t in self._grids.popitem(last=False)[1])
         return found
+
+    @property
+    def cached_bytes(self) -> int:
+        """The bytes of the position tables kept."""
+        return self._bytes
 
     def __call__(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         visual = self.visual
