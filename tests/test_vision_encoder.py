@@ -143,3 +143,8 @@ def test_a_compiled_copys_image_vectors_are_the_eager_copys(vl32, tiny_vl):
 
     got, want = vl32.forward(batch(vl32)), eager.forward(batch(eager))
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_an_encoder_without_the_position_helpers_stays_the_models_own(vl32, monkeypatch):
+    monkeypatch.delattr(vl32.model.visual, "interpolation_align_corners")
+    assert vision_encoder.why_not(vl32.model.visual) == "position interpolation"

@@ -20,8 +20,9 @@ the 128-wide test encoder those cost more than its matmuls. Here:
 The steps are the model's own (transformers' modeling_qwen3_vl), in the same order; inductor keeps
 the fused steps' intermediates in float32, so bfloat16 vectors move by rounding only. Compiled with
 the decoder's layers (compiled.py) and checked with them at start-up on the probe images and clip,
-against the padded forward; the encoder is used only where that check passed. Prepacked projections
-(CPU_PREPACK) stay oneDNN's own call, as in compiled.py.
+against the padded forward; the encoder is used only where that check passed. Its projections stay
+plain (CPU_PREPACK prepacks the decoder's; the encoder's prepacked gained nothing on the test
+encoder), but prepacked ones would run as compiled.py runs them, as oneDNN's own call.
 """
 
 from __future__ import annotations
@@ -162,8 +163,13 @@ def why_not(visual) -> str | None:
     config = visual.config
     if config.hidden_act not in _ACTIVATIONS:
         return f"activation {config.hidden_act}"
-    if getattr(visual, "interpolation_mode", "bilinear") != "bilinear":
+    if getattr(visual, "interpolation_mode", "bilinear") != "bilinear" or \
+            not all(hasattr(visual, name) for name in ("num_grid_per_side", "interpolation_align_corners")):
         return "position interpolation"
+    try:
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights  # noqa: F401
+    except ImportError:  # a transformers before its vision helpers: the model's own encoder
+        return "this transformers has no vision_utils"
     linears = [m for b in visual.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.linear_fc1, b.mlp.linear_fc2)]
     if any(type(m) not in (torch.nn.Linear, PrepackedLinear) for m in linears):
         return "the projections are not linear layers"
