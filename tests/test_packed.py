@@ -278,6 +278,14 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     assert _cosines(together, alone).min() >= 0.99999
 
 
+def _attention_inputs(lengths, prefixes, seed: int) -> tuple:
+    """Random cached prefix keys and values (one layer; None without prefixes) and packed queries, keys
+    and values of rows of these lengths: 4 query heads on 2 key heads of 16."""
+    torch.manual_seed(seed)
+    width, total = max(prefixes), sum(lengths)
+    prefix_kv = [(torch.randn(len(lengths), 2, width, 16), torch.randn(len(lengths), 2, width, 16))] if width else None
+    return prefix_kv, torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
+
 
 @pytest.mark.parametrize("lengths, prefixes", [([5, 23, 30], [0, 0, 0]), ([12, 20, 9], [7, 7, 0]), ([10, 10], [5, 5]),
                                                ([16, 16], [0, 0]), ([300, 20], [0, 0])])
@@ -285,10 +293,8 @@ def test_keys_are_laid_out_to_whole_blocks_with_the_same_attention(lengths, pref
     # Each short group's keys (prefix and own) come to a multiple of KEY_BLOCK, the extra ones masked:
     # the same attention, and the same last tokens' attention, as keys laid out to the longest row.
     cpu = torch.device("cpu")
-    torch.manual_seed(2)
-    width, total = max(prefixes), sum(lengths)
-    prefix_kv = [(torch.randn(len(lengths), 2, width, 16), torch.randn(len(lengths), 2, width, 16))] if width else None
-    query, key, value = torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
+    width = max(prefixes)
+    prefix_kv, query, key, value = _attention_inputs(lengths, prefixes, seed=2)
     blocked = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
     for group in blocked.groups:
         keys = group.key_shape[1] + (width if group.prefix_kv is not None else 0)
@@ -308,10 +314,7 @@ def test_the_last_tokens_attend_as_in_their_whole_rows(lengths, prefixes, dtype)
     # prefix, one length alone): what the whole rows' attention gives at those places, within the
     # dtype's rounding.
     cpu = torch.device("cpu")
-    torch.manual_seed(1)
-    width, total = max(prefixes), sum(lengths)
-    prefix_kv = [(torch.randn(len(lengths), 2, width, 16), torch.randn(len(lengths), 2, width, 16))] if width else None
-    query, key, value = torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
+    prefix_kv, query, key, value = _attention_inputs(lengths, prefixes, seed=1)
     segments = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
     want = packed_attention.attention(query, key, value, segments, 0, 0.25)[segments.last]
     cast = lambda t: t.to(dtype)  # noqa: E731
@@ -344,7 +347,6 @@ def test_a_batch_past_the_token_budget_runs_as_several_packed_forwards(runners, 
     assert all(w <= 40 or w in own for w in widths)
     alone = np.concatenate([_padded(runner, p) for p in batch])
     assert _cosines(together, alone).min() >= 0.99999
-
 
 
 def _projections(runner, batch, monkeypatch) -> tuple[np.ndarray, dict]:

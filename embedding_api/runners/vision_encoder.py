@@ -27,6 +27,7 @@ encoder), but prepacked ones would run as compiled.py runs them, as oneDNN's own
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import threading
 from collections import OrderedDict
@@ -166,9 +167,7 @@ def why_not(visual) -> str | None:
     if getattr(visual, "interpolation_mode", "bilinear") != "bilinear" or \
             not all(hasattr(visual, name) for name in ("num_grid_per_side", "interpolation_align_corners")):
         return "position interpolation"
-    try:
-        from transformers.vision_utils import get_vision_interpolation_indices_and_weights  # noqa: F401
-    except ImportError:  # a transformers before its vision helpers: the model's own encoder
+    if importlib.util.find_spec("transformers.vision_utils") is None:  # a transformers before its helpers
         return "this transformers has no vision_utils"
     linears = [m for b in visual.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.linear_fc1, b.mlp.linear_fc2)]
     if any(type(m) not in (torch.nn.Linear, PrepackedLinear) for m in linears):
