@@ -33,7 +33,7 @@ compiler, an unsupported layer) or the vectors differ, the layers stay eager and
 and /v1/models say why. Not with DTYPE=int8 (its projections are modules of their own), not on
 CUDA (the packed forward is a CPU path). CPU_PREPACK is settled first (its probe on the eager
 layers), and prepacked projections stay oneDNN's own call inside the compiled steps
-(`_prepacked_linear`: inductor does not lower it).
+(prepack.linear: inductor does not lower it).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import packed, vision_encoder
 from .packed_attention import attention
-from .prepack import PrepackedLinear
+from .prepack import PrepackedLinear, linear, linear_weights
 from .vision_encoder import VisionEncoder
 
 log = logging.getLogger("embedding_api")
@@ -73,39 +73,22 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-@torch.library.custom_op("embedding_api::prepacked_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
-def _prepacked_linear(x, packed, bias):
-    """A projection on CPU_PREPACK's weights (prepack.PrepackedLinear), to inductor an opaque call: the
-    oneDNN matmul itself, the steps around it compiled."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@_prepacked_linear.register_fake
-def _(x, packed, bias):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
-
-
-def _linear(x, weight, bias, prepacked: bool):
-    return _prepacked_linear(x, weight, bias) if prepacked else F.linear(x, weight, bias)
-
-
 def _before(hidden, norm_w, q_w, q_b, k_w, k_b, v_w, v_b, q_norm_w, k_norm_w, cos, signed_sin,
             eps: float, dim: int, prepacked: bool):
     """A layer up to attention: queries, keys and values of the packed tokens (T, heads, dim)."""
     rows = hidden.shape[0]
     x = _norm(hidden, norm_w, eps)
-    q = packed._rotary(_norm(_linear(x, q_w, q_b, prepacked).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
-    k = packed._rotary(_norm(_linear(x, k_w, k_b, prepacked).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
-    return q, k, _linear(x, v_w, v_b, prepacked).view(rows, -1, dim)
+    q = packed._rotary(_norm(linear(x, q_w, q_b, prepacked).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
+    k = packed._rotary(_norm(linear(x, k_w, k_b, prepacked).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
+    return q, k, linear(x, v_w, v_b, prepacked).view(rows, -1, dim)
 
 
 def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float, prepacked: bool):
     """A layer from attention's output on: the output projection, the MLP and the residuals."""
-    hidden = hidden + _linear(o.reshape(hidden.shape[0], -1), o_w, o_b, prepacked)
+    hidden = hidden + linear(o.reshape(hidden.shape[0], -1), o_w, o_b, prepacked)
     x = _norm(hidden, norm_w, eps)
-    gated = F.silu(_linear(x, gate_w, gate_b, prepacked)) * _linear(x, up_w, up_b, prepacked)
-    return hidden + _linear(gated, down_w, down_b, prepacked)
+    gated = F.silu(linear(x, gate_w, gate_b, prepacked)) * linear(x, up_w, up_b, prepacked)
+    return hidden + linear(gated, down_w, down_b, prepacked)
 
 
 # The decoder's layers run in compiled calls of this many (the last call may have fewer): a call
@@ -141,17 +124,13 @@ def _chunk(hidden, cos, signed_sin, weights, eps: float, dim: int, scaling: floa
     return hidden
 
 
-def _weights(module) -> tuple:
-    """A projection's weight as the compiled steps take it (plain, or CPU_PREPACK's opaque one) and bias."""
-    return (module.packed, module.bias) if type(module) is PrepackedLinear else (module.weight, module.bias)
-
-
 def _layer_weights(layer) -> tuple:
     """A decoder layer's weights in the order `_before` (the first 9) and `_after` (the rest) take them."""
     attn, mlp = layer.self_attn, layer.mlp
-    return (layer.input_layernorm.weight, *_weights(attn.q_proj), *_weights(attn.k_proj), *_weights(attn.v_proj),
-            attn.q_norm.weight, attn.k_norm.weight, *_weights(attn.o_proj), layer.post_attention_layernorm.weight,
-            *_weights(mlp.gate_proj), *_weights(mlp.up_proj), *_weights(mlp.down_proj))
+    return (layer.input_layernorm.weight, *linear_weights(attn.q_proj), *linear_weights(attn.k_proj),
+            *linear_weights(attn.v_proj), attn.q_norm.weight, attn.k_norm.weight, *linear_weights(attn.o_proj),
+            layer.post_attention_layernorm.weight, *linear_weights(mlp.gate_proj), *linear_weights(mlp.up_proj),
+            *linear_weights(mlp.down_proj))
 
 
 class CompiledLayers:

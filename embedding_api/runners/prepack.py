@@ -30,6 +30,7 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import packed
 from .dtype_tier import measure, probe_batch
@@ -73,6 +74,29 @@ class PrepackedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked (oneDNN)"
+
+
+@torch.library.custom_op("embedding_api::prepacked_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
+def _prepacked_linear(x, packed, bias):
+    """A projection on prepacked weights (PrepackedLinear.packed), to inductor an opaque call: the
+    oneDNN matmul itself, the steps around it compiled (compiled.py, vision_encoder.py)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_prepacked_linear.register_fake
+def _(x, packed, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def linear(x, weight, bias, prepacked: bool):
+    """A projection in a compiled function, on the weight `linear_weights` gave."""
+    return _prepacked_linear(x, weight, bias) if prepacked else F.linear(x, weight, bias)
+
+
+def linear_weights(module) -> tuple:
+    """A projection's weight as compiled functions take it (plain, or the prepacked opaque one) and bias."""
+    return (module.packed, module.bias) if type(module) is PrepackedLinear else (module.weight, module.bias)
 
 
 @dataclass

@@ -22,7 +22,7 @@ the fused steps' intermediates in float32, so bfloat16 vectors move by rounding 
 the decoder's layers (compiled.py) and checked with them at start-up on the probe images and clip,
 against the padded forward; the encoder is used only where that check passed. Its projections stay
 plain (CPU_PREPACK prepacks the decoder's; the encoder's prepacked gained nothing on the test
-encoder), but prepacked ones would run as compiled.py runs them, as oneDNN's own call.
+encoder), but prepacked ones would run as compiled.py's do, as oneDNN's own call (prepack.linear).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .prepack import PrepackedLinear
+from .packed_attention import ATTENTION_CALL_TOKENS
+from .prepack import PrepackedLinear, linear, linear_weights
 from .split import groups as length_groups
 
 # The grids whose position tables are kept, and their bytes at most: a grid of a few thousand
@@ -44,8 +45,6 @@ from .split import groups as length_groups
 # sizes would otherwise keep hundreds of MB; small ones of a handful of sizes fill few.
 CACHED_GRIDS = 64
 CACHED_BYTES = 64 << 20
-# One more attention call, in padded positions' worth (as packed_attention.ATTENTION_CALL_TOKENS).
-ATTENTION_CALL_TOKENS = 64
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # the blocks' activations (config.hidden_act) taken here
 
 _context = threading.local()  # the running forward's frames (Frames), for `_frame_attention`
@@ -94,12 +93,6 @@ def _(q, k, v, scaling):
     return torch.empty_like(q)
 
 
-def _linear(x, weight, bias, prepacked: bool):
-    if prepacked:
-        return torch.ops.embedding_api.prepacked_linear(x, weight, bias)  # compiled.py's opaque oneDNN call
-    return F.linear(x, weight, bias)
-
-
 def _rotary(x, cos, sin):
     """The vision rotary embedding as the model applies it: in float32, back to x's dtype."""
     xf = x.float()
@@ -126,11 +119,11 @@ def _blocks(hidden, cos, sin, weights, heads: int, eps: float, tanh: bool, scali
     rows, width = hidden.shape
     for n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b in weights:
         x = F.layer_norm(hidden, (width,), n1w, n1b, eps)
-        q, k, v = _linear(x, qkv_w, qkv_b, prepacked).view(rows, 3, heads, -1).unbind(1)
+        q, k, v = linear(x, qkv_w, qkv_b, prepacked).view(rows, 3, heads, -1).unbind(1)
         o = torch.ops.embedding_api.frame_attention(_rotary(q, cos, sin), _rotary(k, cos, sin), v, scaling)
-        hidden = hidden + _linear(o.reshape(rows, width), proj_w, proj_b, prepacked)
+        hidden = hidden + linear(o.reshape(rows, width), proj_w, proj_b, prepacked)
         x = F.layer_norm(hidden, (width,), n2w, n2b, eps)
-        hidden = hidden + _linear(_gelu(_linear(x, fc1_w, fc1_b, prepacked), tanh), fc2_w, fc2_b, prepacked)
+        hidden = hidden + linear(_gelu(linear(x, fc1_w, fc1_b, prepacked), tanh), fc2_w, fc2_b, prepacked)
     return hidden
 
 
@@ -143,20 +136,18 @@ def _merge(hidden, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b, eps: float, width
     # and viewed after, inductor's kernel for the view ran 5x slower than the norm.
     x = F.layer_norm(hidden.view(-1, width), (width,), norm_w, norm_b, eps) if post_shuffle else \
         F.layer_norm(hidden.view(-1, width // side, side), (side,), norm_w, norm_b, eps).view(-1, width)
-    return _linear(F.gelu(_linear(x, fc1_w, fc1_b, prepacked)), fc2_w, fc2_b, prepacked)
-
-
-def _weights(module) -> tuple:
-    return (module.packed, module.bias) if type(module) is PrepackedLinear else (module.weight, module.bias)
+    return linear(F.gelu(linear(x, fc1_w, fc1_b, prepacked)), fc2_w, fc2_b, prepacked)
 
 
 def _block_weights(block) -> tuple:
-    return (block.norm1.weight, block.norm1.bias, *_weights(block.attn.qkv), *_weights(block.attn.proj),
-            block.norm2.weight, block.norm2.bias, *_weights(block.mlp.linear_fc1), *_weights(block.mlp.linear_fc2))
+    return (block.norm1.weight, block.norm1.bias, *linear_weights(block.attn.qkv),
+            *linear_weights(block.attn.proj), block.norm2.weight, block.norm2.bias,
+            *linear_weights(block.mlp.linear_fc1), *linear_weights(block.mlp.linear_fc2))
 
 
 def _merger_weights(merger) -> tuple:
-    return (merger.norm.weight, merger.norm.bias, *_weights(merger.linear_fc1), *_weights(merger.linear_fc2))
+    return (merger.norm.weight, merger.norm.bias, *linear_weights(merger.linear_fc1),
+            *linear_weights(merger.linear_fc2))
 
 
 def why_not(visual) -> str | None:
