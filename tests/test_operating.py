@@ -365,7 +365,7 @@ def test_docs_and_openapi_are_counted_by_route_and_unknown_paths_logged(vl_serve
     # has it (a file's last chunk sent, the handler not yet back): wait for the counts to come in.
     expected = [("/openapi.json", "200"), ("/docs", "200"), ("/docs-assets", "200"), ("/docs-assets", "404"),
                 ("unmatched", "404")]
-    for _ in range(50):
+    for _ in range(100):  # up to 10 s, as _wait_for_line waits for a log line
         after = scrape(base + "/metrics")
         if all(delta(after, before, total, route=route, status=status) >= 1 for route, status in expected):
             break
