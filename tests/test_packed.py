@@ -256,8 +256,11 @@ def test_long_rows_attend_causally_in_calls_of_their_own(runners):
     segments = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
     found = sorted((tuple(g.index.shape), g.mask is None, g.lead) for g in segments.groups)
     assert found == [((1, 300), True, 7), ((2, 22), False, 0)]
-    query, key, value = torch.randn(342, 4, 8), torch.randn(342, 2, 8), torch.randn(342, 2, 8)
-    out = packed_attention.attention(query, key, value, segments, 0, 0.3)
+    # Five rows past the tokens, as a padded forward has them (packed.padded_rows): each reads the last
+    # token's output.
+    query, key, value = torch.randn(347, 4, 8), torch.randn(347, 2, 8), torch.randn(347, 2, 8)
+    out = packed_attention.attention(query, torch.stack((key, value), 1), segments, 0, 0.3)
+    assert out.shape == query.shape and torch.equal(out[342:], out[341:342].expand(5, -1, -1))
     for row, (start, n, p) in enumerate(zip((0, 300, 320), lengths, prefixes)):
         k = torch.cat((prefix_kv[0][0][row, :, :p], key[start:start + n].transpose(0, 1)), 1)
         v = torch.cat((prefix_kv[0][1][row, :, :p], value[start:start + n].transpose(0, 1)), 1)
@@ -303,8 +306,9 @@ def test_keys_are_laid_out_to_whole_blocks_with_the_same_attention(lengths, pref
     plain = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
     assert [g.key_shape for g in plain.groups] == [tuple(g.index.shape) for g in plain.groups]
     for attend, picked in ((packed_attention.attention, query), (packed_attention.last_attention, query[blocked.last])):
-        got = attend(picked, key, value, blocked, 0, 0.25)
-        torch.testing.assert_close(got, attend(picked, key, value, plain, 0, 0.25), atol=1e-5, rtol=1e-5)
+        kv = torch.stack((key, value), 1)
+        torch.testing.assert_close(attend(picked, kv, blocked, 0, 0.25), attend(picked, kv, plain, 0, 0.25),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("lengths, prefixes", [([12, 20, 9], [7, 7, 0]), ([10, 10], [5, 5]), ([10, 10], [0, 0])])
@@ -316,10 +320,10 @@ def test_the_last_tokens_attend_as_in_their_whole_rows(lengths, prefixes, dtype)
     cpu = torch.device("cpu")
     prefix_kv, query, key, value = _attention_inputs(lengths, prefixes, seed=1)
     segments = packed_attention.Segments(lengths, prefixes, prefix_kv, cpu)
-    want = packed_attention.attention(query, key, value, segments, 0, 0.25)[segments.last]
+    want = packed_attention.attention(query, torch.stack((key, value), 1), segments, 0, 0.25)[segments.last]
     cast = lambda t: t.to(dtype)  # noqa: E731
     kv = [(cast(k), cast(v)) for k, v in prefix_kv] if prefix_kv else None
-    got = packed_attention.last_attention(cast(query[segments.last]), cast(key), cast(value),
+    got = packed_attention.last_attention(cast(query[segments.last]), cast(torch.stack((key, value), 1)),
                                           packed_attention.Segments(lengths, prefixes, kv, cpu, dtype), 0, 0.25)
     assert got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2

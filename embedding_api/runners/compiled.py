@@ -75,12 +75,13 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _before(hidden, norm_w, q_w, q_b, k_w, k_b, v_w, v_b, q_norm_w, k_norm_w, cos, signed_sin,
             eps: float, dim: int, prepacked: bool):
-    """A layer up to attention: queries, keys and values of the packed tokens (T, heads, dim)."""
+    """A layer up to attention: the packed tokens' queries (T, heads, dim) and their keys and values side
+    by side (T, 2, kv heads, dim), as packed_attention.attention takes them."""
     rows = hidden.shape[0]
     x = _norm(hidden, norm_w, eps)
     q = packed._rotary(_norm(linear(x, q_w, q_b, prepacked).view(rows, -1, dim), q_norm_w, eps), cos, signed_sin)
     k = packed._rotary(_norm(linear(x, k_w, k_b, prepacked).view(rows, -1, dim), k_norm_w, eps), cos, signed_sin)
-    return q, k, linear(x, v_w, v_b, prepacked).view(rows, -1, dim)
+    return q, torch.stack((k, linear(x, v_w, v_b, prepacked).view(rows, -1, dim)), 1)
 
 
 def _after(hidden, o, o_w, o_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b, eps: float, prepacked: bool):
@@ -103,23 +104,23 @@ _context = threading.local()
 
 
 @torch.library.custom_op("embedding_api::packed_attention", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, int layer, float scaling) -> Tensor")
-def _packed_attention(q, k, v, layer, scaling):
+                         schema="(Tensor q, Tensor kv, int layer, float scaling) -> Tensor")
+def _packed_attention(q, kv, layer, scaling):
     """Attention of the running forward's rows at layer `layer` of its chunk (packed_attention.py),
     to inductor an opaque call."""
-    return attention(q, k, v, _context.segments, _context.first + layer, scaling)
+    return attention(q, kv, _context.segments, _context.first + layer, scaling)
 
 
 @_packed_attention.register_fake
-def _(q, k, v, layer, scaling):
+def _(q, kv, layer, scaling):
     return torch.empty_like(q)
 
 
 def _chunk(hidden, cos, signed_sin, weights, eps: float, dim: int, scaling: float, prepacked: bool):
     """Consecutive decoder layers (`weights`: each layer's, as `_layer_weights` lists them)."""
     for i, w in enumerate(weights):
-        q, k, v = _before(hidden, *w[:9], cos, signed_sin, eps, dim, prepacked)
-        o = torch.ops.embedding_api.packed_attention(q, k, v, i, scaling)
+        q, kv = _before(hidden, *w[:9], cos, signed_sin, eps, dim, prepacked)
+        o = torch.ops.embedding_api.packed_attention(q, kv, i, scaling)
         hidden = _after(hidden, o, *w[9:], eps, prepacked)
     return hidden
 
@@ -150,8 +151,8 @@ class CompiledLayers:
         w = _layer_weights(layer)
         prepacked = type(attn.q_proj) is PrepackedLinear  # CPU_PREPACK prepacks every projection or none
         eps = layer.input_layernorm.variance_epsilon
-        q, k, v = self.before(hidden, *w[:9], cos, signed_sin, eps, attn.head_dim, prepacked)
-        o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
+        q, kv = self.before(hidden, *w[:9], cos, signed_sin, eps, attn.head_dim, prepacked)
+        o = attention(q, kv, segments, attn.layer_idx, attn.scaling)
         return self.after(hidden, o, *w[9:], eps, prepacked)
 
     def run(self, layers, end: int, hidden, cos, signed_sin, segments):

@@ -110,7 +110,7 @@ def _layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
     q = _normed_rotary(_linear(attn.q_proj, x).view(rows, -1, dim), attn.q_norm, cos, signed_sin)
     k = _normed_rotary(_linear(attn.k_proj, x).view(rows, -1, dim), attn.k_norm, cos, signed_sin)
     v = _linear(attn.v_proj, x).view(rows, -1, dim)
-    o = attention(q, k, v, segments, attn.layer_idx, attn.scaling)
+    o = attention(q, torch.stack((k, v), 1), segments, attn.layer_idx, attn.scaling)
     hidden = hidden + _linear(attn.o_proj, o.view(rows, -1))
     x = _norm(hidden, layer.post_attention_layernorm)
     gate = _gated(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x))
@@ -130,7 +130,7 @@ def _last_layer(layer, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torc
     v = _linear(attn.v_proj, x).view(rows, -1, dim)
     x, hidden = x[last], hidden[last]
     q = _normed_rotary(_linear(attn.q_proj, x).view(len(last), -1, dim), attn.q_norm, cos[last], signed_sin[last])
-    o = last_attention(q, k, v, segments, attn.layer_idx, attn.scaling)
+    o = last_attention(q, torch.stack((k, v), 1), segments, attn.layer_idx, attn.scaling)
     hidden = hidden + _linear(attn.o_proj, o.view(len(last), -1))
     x = _norm(hidden, layer.post_attention_layernorm)
     gate = _gated(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x))
