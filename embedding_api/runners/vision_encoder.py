@@ -178,7 +178,7 @@ class VisionEncoder:
     their grids, as the model's `get_image_features`; returns the merged tokens (tokens, out hidden)
     and the deepstack features, one tensor per deepstack merger, for every grid in order."""
 
-    def __init__(self, visual, chunk_blocks: int = 8):
+    def __init__(self, visual, chunk_blocks: int = 8, options: dict | None = None):
         self.visual = visual
         config = visual.config
         self.heads = config.num_heads
@@ -186,8 +186,8 @@ class VisionEncoder:
         self.merge = config.spatial_merge_size
         self.deepstack = list(config.deepstack_visual_indexes or ())
         # The patches' count varies (marked dynamic at each call); widths and counts of heads stay fixed.
-        self.blocks = torch.compile(_blocks)
-        self.merger = torch.compile(_merge)
+        self.blocks = torch.compile(_blocks, options=options)  # options: inductor's (compiled.INDUCTOR_OPTIONS)
+        self.merger = torch.compile(_merge, options=options)
         # Block chunks: up to chunk_blocks blocks, each ending before a deepstack merger where one is due.
         depth = len(visual.blocks)
         ends = sorted({*(i + 1 for i in self.deepstack if i < depth), depth})
