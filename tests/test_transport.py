@@ -99,3 +99,21 @@ def test_a_closed_outbox_sends_through_the_socket(pair):
     assert outbox.fd == -1
     message = outbox.encode(batch)
     assert _same(inbox.decode(message), batch) and _same(Inbox(-1).decode(message), batch)
+
+
+def test_two_batches_in_flight_each_in_a_file_of_its_own():
+    # The model process has a batch sent ahead while it runs another (engine/prefetch.py): both written
+    # before either is read, each decodes whole by its slot's Inbox.
+    outboxes = [Outbox(0), Outbox(1)]
+    if any(o.fd < 0 for o in outboxes):
+        pytest.skip("no memfd_create on this platform: every batch goes through the socket")
+    inboxes = [Inbox(os.dup(o.fd)) for o in outboxes]
+    try:
+        first = [PreparedInput(input_ids=[1, 2], pixel_values=_image(120, 3), image_grid_thw=[(1, 10, 12)])]
+        second = [PreparedInput(input_ids=[5], pixel_values=_image(160, 4), image_grid_thw=[(1, 10, 16)])]
+        messages = [outboxes[0].encode(first), outboxes[1].encode(second)]
+        assert _same(transport.decode(messages[0], inboxes), first)
+        assert _same(transport.decode(messages[1], inboxes), second)
+    finally:
+        for o in outboxes:
+            o.close()

@@ -12,7 +12,9 @@ an asyncio future. While the forwards run, new inputs queue up, so the next
 batch is fuller: no timer, no fixed delay when the queue is empty. A forward
 that fails is retried in halves, down to single inputs, so that only the input
 at fault fails (out of memory alone: `InputFailed`) and every other input of the
-batch gets its vector; every worker keeps its own counters (`Batcher.workers`).
+batch gets its vector; every worker keeps its own counters (`Batcher.workers`). A
+worker whose forwards run in a model process sends it the next batch shortly
+before the running forward is due to end (engine/prefetch.py).
 
 A worker whose model copy is gone (its forward raises WorkerUnavailable) puts
 its batch back at the front of its lanes for the others and takes no batches
@@ -32,8 +34,9 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from ..runners import PreparedInput
+from .prefetch import NextBatch
 from .recovery import WORKER_RETRIES, WorkerRecovery, WorkerUnavailable  # noqa: F401 - re-exported
-from .scheduling import CHEAP, LaneQueue, request_lane
+from .scheduling import CHEAP, LaneQueue, batch_cost, request_lane
 from .timing import StageTimes
 
 log = logging.getLogger("embedding_api")
@@ -124,13 +127,15 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
-class Batcher(WorkerRecovery):
+class Batcher(WorkerRecovery, NextBatch):
     """`forward` is one callable (one worker) or a list of them: one worker thread each, one queue.
 
     `devices` names each worker's device in its WorkerStats (default: "0", "1", ...). `recover` (one
     per worker, or None) brings a worker's model copy back after a forward raised WorkerUnavailable:
     it returns a line for the log or raises; at most `restart_attempts` failures in a row.
     `stuck_after`: seconds after which a running forward counts as stuck (WorkerStats.stuck).
+    `pipelines` (one per worker, or None): the model process whose `forward` the worker's callable is,
+    for sending the next batch ahead (engine/prefetch.py); None where the forward runs in this process.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class Batcher(WorkerRecovery):
         stuck_after: float = 0.0,
         cheap_request_tokens: int | None = None,
         heavy_batch_efficiency: float | None = None,
+        pipelines: Sequence | None = None,
     ):
         self._forwards: list[Forward] = list(forward) if isinstance(forward, (list, tuple)) else [forward]
         if not self._forwards:
@@ -174,6 +180,11 @@ class Batcher(WorkerRecovery):
         if len(self._recover) != len(self._forwards):
             raise ValueError("one recover callable (or None) per forward callable")
         self.restart_attempts = restart_attempts
+        self._pipes = list(pipelines) if pipelines is not None else [None] * len(self._forwards)
+        if len(self._pipes) != len(self._forwards):
+            raise ValueError("one pipeline (or None) per forward callable")
+        self._next: list = [None] * len(self._forwards)  # per worker: (batch, ticket) sent ahead
+        self._last: list = [None] * len(self._forwards)  # per worker: (batch_cost, seconds) of its last forward
         self._batch_seq = itertools.count(1)  # numbers every batch run, across workers
         self.started_at = time.perf_counter()
 
@@ -226,7 +237,7 @@ class Batcher(WorkerRecovery):
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._busy
+            return not self._pending and not self._busy and not self._held()
 
     # ------------------------------------------------------------------ worker side
 
@@ -262,13 +273,17 @@ class Batcher(WorkerRecovery):
                 self._restart(k)
                 continue
             with self._cond:
-                while self._running and not self._pending:
-                    self._cond.wait()
-                if not self._running and not self._pending:
-                    return
-                batch = self._take()
-                if self._pending:
-                    self._cond.notify()  # more is waiting: wake another free worker
+                held, self._next[k] = self._next[k], None
+                if held is not None:  # sent ahead while the last forward ran: it runs now
+                    batch, ticket = held
+                else:
+                    while self._running and not self._pending:
+                        self._cond.wait()
+                    if not self._running and not self._pending:
+                        return
+                    batch, ticket = self._take(), None
+                    if self._pending:
+                        self._cond.notify()  # more is waiting: wake another free worker
                 if batch:
                     self._busy += 1
                     stats.busy = True
@@ -276,7 +291,7 @@ class Batcher(WorkerRecovery):
             if batch:
                 done = stats.batches
                 try:
-                    self._run(batch, k)
+                    self._run(batch, k, ticket)
                 finally:
                     with self._cond:
                         took = time.perf_counter() - stats.busy_since
@@ -291,13 +306,24 @@ class Batcher(WorkerRecovery):
                         stats.busy_seconds += took
                         stats.busy_since = 0.0
 
-    def _run(self, batch: list[_Entry], k: int = 0) -> None:
+    def _run(self, batch: list[_Entry], k: int = 0, ticket: int | None = None, ahead: bool = True) -> None:
+        """`ticket`: the batch was sent ahead already (engine/prefetch.py). `ahead`: send the next batch
+        ahead while this one runs (not while a failed batch is retried in parts)."""
         stats = self.workers[k]
         started = time.perf_counter()
+        pipe = self._pipes[k]
         try:
-            vectors = self._forwards[k]([e.prepared for e in batch])
+            if pipe is None:
+                vectors = self._forwards[k]([e.prepared for e in batch])
+            else:
+                if ticket is None:
+                    ticket = pipe.submit([e.prepared for e in batch])
+                if ahead:
+                    self._send_next(k, batch, ticket, started)
+                vectors = pipe.result(ticket)
         except WorkerUnavailable as exc:  # its model copy is gone: the batch goes to a live worker
             self._worker_down(k, batch, exc)
+            self._drop_next(k, exc)
             return
         except Exception as exc:  # a failed batch fails the input at fault only, never the worker
             oom = _is_oom(exc)
@@ -310,11 +336,11 @@ class Batcher(WorkerRecovery):
                 log.warning("%s on a batch of %d (worker %d, %s); retrying in halves",
                             "out of memory" if oom else f"forward pass failed ({exc.__class__.__name__}: {exc})",
                             len(batch), k, stats.device)
-                self._run(batch[:half], k)
+                self._run(batch[:half], k, ahead=False)
                 if stats.down:  # the first half found the model copy gone: the rest goes back too
                     self._worker_down(k, batch[half:], WorkerUnavailable("its worker went down"), again=True)
                 else:
-                    self._run(batch[half:], k)
+                    self._run(batch[half:], k, ahead=False)
                 return
             if oom:
                 error: Exception = InputFailed("this input does not fit in the device's memory")
@@ -327,6 +353,7 @@ class Batcher(WorkerRecovery):
             return
         ended = time.perf_counter()
         took = ended - started
+        self._last[k] = (batch_cost(batch), took)
         stats.batches += 1
         stats.inputs += len(batch)
         seq = next(self._batch_seq)

@@ -9,12 +9,16 @@ its calls. With the model in a child process each side has its own interpreter a
 
 Protocol, over a socket pair (multiprocessing.connection framing, pickle protocol 5):
   parent -> child   the Settings, the device, the torch thread count; then one batch
-                    (list[PreparedInput]) per message, its images' patches in a shared memory
-                    file (engine/transport.py)
+                    (list[PreparedInput]) per message, its images' patches in one of two shared
+                    memory files (engine/transport.py)
   child -> parent   ("ready", pid, (dtype, reason, probe ms), (prepacked, reason, probe ms),
                     (compiled, reason, seconds)) or
                     ("failed", message) once; then per batch
-                    ("ok", rows, prefix cache entries) or ("error", message)
+                    ("ok", rows, prefix cache entries) or ("error", message), in the order
+                    the batches came. Up to two batches are in flight: the model worker sends the
+                    next one while a forward runs (`submit`), so that the child starts it as soon as
+                    it has answered the last, rather than after the reply has gone back and the
+                    next batch has been encoded and sent.
 A second pipe, never written, tells the child that its parent has gone: its read returns at
 once when the parent exits for any reason, and the child ends itself.
 """
@@ -30,13 +34,16 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 from multiprocessing.connection import Connection
 
 import numpy as np
 
 from . import allocator
 from .batcher import WorkerUnavailable
-from .transport import Inbox, Outbox
+from .transport import Inbox, Outbox, decode
+
+SLOTS = 2  # batches in flight per model process at most
 
 log = logging.getLogger("embedding_api")
 
@@ -55,13 +62,17 @@ def _exit_text(code: int | None) -> str:
 
 
 class ModelProcess:
-    """One model copy on one device, in a child process. `forward` is called by one model worker;
-    `restart` (by that worker, after a forward raised ModelProcessEnded) starts a fresh child."""
+    """One model copy on one device, in a child process. `forward` (or `submit`, then `result` for each
+    ticket) is called by one model worker; `restart` (by that worker, after a forward raised
+    ModelProcessEnded) starts a fresh child."""
 
     def __init__(self, settings, device: str, threads: int):
         self.device = device
         self._args = (settings, device, threads)
-        self._lock = threading.Lock()  # one forward at a time
+        self._lock = threading.Lock()  # guards the batches in flight and the replies read
+        self._sent: deque = deque()  # (ticket, slot) of each batch sent and not yet answered, in order
+        self._replies: dict[int, tuple] = {}  # replies read for tickets not yet asked for
+        self._tickets = 0
         self._swap = threading.Lock()  # guards the child's handles against close() from another thread
         self._closed = False
         self._ended: str | None = None
@@ -74,19 +85,21 @@ class ModelProcess:
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
         alive_r, alive_w = os.pipe()
-        outbox = Outbox()
+        outboxes = [Outbox(slot) for slot in range(SLOTS)]
         settings = self._args[0]
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedding_api.engine.model_process", str(theirs.fileno()), str(alive_r),
-             str(outbox.fd)],
-            pass_fds=(theirs.fileno(), alive_r) + ((outbox.fd,) if outbox.fd >= 0 else ()),
+             ",".join(str(o.fd) for o in outboxes)],
+            pass_fds=(theirs.fileno(), alive_r) + tuple(o.fd for o in outboxes if o.fd >= 0),
             env=allocator.child_env(settings.cpu_allocator, self.device, compiled=settings.torch_compile),
         )
         theirs.close()
         os.close(alive_r)
         conn = Connection(ours.detach())
         with self._swap:
-            self.proc, self._conn, self._alive_w, self._outbox = proc, conn, alive_w, outbox
+            self.proc, self._conn, self._alive_w, self._outboxes = proc, conn, alive_w, outboxes
+            self._sent.clear()
+            self._replies.clear()
             closed = self._closed
         if closed:  # closed while starting: this child must not outlive the server
             self._end_child()
@@ -128,24 +141,65 @@ class ModelProcess:
                 self._args = (settings.model_copy(update=pinned), device, threads)
 
     def forward(self, batch: list) -> np.ndarray:
+        return self.result(self.submit(batch))
+
+    def submit(self, batch: list) -> int:
+        """Send `batch` to the child, behind the batches in flight (at most SLOTS in all); returns its
+        ticket for `result`."""
         with self._lock:
             if self._ended:
                 raise ModelProcessEnded(self._ended)
+            busy = {slot for _, slot in self._sent}
+            slot = next((s for s in range(SLOTS) if s not in busy), None)
+            if slot is None:
+                raise RuntimeError(f"{SLOTS} batches are in flight already")
             try:
-                self._conn.send_bytes(self._outbox.encode(batch))
-                status, value, *extra = pickle.loads(self._conn.recv_bytes())
+                self._conn.send_bytes(self._outboxes[slot].encode(batch))
             except (EOFError, OSError):
-                if self._closed:  # the server is stopping: not a fault
-                    self._ended = f"the model process for {self.device} was closed"
-                else:
-                    code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
-                    self._ended = f"the model process for {self.device} (pid {self.pid}) {_exit_text(code)}"
-                raise ModelProcessEnded(self._ended) from None
+                self._gone()
+            self._tickets += 1
+            self._sent.append((self._tickets, slot))
+            return self._tickets
+
+    def answered(self, ticket: int, timeout: float) -> bool:
+        """Whether the reply for `ticket` has come, waiting up to `timeout` seconds for it; only for the
+        oldest batch in flight (True at once where the child has gone: `result` then raises)."""
+        with self._lock:
+            if ticket in self._replies or self._ended:
+                return True
+            try:
+                return self._conn.poll(timeout)
+            except (EOFError, OSError):
+                return True
+
+    def result(self, ticket: int) -> np.ndarray:
+        """The rows of the batch sent as `ticket`: the replies are read in the order the batches went."""
+        with self._lock:
+            while ticket not in self._replies:
+                if self._ended or not self._sent:
+                    raise ModelProcessEnded(self._ended or f"the model process for {self.device} has no such batch")
+                try:
+                    reply = pickle.loads(self._conn.recv_bytes())
+                except (EOFError, OSError):
+                    self._gone()
+                self._replies[self._sent.popleft()[0]] = reply
+            status, value, *extra = self._replies.pop(ticket)
         if extra:
             self.prefix_cache_entries = extra[0]
         if status != "ok":
             raise RuntimeError(value)  # the child logged the traceback; "out of memory" stays in the text
         return value
+
+    def _gone(self) -> None:
+        """The child's end closed (called with the lock held): every batch in flight is lost."""
+        if self._closed:  # the server is stopping: not a fault
+            self._ended = f"the model process for {self.device} was closed"
+        else:
+            code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
+            self._ended = f"the model process for {self.device} (pid {self.pid}) {_exit_text(code)}"
+        self._sent.clear()
+        self._replies.clear()
+        raise ModelProcessEnded(self._ended) from None
 
     def restart(self) -> str:
         """A fresh child in place of the one that ended: loads the weights again (raises ModelLoadError
@@ -174,9 +228,9 @@ class ModelProcess:
     def _end_child(self, timeout: float = 10.0) -> None:
         """Close our ends (the child sees its parent go and exits), then make sure it has."""
         with self._swap:
-            proc, conn, alive_w, outbox = self.proc, self._conn, self._alive_w, self._outbox
+            proc, conn, alive_w, outboxes = self.proc, self._conn, self._alive_w, self._outboxes
             self._alive_w = -1
-        for close in (conn.close, lambda: os.close(alive_w) if alive_w >= 0 else None, outbox.close):
+        for close in (conn.close, lambda: os.close(alive_w) if alive_w >= 0 else None, *(o.close for o in outboxes)):
             try:
                 close()
             except OSError:
@@ -240,7 +294,7 @@ def _watch_parent(fd: int) -> None:
     os._exit(0)
 
 
-def _serve(conn: Connection, inbox: Inbox) -> None:
+def _serve(conn: Connection, inboxes: list[Inbox]) -> None:
     settings, device, threads = pickle.loads(conn.recv_bytes())
     from ..observability import configure_logging
 
@@ -269,7 +323,7 @@ def _serve(conn: Connection, inbox: Inbox) -> None:
     cuda = runner.device.type == "cuda"
     while True:
         try:
-            batch = inbox.decode(conn.recv_bytes())
+            batch = decode(conn.recv_bytes(), inboxes)
         except (EOFError, OSError):
             return
         try:
@@ -289,13 +343,13 @@ def _serve(conn: Connection, inbox: Inbox) -> None:
 
 
 def main() -> None:
-    conn_fd, alive_fd, shared_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    conn_fd, alive_fd, shared_fds = int(sys.argv[1]), int(sys.argv[2]), [int(fd) for fd in sys.argv[3].split(",")]
     # Ctrl-C, `kill -- -PGID` and systemd's stop signal the whole process group: the server drains,
     # with this process running its forward passes, and then closes it (or it sees the server gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(alive_fd,), name="parent-watch", daemon=True).start()
-    _serve(Connection(conn_fd), Inbox(shared_fd))
+    _serve(Connection(conn_fd), [Inbox(fd) for fd in shared_fds])
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ class Service:
             stuck_after=settings.stuck_forward_seconds,
             cheap_request_tokens=settings.cheap_request_tokens or None,
             heavy_batch_efficiency=settings.heavy_batch_efficiency or None,
+            pipelines=[_process(r) for r in self.runners],  # sends each model process its next batch ahead
         )
         self.batcher.start()
         self._closing = threading.Event()

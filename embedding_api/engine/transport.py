@@ -8,8 +8,10 @@ about 4 ms of back-and-forth between the two processes, while the model process 
 `buffer_callback`) and copied into a shared memory file (Linux `memfd_create`), made once per model
 process and passed to it when it starts; the message carries the pickle and where each array lies
 in the file. The model process copies each array out before unpickling (so no array of a batch
-refers to the file the next batch overwrites). One batch is in flight per model process at a time
-(ModelProcess.forward holds its lock until the reply), so one region serves every batch.
+refers to the file the next batch overwrites). Up to two batches are in flight per model process (the
+next one sent while a forward runs: ModelProcess.submit), each in a file of its own (a "slot": one
+Outbox each, its number in the message), and a slot takes a new batch only once the reply to its
+last one has come.
 
 The file grows to hold a batch's arrays (up to MAX_SHARED_BYTES; a larger batch goes through the
 socket) and keeps that size for the batches after it, up to KEEP_BYTES: past that, the next batch
@@ -37,7 +39,8 @@ class Outbox:
     """The HTTP process's side: encodes each batch for one model process. `fd` is the shared file's
     descriptor to pass to the model process (-1: none, every batch through the socket)."""
 
-    def __init__(self):
+    def __init__(self, slot: int = 0):
+        self.slot = slot  # which of the model process's Inboxes decodes its messages (`decode`)
         try:
             self.fd = os.memfd_create("embedding-api-batches", os.MFD_CLOEXEC)
         except (AttributeError, OSError):  # not Linux, or no memfd here: the socket only
@@ -46,7 +49,7 @@ class Outbox:
         self.size = 0
 
     def encode(self, batch) -> bytes:
-        """The message for `batch`: (pickle, spans, file size), spans None where it is all in the pickle."""
+        """The message for `batch`: (pickle, spans, file size, slot), spans None where it is all in the pickle."""
         buffers: list[pickle.PickleBuffer] = []
 
         def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -57,18 +60,18 @@ class Outbox:
 
         data = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
         if not buffers:
-            return pickle.dumps((data, None, 0), protocol=5)
+            return pickle.dumps((data, None, 0, self.slot), protocol=5)
         views = [b.raw() for b in buffers]
         total = sum(v.nbytes for v in views)
         if total > MAX_SHARED_BYTES:  # too large for the file: the whole batch through the socket
-            return pickle.dumps((pickle.dumps(batch, protocol=5), None, 0), protocol=5)
+            return pickle.dumps((pickle.dumps(batch, protocol=5), None, 0, self.slot), protocol=5)
         region = self._fit(total)
         spans, offset = [], 0
         for view in views:
             region[offset:offset + view.nbytes] = view
             spans.append((offset, view.nbytes))
             offset += view.nbytes
-        return pickle.dumps((data, spans, self.size), protocol=5)
+        return pickle.dumps((data, spans, self.size, self.slot), protocol=5)
 
     def _fit(self, total: int) -> mmap.mmap:
         """The file's mapping, grown to hold `total` bytes, or shrunk back to KEEP_BYTES' reach (OSError
@@ -98,7 +101,11 @@ class Inbox:
         self.size = 0
 
     def decode(self, message: bytes):
-        data, spans, size = pickle.loads(message)
+        data, spans, size, _ = pickle.loads(message)
+        return self.read(data, spans, size)
+
+    def read(self, data: bytes, spans: list | None, size: int):
+        """The batch of a decoded message's parts (`decode`)."""
         if spans is None:
             return pickle.loads(data)
         if size != self.size:  # the file has grown since the last batch: map it again
@@ -112,3 +119,9 @@ class Inbox:
         finally:
             view.release()
         return pickle.loads(data, buffers=buffers)
+
+
+def decode(message: bytes, inboxes: list[Inbox]):
+    """A message of any of a model process's Outboxes, by the Inbox of its slot."""
+    data, spans, size, slot = pickle.loads(message)
+    return inboxes[slot].read(data, spans, size)
