@@ -122,7 +122,7 @@ def attention(query, kv, segments: Segments, layer: int, scaling: float) -> torc
     for one call, each row on its own tokens and prefix; returns (T, heads, dim). The padding costs
     only here, where it is small. The groups' outputs go back to the packed order in one gather
     (`Segments.gather`) rather than one scatter per group (on the 64-wide `cpu` checkpoint, one group
-    of 16 short texts: 0.29 of a layer's 0.41 ms of attention was outside the kernel before).
+    of 16 short texts: a layer's attention 0.41 -> 0.36 ms, of which the kernel is 0.28).
     """
     outs = []
     for group in segments.groups:
