@@ -45,7 +45,7 @@ def test_patches_go_through_the_shared_file_and_arrive_equal(pair):
     message = outbox.encode(batch)
     assert len(message) < 4096  # the patches (1.8 MB) are not in the message
     assert outbox.size == transport.GROWTH_BYTES
-    got = inbox.decode(message)
+    got = transport.decode(message, [inbox])
     assert _same(got, batch)
     assert got[0].pixel_values.flags.writeable and got[0].pixel_values.dtype == np.float32
 
@@ -53,14 +53,14 @@ def test_patches_go_through_the_shared_file_and_arrive_equal(pair):
 def test_the_file_grows_to_the_largest_batch_and_earlier_batches_keep_their_values(pair):
     outbox, inbox = pair
     first = [PreparedInput(input_ids=[1], pixel_values=_image(300, 2), image_grid_thw=[(1, 10, 30)])]
-    got_first = inbox.decode(outbox.encode(first))
+    got_first = transport.decode(outbox.encode(first), [inbox])
     big = [PreparedInput(input_ids=[2], pixel_values=_image(3000, 3), image_grid_thw=[(1, 50, 60)])]  # 18 MB
-    got_big = inbox.decode(outbox.encode(big))
+    got_big = transport.decode(outbox.encode(big), [inbox])
     assert outbox.size == inbox.size == 3 * transport.GROWTH_BYTES
     assert _same(got_big, big)
     # The next batch overwrites the file; what was decoded before is a copy of its own.
     again = [PreparedInput(input_ids=[3], pixel_values=_image(300, 4), image_grid_thw=[(1, 10, 30)])]
-    assert _same(inbox.decode(outbox.encode(again)), again)
+    assert _same(transport.decode(outbox.encode(again), [inbox]), again)
     assert _same(got_first, first) and _same(got_big, big)
     assert outbox.size == 3 * transport.GROWTH_BYTES  # within KEEP_BYTES it does not shrink back
 
@@ -69,11 +69,11 @@ def test_past_keep_bytes_the_next_batch_that_fits_shrinks_the_file(pair, monkeyp
     outbox, inbox = pair
     monkeypatch.setattr(transport, "KEEP_BYTES", transport.GROWTH_BYTES)
     big = [PreparedInput(input_ids=[1], pixel_values=_image(3000, 8), image_grid_thw=[(1, 50, 60)])]  # 18 MB
-    assert _same(inbox.decode(outbox.encode(big)), big) and outbox.size == 3 * transport.GROWTH_BYTES
+    assert _same(transport.decode(outbox.encode(big), [inbox]), big) and outbox.size == 3 * transport.GROWTH_BYTES
     small = [PreparedInput(input_ids=[2], pixel_values=_image(300, 9), image_grid_thw=[(1, 10, 30)])]
-    assert _same(inbox.decode(outbox.encode(small)), small)
+    assert _same(transport.decode(outbox.encode(small), [inbox]), small)
     assert outbox.size == inbox.size == transport.GROWTH_BYTES == os.fstat(outbox.fd).st_size
-    assert _same(inbox.decode(outbox.encode(big)), big) and inbox.size == 3 * transport.GROWTH_BYTES
+    assert _same(transport.decode(outbox.encode(big), [inbox]), big) and inbox.size == 3 * transport.GROWTH_BYTES
 
 
 def test_small_arrays_and_batches_past_the_cap_go_through_the_socket(pair, monkeypatch):
@@ -81,12 +81,12 @@ def test_small_arrays_and_batches_past_the_cap_go_through_the_socket(pair, monke
     small = [PreparedInput(input_ids=[1], pixel_values=_image(4, 5), image_grid_thw=[(1, 2, 2)])]  # 24 KB
     message = outbox.encode(small)
     assert len(message) > small[0].pixel_values.nbytes and outbox.size == 0  # in the pickle, no file yet
-    assert _same(inbox.decode(message), small)
+    assert _same(transport.decode(message, [inbox]), small)
     monkeypatch.setattr(transport, "MAX_SHARED_BYTES", 1 << 20)
     large = [PreparedInput(input_ids=[2], pixel_values=_image(400, 6), image_grid_thw=[(1, 20, 20)])]  # 2.4 MB
     message = outbox.encode(large)
     assert len(message) > large[0].pixel_values.nbytes and outbox.size == 0
-    assert _same(inbox.decode(message), large)
+    assert _same(transport.decode(message, [inbox]), large)
 
 
 def test_a_closed_outbox_sends_through_the_socket(pair):
@@ -98,7 +98,7 @@ def test_a_closed_outbox_sends_through_the_socket(pair):
     outbox.close()
     assert outbox.fd == -1
     message = outbox.encode(batch)
-    assert _same(inbox.decode(message), batch) and _same(Inbox(-1).decode(message), batch)
+    assert _same(transport.decode(message, [inbox]), batch) and _same(transport.decode(message, [Inbox(-1)]), batch)
 
 
 def test_two_batches_in_flight_each_in_a_file_of_its_own():

@@ -93,19 +93,16 @@ class Outbox:
 
 
 class Inbox:
-    """The model process's side: decodes the messages of its Outbox (`fd`: the shared file, or -1)."""
+    """The model process's side: reads the batches of one Outbox (`fd`: its shared file, or -1), by
+    `decode`."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self._map: mmap.mmap | None = None
         self.size = 0
 
-    def decode(self, message: bytes):
-        data, spans, size, _ = pickle.loads(message)
-        return self.read(data, spans, size)
-
     def read(self, data: bytes, spans: list | None, size: int):
-        """The batch of a decoded message's parts (`decode`)."""
+        """The batch of a message's parts, as `decode` unpickles them."""
         if spans is None:
             return pickle.loads(data)
         if size != self.size:  # the file has grown since the last batch: map it again
