@@ -150,6 +150,11 @@ def _merger_weights(merger) -> tuple:
             *linear_weights(merger.linear_fc2))
 
 
+def _nbytes(tables: tuple) -> int:
+    """The bytes of a grid's kept tables (VisionEncoder.tables)."""
+    return sum(t.numel() * t.element_size() for t in tables)
+
+
 def why_not(visual) -> str | None:
     """Why this vision encoder cannot run here; None where it can."""
     config = visual.config
@@ -219,12 +224,12 @@ class VisionEncoder:
         stand_in = torch.empty(0, dtype=dtype, device=device)
         cos, sin = visual.rotary_pos_emb(stand_in, get_vision_position_ids(thw, self.merge))
         found = (position, cos[:, None].float(), sin[:, None].float())
-        size = sum(t.numel() * t.element_size() for t in found)
+        size = _nbytes(found)
         if size <= CACHED_BYTES:
             self._grids[key] = found
             self._bytes += size
             while len(self._grids) > CACHED_GRIDS or self._bytes > CACHED_BYTES:
-                self._bytes -= sum(t.numel() * t.element_size() for t in self._grids.popitem(last=False)[1])
+                self._bytes -= _nbytes(self._grids.popitem(last=False)[1])
         return found
 
     @property
